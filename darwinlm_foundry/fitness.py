@@ -1,0 +1,420 @@
+"""Fitness of a candidate model: KL divergence to the dense model, its top-k approximation, perplexity.
+
+All functions take logits whose last dimension is the vocabulary and whose position ``t`` is the
+next-token distribution after token ``t`` (the model's output as is; shift the labels, not the logits,
+see :func:`next_token_labels`). Softmaxes run in fp32 over chunks of tokens so that a (tokens x vocab)
+fp32 copy of the whole batch is never materialised.
+
+:class:`DenseLogitCache` computes the dense model's targets once per calibration sample and keeps them in
+memory or memory-mapped on disk, so the dense model need not stay resident during the search.
+
+Torch + numpy only (no Composer).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Hashable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    'kl_divergence',
+    'topk_kl',
+    'token_nll',
+    'perplexity',
+    'next_token_labels',
+    'DenseTargets',
+    'DenseLogitCache',
+]
+
+_REDUCTIONS = ('mean', 'sum', 'none')
+_DEFAULT_CHUNK = 2048
+
+
+def _check_reduction(reduction: str) -> None:
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f'reduction must be one of {_REDUCTIONS}, got {reduction!r}')
+
+
+def _flat_mask(mask: Optional[torch.Tensor], token_shape: torch.Size, n: int, device) -> Optional[torch.Tensor]:
+    if mask is None:
+        return None
+    if tuple(mask.shape) != tuple(token_shape):
+        raise ValueError(f'mask has shape {tuple(mask.shape)}, expected the token shape {tuple(token_shape)}')
+    return mask.reshape(n).to(device=device, dtype=torch.bool)
+
+
+def _reduce(per_token: torch.Tensor, flat_mask: Optional[torch.Tensor], token_shape, reduction: str):
+    """per_token: (N,) float64 with masked-out tokens already zero."""
+    if reduction == 'none':
+        return per_token.to(torch.float32).reshape(token_shape)
+    total = per_token.sum()
+    if reduction == 'sum':
+        return total.to(torch.float32)
+    count = per_token.numel() if flat_mask is None else int(flat_mask.sum())
+    if count == 0:
+        raise ValueError('the mask selects no tokens; nothing to average over')
+    return (total / count).to(torch.float32)
+
+
+def kl_divergence(dense_logits: torch.Tensor, student_logits: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                  reduction: str = 'mean', chunk_size: int = _DEFAULT_CHUNK) -> torch.Tensor:
+    """KL(p_dense || p_student) of the next-token distributions, per token, reduced over tokens.
+
+    ``dense_logits`` and ``student_logits``: same shape ``(..., vocab)``, any float dtype. ``mask``
+    (shape ``(...)``, bool): tokens to include. ``reduction``: ``'mean'`` over included tokens (the fitness),
+    ``'sum'`` (to accumulate over batches), or ``'none'`` (per token, zero where masked out).
+    Computed in fp32 log-space, ``chunk_size`` tokens at a time; differentiable.
+    """
+    _check_reduction(reduction)
+    if dense_logits.shape != student_logits.shape:
+        raise ValueError(f'dense logits {tuple(dense_logits.shape)} and student logits '
+                         f'{tuple(student_logits.shape)} must have the same shape')
+    vocab = student_logits.shape[-1]
+    token_shape = student_logits.shape[:-1]
+    dense = dense_logits.reshape(-1, vocab)
+    student = student_logits.reshape(-1, vocab)
+    n = student.shape[0]
+    device = student.device
+    fmask = _flat_mask(mask, token_shape, n, device)
+    pieces = []
+    for i in range(0, n, chunk_size):
+        log_p = dense[i:i + chunk_size].to(device=device, dtype=torch.float32).log_softmax(-1)
+        log_q = student[i:i + chunk_size].float().log_softmax(-1)
+        p = log_p.exp()
+        # p == 0 (e.g. a -inf dense logit) contributes 0, not 0 * inf = nan.
+        kl = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(-1)
+        pieces.append(kl.double())
+    per_token = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.float64, device=device)
+    if fmask is not None:
+        per_token = torch.where(fmask, per_token, torch.zeros_like(per_token))
+    return _reduce(per_token, fmask, token_shape, reduction)
+
+
+def topk_kl(dense_topk_values: torch.Tensor, dense_topk_indices: torch.Tensor, student_logits: torch.Tensor,
+            dense_logsumexp: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None,
+            reduction: str = 'mean', chunk_size: int = _DEFAULT_CHUNK) -> torch.Tensor:
+    """Top-k approximation of KL(p_dense || p_student) for large vocabularies.
+
+    The dense distribution of each token is stored as its k largest logits ``dense_topk_values`` (shape
+    ``(..., k)``) at distinct vocabulary ids ``dense_topk_indices`` (``(..., k)``, int) and the log-sum-exp of
+    all its logits ``dense_logsumexp`` (``(...)``); pass ``dense_logsumexp=None`` when the values already are
+    log-probabilities. With ``a_i = value_i - logsumexp`` (the dense log-probability of token ``i``),
+    ``p_i = exp(a_i)``, and the dense mass outside the top k lumped into one bucket, ``r = 1 - sum_i p_i``,
+    the student is coarsened the same way: ``b_i = log q(token_i)`` from its full log-softmax and
+    ``q_rest = 1 - sum_i exp(b_i)`` (computed as the log-sum-exp of the student's other logits, no
+    cancellation). The value is the exact KL between the two (k+1)-outcome distributions::
+
+        sum_i p_i (a_i - b_i) + r (log r - log q_rest)
+
+    Coarsening never increases a KL divergence, so this is a lower bound of the full KL that grows with k
+    and equals it at k = vocab (where r = 0). The research code's ``sparse_kl`` instead renormalises both
+    distributions over the dense top-k ids and ignores the rest. Arguments ``mask``/``reduction`` as in
+    :func:`kl_divergence`.
+    """
+    _check_reduction(reduction)
+    vocab = student_logits.shape[-1]
+    token_shape = student_logits.shape[:-1]
+    k = dense_topk_values.shape[-1]
+    if dense_topk_values.shape != dense_topk_indices.shape or dense_topk_values.shape[:-1] != token_shape:
+        raise ValueError(f'top-k values {tuple(dense_topk_values.shape)} and indices '
+                         f'{tuple(dense_topk_indices.shape)} must both have shape {tuple(token_shape)} + (k,)')
+    if not 0 < k <= vocab:
+        raise ValueError(f'k={k} must lie in 1..vocab={vocab}')
+    if dense_logsumexp is not None and dense_logsumexp.shape != token_shape:
+        raise ValueError(f'dense_logsumexp has shape {tuple(dense_logsumexp.shape)}, '
+                         f'expected {tuple(token_shape)}')
+    student = student_logits.reshape(-1, vocab)
+    n = student.shape[0]
+    device = student.device
+    values = dense_topk_values.reshape(n, k)
+    indices = dense_topk_indices.reshape(n, k)
+    lse = None if dense_logsumexp is None else dense_logsumexp.reshape(n)
+    fmask = _flat_mask(mask, token_shape, n, device)
+    full_cover = k == vocab  # the top-k is the whole vocabulary: no remaining bucket
+    tiny_log = float(np.log(np.finfo(np.float32).tiny))
+    pieces = []
+    for i in range(0, n, chunk_size):
+        sl = slice(i, i + chunk_size)
+        a = values[sl].to(device=device, dtype=torch.float64)
+        if lse is not None:
+            a = a - lse[sl].to(device=device, dtype=torch.float64).unsqueeze(-1)
+        idx = indices[sl].to(device=device, dtype=torch.long)
+        s = student[sl].float()
+        s_lse = torch.logsumexp(s, -1)
+        b = (s.gather(-1, idx) - s_lse.unsqueeze(-1)).double()
+        p = a.exp()
+        kl = torch.where(p > 0, p * (a - b), torch.zeros_like(p)).sum(-1)
+        if not full_cover:
+            log_top = torch.logsumexp(a, -1).clamp(max=0.0)
+            r = -torch.expm1(log_top)  # dense mass outside the top k, without 1 - sum cancellation
+            rest_logits = s.scatter(-1, idx, float('-inf'))
+            log_q_rest = (torch.logsumexp(rest_logits, -1) - s_lse).double().clamp(min=tiny_log)
+            rest = torch.where(r > 0, r * (torch.log(r.clamp(min=1e-300)) - log_q_rest), torch.zeros_like(r))
+            kl = kl + rest
+        pieces.append(kl)
+    per_token = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.float64, device=device)
+    if fmask is not None:
+        per_token = torch.where(fmask, per_token, torch.zeros_like(per_token))
+    return _reduce(per_token, fmask, token_shape, reduction)
+
+
+def next_token_labels(input_ids: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Labels aligned with the logits of ``input_ids``: ``labels[..., t] = input_ids[..., t + 1]``.
+
+    The last position has no next token and gets ``ignore_index``.
+    """
+    labels = torch.full_like(input_ids, ignore_index)
+    labels[..., :-1] = input_ids[..., 1:]
+    return labels
+
+
+def token_nll(student_logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
+              reduction: str = 'mean', chunk_size: int = _DEFAULT_CHUNK) -> torch.Tensor:
+    """Negative log-likelihood of ``labels`` (aligned with the logits, see :func:`next_token_labels`).
+
+    Positions whose label is ``ignore_index`` are left out. fp32, chunked; reductions as in
+    :func:`kl_divergence`.
+    """
+    _check_reduction(reduction)
+    vocab = student_logits.shape[-1]
+    token_shape = student_logits.shape[:-1]
+    if tuple(labels.shape) != tuple(token_shape):
+        raise ValueError(f'labels have shape {tuple(labels.shape)}, expected {tuple(token_shape)}')
+    student = student_logits.reshape(-1, vocab)
+    flat_labels = labels.reshape(-1).to(student.device)
+    keep = flat_labels != ignore_index
+    pieces = []
+    for i in range(0, student.shape[0], chunk_size):
+        pieces.append(F.cross_entropy(student[i:i + chunk_size].float(), flat_labels[i:i + chunk_size],
+                                      ignore_index=ignore_index, reduction='none').double())
+    per_token = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.float64, device=student.device)
+    return _reduce(per_token, keep, token_shape, reduction)
+
+
+def perplexity(student_logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
+               chunk_size: int = _DEFAULT_CHUNK) -> torch.Tensor:
+    """exp(mean NLL) of ``labels`` under ``student_logits`` (labels aligned with logits)."""
+    return torch.exp(token_nll(student_logits, labels, ignore_index, 'mean', chunk_size))
+
+
+# --------------------------------------------------------------------------------------------------
+# Dense targets, cached
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class DenseTargets:
+    """The dense model's targets for one sample: full ``logits`` or the top-k triple.
+
+    Top-k form: ``topk_values`` (raw logits, ``(..., k)``), ``topk_indices`` (``(..., k)``) and
+    ``logsumexp`` (``(...)``), as :func:`topk_kl` takes them.
+    """
+
+    logits: Optional[torch.Tensor] = None
+    topk_values: Optional[torch.Tensor] = None
+    topk_indices: Optional[torch.Tensor] = None
+    logsumexp: Optional[torch.Tensor] = None
+
+    @property
+    def is_topk(self) -> bool:
+        return self.logits is None
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in vars(self).items() if v is not None}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    def kl(self, student_logits: torch.Tensor, mask: Optional[torch.Tensor] = None,
+           reduction: str = 'mean') -> torch.Tensor:
+        """KL(dense || student): exact for full logits, :func:`topk_kl` for the top-k form."""
+        if self.is_topk:
+            return topk_kl(self.topk_values, self.topk_indices, student_logits, self.logsumexp,
+                           mask=mask, reduction=reduction)
+        return kl_divergence(self.logits, student_logits, mask=mask, reduction=reduction)
+
+
+def _key_json(key: Hashable) -> str:
+    try:
+        return json.dumps(key, sort_keys=True, separators=(',', ':'))
+    except TypeError as err:
+        raise TypeError(f'cache key {key!r} must be JSON-serialisable (str, int, tuple/list, dict), '
+                        f'e.g. ("fitness", seed, generation, step)') from err
+
+
+def _tokens_digest(tokens: torch.Tensor) -> str:
+    t = tokens.detach().to('cpu').contiguous()
+    h = hashlib.sha256(f'{tuple(t.shape)}|{t.dtype}|'.encode())
+    h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def _to_numpy(t: torch.Tensor) -> np.ndarray:
+    t = t.detach().to('cpu').contiguous()
+    if t.dtype == torch.bfloat16:  # numpy has no bfloat16: store the bits
+        return t.view(torch.int16).numpy()
+    return t.numpy()
+
+
+def _atomic_write_bytes(path: str, write: Callable[[Any], None]) -> None:
+    tmp = f'{path}.tmp.{os.getpid()}'
+    with open(tmp, 'wb') as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class DenseLogitCache:
+    """Dense-model targets per calibration sample, computed once (in memory and/or memory-mapped on disk).
+
+    ``get_or_compute(key, tokens, compute_fn)`` returns the :class:`DenseTargets` of the sample ``key``
+    (a JSON-serialisable identity such as ``('fitness', seed, generation, step)``), calling
+    ``compute_fn(tokens)`` (the dense model's logits for ``tokens``, or an output with ``.logits``) only the
+    first time. ``topk``: store only the top-k form (for 128K vocabularies); ``None`` keeps full logits.
+    ``storage_dtype``: dtype of stored logits / top-k values (default fp32; bf16/fp16 halve the size).
+
+    With a ``directory`` every entry is also written there (atomically: temporary file + ``os.replace``,
+    metadata last), so a resumed run never recomputes it, and entries beyond ``memory_limit_bytes`` are
+    memory-mapped rather than kept resident. Without one, everything stays in memory. A key reused for
+    different tokens is an error (the key must identify the sample). Several processes may share a
+    directory: they write identical content under the same names.
+    """
+
+    def __init__(self, directory: Optional[str] = None, topk: Optional[int] = None,
+                 memory_limit_bytes: int = 1 << 30, storage_dtype: torch.dtype = torch.float32):
+        if topk is not None and topk < 1:
+            raise ValueError(f'topk must be >= 1 or None (full logits), got {topk}')
+        if storage_dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f'storage_dtype must be float32, float16 or bfloat16, got {storage_dtype}')
+        self.directory = directory
+        self.topk = topk
+        self.memory_limit_bytes = int(memory_limit_bytes)
+        self.storage_dtype = storage_dtype
+        self.num_computed = 0  # compute_fn calls, for logging and tests
+        self._entries: dict[str, tuple[str, DenseTargets]] = {}  # key json -> (tokens digest, targets)
+        self._resident_bytes = 0
+        if directory is not None:
+            os.makedirs(directory, exist_ok=True)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key: Hashable) -> bool:
+        key_json = _key_json(key)
+        return key_json in self._entries or (self.directory is not None
+                                            and os.path.exists(self._meta_path(key_json)))
+
+    @property
+    def resident_bytes(self) -> int:
+        return self._resident_bytes
+
+    def _stem(self, key_json: str) -> str:
+        return os.path.join(self.directory, hashlib.sha256(key_json.encode()).hexdigest()[:32])
+
+    def _meta_path(self, key_json: str) -> str:
+        return self._stem(key_json) + '.json'
+
+    def get_or_compute(self, key: Hashable, tokens: torch.Tensor,
+                       compute_fn: Callable[[torch.Tensor], Any]) -> DenseTargets:
+        """The dense targets of sample ``key`` (tokens ``(..., seq)``), computing them at most once."""
+        key_json = _key_json(key)
+        digest = _tokens_digest(tokens)
+        if key_json in self._entries:
+            stored_digest, targets = self._entries[key_json]
+            self._check_digest(key, stored_digest, digest)
+            return targets
+        mapped = False
+        if self.directory is not None and os.path.exists(self._meta_path(key_json)):
+            targets, mapped = self._load(key, key_json, digest), True
+        else:
+            targets = self._compute(tokens, compute_fn)
+            self.num_computed += 1
+            if self.directory is not None:
+                self._save(key_json, digest, targets)
+                if self._resident_bytes + targets.nbytes > self.memory_limit_bytes:
+                    # Too big to keep: drop the in-memory copy, read back through a memory map.
+                    targets, mapped = self._load(key, key_json, digest), True
+        if not mapped:
+            self._resident_bytes += targets.nbytes
+        self._entries[key_json] = (digest, targets)
+        return targets
+
+    def clear_memory(self) -> None:
+        """Forget the in-memory entries (entries on disk stay and are read back on demand)."""
+        self._entries.clear()
+        self._resident_bytes = 0
+
+    # -- internals ---------------------------------------------------------------------------------
+    @staticmethod
+    def _check_digest(key, stored: str, given: str) -> None:
+        if stored != given:
+            raise ValueError(f'dense-logit cache key {key!r} was stored for different tokens; cache keys must '
+                             f'identify the sample (e.g. include seed, generation and step), or clear the cache '
+                             f'directory if the data changed')
+
+    @torch.no_grad()
+    def _compute(self, tokens: torch.Tensor, compute_fn) -> DenseTargets:
+        out = compute_fn(tokens)
+        logits = getattr(out, 'logits', out)
+        if not isinstance(logits, torch.Tensor) or tuple(logits.shape[:-1]) != tuple(tokens.shape):
+            shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+            raise ValueError(f'compute_fn must return logits of shape {tuple(tokens.shape)} + (vocab,), '
+                             f'got {shape}')
+        logits = logits.detach()
+        if self.topk is None:
+            return DenseTargets(logits=logits.to(self.storage_dtype).cpu())
+        k = min(self.topk, logits.shape[-1])
+        full = logits.float()
+        values, indices = full.topk(k, dim=-1)
+        return DenseTargets(topk_values=values.to(self.storage_dtype).cpu(), topk_indices=indices.cpu(),
+                            logsumexp=torch.logsumexp(full, -1).cpu())
+
+    def _settings(self) -> dict:
+        return {'topk': self.topk, 'storage_dtype': str(self.storage_dtype).replace('torch.', '')}
+
+    def _save(self, key_json: str, digest: str, targets: DenseTargets) -> None:
+        stem = self._stem(key_json)
+        fields = {}
+        for name, tensor in targets.tensors().items():
+            arr = _to_numpy(tensor)
+            _atomic_write_bytes(f'{stem}.{name}.npy', lambda f, arr=arr: np.save(f, arr))
+            fields[name] = str(tensor.dtype).replace('torch.', '')
+        meta = {'key': json.loads(key_json), 'tokens_sha256': digest, 'fields': fields, **self._settings()}
+        # Metadata last: its presence means every array is complete.
+        _atomic_write_bytes(self._meta_path(key_json), lambda f: f.write(json.dumps(meta).encode()))
+
+    def _load(self, key, key_json: str, digest: str) -> DenseTargets:
+        meta_path = self._meta_path(key_json)
+        try:
+            with open(meta_path, encoding='utf-8') as f:
+                meta = json.load(f)
+        except (OSError, ValueError) as err:
+            raise RuntimeError(f'dense-logit cache metadata {meta_path} is unreadable ({err}); delete it '
+                               f'(it will be recomputed) or use another cache directory') from err
+        self._check_digest(key, meta.get('tokens_sha256'), digest)
+        if {k: meta.get(k) for k in self._settings()} != self._settings():
+            raise ValueError(f'dense-logit cache entry {meta_path} was written with settings '
+                             f'{ {k: meta.get(k) for k in self._settings()} }, this cache uses {self._settings()}; '
+                             f'use another cache directory for different settings')
+        stem = self._stem(key_json)
+        tensors = {}
+        for name, dtype_name in meta['fields'].items():
+            # 'c' (copy-on-write) maps the file lazily and gives a writable array torch accepts.
+            try:
+                arr = np.load(f'{stem}.{name}.npy', mmap_mode='c')
+            except (OSError, ValueError) as err:
+                raise RuntimeError(f'dense-logit cache file {stem}.{name}.npy is missing or unreadable ({err}); '
+                                   f'delete {meta_path} (the entry will be recomputed) or use another cache '
+                                   f'directory') from err
+            tensor = torch.from_numpy(arr)
+            if dtype_name == 'bfloat16':
+                tensor = tensor.view(torch.bfloat16)
+            tensors[name] = tensor
+        return DenseTargets(**tensors)

@@ -1,0 +1,51 @@
+"""Shared fixtures: tiny randomly initialised models of every supported family."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / 'shared' / 'data'
+
+os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
+os.environ.setdefault('HF_HUB_OFFLINE', '1')
+transformers.logging.set_verbosity_error()
+
+# family -> (config class, extra kwargs). MHA Llama-2, GQA Llama-3, GQA Mistral, GQA + q/k/v bias Qwen2.
+FAMILIES = {
+    'llama_mha': (transformers.LlamaConfig, dict(num_key_value_heads=4)),
+    'llama_gqa': (transformers.LlamaConfig, dict(num_key_value_heads=2, head_dim=16)),
+    'llama_bias': (transformers.LlamaConfig, dict(num_key_value_heads=2, attention_bias=True, mlp_bias=True)),
+    'mistral': (transformers.MistralConfig, dict(num_key_value_heads=2, head_dim=16, sliding_window=None)),
+    'qwen2': (transformers.Qwen2Config, dict(num_key_value_heads=2, use_sliding_window=False)),
+}
+
+
+def tiny_config(family, **overrides):
+    cls, extra = FAMILIES[family]
+    kwargs = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                  num_attention_heads=4, max_position_embeddings=256, tie_word_embeddings=False)
+    kwargs.update(extra)
+    kwargs.update(overrides)
+    return cls(**kwargs)
+
+
+def tiny_model(family, seed=0, attn_implementation='eager', dtype=torch.float32, **overrides):
+    """A tiny random model; norms and biases are randomised too so that no structure is trivially zero."""
+    torch.manual_seed(seed)
+    config = tiny_config(family, **overrides)
+    config._attn_implementation = attn_implementation
+    model = transformers.AutoModelForCausalLM.from_config(config, torch_dtype=dtype)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.copy_(torch.randn_like(p) * 0.1 + (1.0 if 'norm' in name else 0.0))
+    return model.eval()
+
+
+@pytest.fixture(params=sorted(FAMILIES))
+def family(request):
+    return request.param
