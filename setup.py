@@ -36,5 +36,11 @@ setup(
         'llmfoundry_models': [
             'darwinlm = darwinlm_foundry.composer_model:ComposerDarwinLM',
         ],
+        'llmfoundry_algorithms': [
+            'darwinlm_prune = darwinlm_foundry.algorithm:DarwinLMPrune',
+        ],
+        'llmfoundry_callbacks': [
+            'darwinlm_search = darwinlm_foundry.callbacks.evolutionary_search:DarwinLMSearch',
+        ],
     },
 )

@@ -99,8 +99,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument('--quick', action='store_true', help='small shapes, runs in seconds')
     p.add_argument('--dtype', choices=('float64', 'float32'), default='float64',
                    help='compute dtype of both solvers (default float64)')
-    p.add_argument('--block-size', type=int, default=64, help='structured_obs refresh interval (steps)')
-    p.add_argument('--threads', type=int, default=0, help='torch threads (0: leave torch default)')
+    p.add_argument('--block-size', type=int, default=128, help='structured_obs refresh interval (steps)')
+    p.add_argument('--threads', type=int, default=1,
+                   help='torch threads (default 1: steadier timings on a shared CPU; 0 = torch default)')
     p.add_argument('--seed', type=int, default=0)
     args = p.parse_args(argv)
     if args.threads:

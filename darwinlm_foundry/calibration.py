@@ -19,7 +19,7 @@ Needs torch only (no Composer).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Mapping, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Optional
 
 import torch
 

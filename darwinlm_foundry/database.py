@@ -177,7 +177,7 @@ def model_fingerprint(model_or_dir, config=None) -> dict[str, str]:
         flat = getter(name).reshape(-1)
         idx = torch.linspace(0, flat.numel() - 1, min(_SAMPLE, flat.numel())).long()
         digest.update(name.encode())
-        digest.update(flat.index_select(0, idx).float().numpy().tobytes())
+        digest.update(flat.index_select(0, idx.to(flat.device)).float().cpu().numpy().tobytes())
     return {'config': cfg, 'model': digest.hexdigest()}
 
 
@@ -455,7 +455,7 @@ def build_database(model, batches: Iterable, db_dir, *, level_spec: Optional[Lev
     (default the model's). ``calibration_source``: free text recorded in the manifest (e.g. the dataset).
     ``progress(stage, done, total)``: called per calibrated layer (``'calibrate'``) and per committed unit
     (``'commit'``); raising from it interrupts the build. ``stop_after_units``: raise
-    :class:`BuildInterrupted` after committing that many units in this call (a test hook).
+    :class:`BuildInterrupted` after committing that many units in this call (a single-process test hook).
 
     Distributed: each rank passes its own share of ``batches``, ``reduce_fn`` (sum in place over ranks),
     ``gather_fn`` (merge per-rank solve results onto rank 0) and its ``rank`` / ``world_size`` (see
@@ -517,7 +517,6 @@ def build_database(model, batches: Iterable, db_dir, *, level_spec: Optional[Lev
                 raise BuildInterrupted(f'stopped after {committed_now} units (stop_after_units)')
 
     pending: dict = {}
-    n_tokens = None
     calib_progress = None if progress is None else (lambda i, n: progress('calibrate', i + 1, n))
 
     def solve_round():
@@ -526,19 +525,22 @@ def build_database(model, batches: Iterable, db_dir, *, level_spec: Optional[Lev
         commit(gather_fn(local))
         pending.clear()
 
+    counted_once = False
     if todo:
         for _, stats in iter_layer_hessians(model, counted(batches), device=device, offload_device=offload_device,
                                             units=todo, progress=calib_progress, reduce_fn=reduce_fn):
+            if not counted_once:  # every rank, once: all batches were read before the first layer
+                counted_once = True
+                sequences = torch.tensor([rows_seen[0]], dtype=torch.int64, device=device)  # nccl: on device
+                sequences = int(reduce_fn(sequences).item()) if world_size > 1 else rows_seen[0]
+                manifest['calibration'].update(sequences=sequences)
             for unit, stat in stats.items():
-                n_tokens = stat.n_tokens
+                manifest['calibration']['tokens'] = stat.n_tokens
                 pending[unit] = stat
             if len(pending) >= world_size:
                 solve_round()
         if pending:
             solve_round()
-        sequences = int(reduce_fn(torch.tensor([rows_seen[0]], dtype=torch.int64)).item()) if world_size > 1 \
-            else rows_seen[0]
-        manifest['calibration'].update(sequences=sequences, tokens=n_tokens)
     if rank != 0:
         return None
     manifest['complete'] = True

@@ -262,6 +262,7 @@ def pretrain_tiny(out_dir: str | os.PathLike, *, shards_dir: str | os.PathLike, 
         record = {**asdict(result), 'fingerprint': fingerprint}
         record.pop('path'), record.pop('cached')
         (staging / PRETRAIN_RECORD).write_text(json.dumps(record, indent=2) + '\n')
+        os.chmod(staging, 0o755)  # mkdtemp makes it private; the model directory should not be
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(staging, out_dir)

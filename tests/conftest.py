@@ -49,3 +49,19 @@ def tiny_model(family, seed=0, attn_implementation='eager', dtype=torch.float32,
 @pytest.fixture(params=sorted(FAMILIES))
 def family(request):
     return request.param
+
+
+@pytest.fixture(scope='session')
+def llama2_tokenizer():
+    from darwinlm_foundry.data import embedded_tokenizer
+    return embedded_tokenizer()
+
+
+@pytest.fixture(scope='session')
+def wiki_shards(tmp_path_factory, llama2_tokenizer):
+    """Real text (the RedPajama Wikipedia sample) as MDS splits of 64-token sequences."""
+    from darwinlm_foundry.data import convert_to_mds
+    out = tmp_path_factory.mktemp('wiki_mds')
+    convert_to_mds(SHARED_DATA / 'redpajama_sample' / 'sample_wiki1.jsonl', out, llama2_tokenizer, seq_len=64,
+                   splits={'calibration': 0.25, 'search': 0.25, 'train': 0.3, 'heldout': None})
+    return out

@@ -103,12 +103,12 @@ def test_reduce_fn_sums_over_ranks():
 
 
 def test_solve_units_shards_round_robin_and_matches_direct_solve():
-    model = tiny_model('llama_gqa', hidden_size=64, intermediate_size=320, num_attention_heads=10, head_dim=8,
-                       num_key_value_heads=2)
-    spec = LevelSpec.from_config(model.config)
+    model = tiny_model('llama_gqa', hidden_size=64, intermediate_size=160, num_attention_heads=10, head_dim=8,
+                       num_key_value_heads=2, num_hidden_layers=2)
+    spec = LevelSpec.from_config(model.config, mlp_multiple=16)
     hessians = collect_hessians(model, [torch.randint(0, 128, (2, 16))])
     weights = {u: unit_output_weight(model, u) for u in hessians}
-    shards = [solve_units(weights, hessians, spec, 0.01, rank=r, world_size=3) for r in range(3)]
+    shards = [solve_units(weights, hessians, spec, 0.01, rank=r, world_size=3) for r in range(3)]  # 4 units
     units = sorted(weights)
     for r, shard in enumerate(shards):
         assert sorted(shard) == units[r::3]
@@ -125,3 +125,64 @@ def test_solve_units_shards_round_robin_and_matches_direct_solve():
 def test_calibration_batch_of_rejects_garbage():
     with pytest.raises(ValueError, match='input_ids'):
         CalibrationBatch.of({'text': 'x'})
+
+
+def _real_text_batches(n_seq=8, seq_len=64):
+    """Llama-2-tokenised RedPajama text from ../shared/data (skips when the shared data is absent)."""
+    import json
+
+    from tests.conftest import SHARED_DATA
+    spm = pytest.importorskip('sentencepiece')
+    tok_path = SHARED_DATA / 'llama2_tokenizer' / 'tokenizer.model'
+    text_path = SHARED_DATA / 'redpajama_sample' / 'sample_c4-rp1.jsonl'
+    if not tok_path.exists() or not text_path.exists():
+        pytest.skip('shared data (../shared/data) is not available')
+    sp = spm.SentencePieceProcessor(model_file=str(tok_path))
+    ids = []
+    with open(text_path, encoding='utf-8') as f:
+        for line in f:
+            ids += [1] + sp.encode(json.loads(line)['text'])
+            if len(ids) >= n_seq * seq_len:
+                break
+    return torch.tensor(ids[:n_seq * seq_len]).view(n_seq, seq_len).split(2)
+
+
+def test_obs_beats_magnitude_pruning_on_real_text_at_every_level():
+    """||WX - W_hat X||^2 of OBS with compensation < magnitude pruning without, levels 1..9, every unit."""
+    batches = _real_text_batches()
+    model = tiny_model('llama_gqa', vocab_size=32000, hidden_size=64, intermediate_size=352,
+                       num_attention_heads=10, num_key_value_heads=2, head_dim=8, num_hidden_layers=2)
+    spec = LevelSpec.from_config(model.config)
+    hessians = collect_hessians(model, batches)
+    inputs = {}  # the real activations X entering each output matrix, for the error itself
+    handles = []
+    for unit in hessians:
+        layer = model.model.layers[unit.layer]
+        module = layer.self_attn.o_proj if unit.kind == 'attn' else layer.mlp.down_proj
+        handles.append(module.register_forward_hook(
+            lambda mod, i, o, u=unit: inputs.setdefault(u, []).append(i[0].reshape(-1, i[0].shape[-1]))))
+    with torch.no_grad():
+        for b in batches:
+            model(b)
+    for h in handles:
+        h.remove()
+    weights = {u: unit_output_weight(model, u) for u in hessians}
+    solved = solve_units(weights, hessians, spec, 0.01)
+    for unit, W in weights.items():
+        X = torch.cat(inputs[unit]).double()
+        W = W.double()
+        g = spec.structure_size(unit.kind)
+        norms = W.view(W.shape[0], -1, g).pow(2).sum(dim=(0, 2))
+        def cols(idx):
+            return (idx[:, None] * g + torch.arange(g)).reshape(-1)
+
+        for level in range(1, 10):
+            keep = spec.keep(unit.kind, level)
+            obs = torch.zeros_like(W)
+            obs[:, cols(solved[unit][level].kept)] = solved[unit][level].weight.double()
+            mag = torch.zeros_like(W)
+            top = norms.topk(keep).indices.sort().values
+            mag[:, cols(top)] = W[:, cols(top)]
+            err_obs = ((W - obs) @ X.T).pow(2).sum().item()
+            err_mag = ((W - mag) @ X.T).pow(2).sum().item()
+            assert err_obs < err_mag, (unit, level, err_obs, err_mag)

@@ -189,3 +189,95 @@ def test_gradual_mode_from_pruned_model(built, tmp_path):
     with torch.no_grad():
         assert (stitched(ids).logits - masked(ids).logits).abs().max().item() <= 1e-5
     assert sum(p.numel() for p in stitched.parameters()) == spec.parameter_count(target)
+
+
+def test_two_ranks_build_the_same_database_as_one_process(built, tmp_path):
+    """Two simulated ranks (threads, fake collectives): each calibrates on its share, solves half the units."""
+    import copy
+    import threading
+
+    model, ref = built
+    batches = _batches()
+    shares = [batches[0::2], batches[1::2]]
+    barrier = threading.Barrier(2)
+    slots = [None, None]
+
+    def exchange(rank, value, combine):
+        slots[rank] = value
+        barrier.wait()
+        out = combine(slots)
+        barrier.wait()
+        return out
+
+    def reduce_for(rank):
+        def reduce_fn(t):
+            total = exchange(rank, t.clone(), lambda s: s[0] + s[1])
+            t.copy_(total)
+            return t
+        return reduce_fn
+
+    solved_by = [[], []]
+
+    def gather_for(rank):
+        def gather_fn(local):
+            solved_by[rank].extend(local)
+            merged = exchange(rank, local, lambda s: {**s[0], **s[1]})
+            return merged if rank == 0 else {}
+        return gather_fn
+
+    results, errors = [None, None], []
+
+    def run(rank):
+        try:
+            results[rank] = build_database(copy.deepcopy(model), shares[rank], tmp_path, calibration_source='random ids',
+                                           reduce_fn=reduce_for(rank), gather_fn=gather_for(rank), rank=rank,
+                                           world_size=2)
+        except BaseException as err:  # surfaced below
+            errors.append(err)
+            barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    db = results[0]
+    assert results[1] is None and db is not None
+    assert sorted(solved_by[0]) == ref.units[0::2] and sorted(solved_by[1]) == ref.units[1::2]
+    assert db.manifest['calibration'] == ref.manifest['calibration']
+    # Hessian sums are added in another order: same selections, weights equal to fp32 rounding
+    for unit in ref.units:
+        for level in ref.levels(unit):
+            assert torch.equal(db.kept(unit, level), ref.kept(unit, level)), (unit, level)
+            if level:
+                torch.testing.assert_close(db.weight(unit, level), ref.weight(unit, level), rtol=1e-4, atol=1e-5)
+
+
+def _gloo_worker(rank, world_size, init_file, db_dir):
+    import torch.distributed as dist
+
+    from darwinlm_foundry.database import torch_distributed_hooks
+    dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=world_size)
+    try:
+        torch.set_num_threads(1)
+        reduce_fn, gather_fn, r, w = torch_distributed_hooks()
+        build_database(_model(), _batches()[rank::world_size], db_dir, calibration_source='random ids',
+                       reduce_fn=reduce_fn, gather_fn=gather_fn, rank=r, world_size=w)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_torch_distributed_gloo_build_matches_one_process(built, tmp_path):
+    """Real torch.distributed (gloo, 2 processes): same selections as one process, weights to fp32 rounding."""
+    import torch.multiprocessing as mp
+
+    _, ref = built
+    mp.spawn(_gloo_worker, args=(2, str(tmp_path / 'init'), str(tmp_path / 'db')), nprocs=2, join=True)
+    db = SparsityDatabase.open(tmp_path / 'db', _model())
+    assert db.manifest['calibration'] == ref.manifest['calibration']
+    for unit in ref.units:
+        for level in ref.levels(unit):
+            assert torch.equal(db.kept(unit, level), ref.kept(unit, level)), (unit, level)
+            if level:
+                torch.testing.assert_close(db.weight(unit, level), ref.weight(unit, level), rtol=1e-4, atol=1e-5)

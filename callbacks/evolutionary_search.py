@@ -1,0 +1,141 @@
+"""Composer callback ``darwinlm_search``: run the DarwinLM evolutionary search at the start of a fit.
+
+From a foundry YAML::
+
+    callbacks:
+      darwinlm_search:
+        database: ${variables.run_dir}/database      # built by the OBS pass (build_database)
+        data: ${variables.data_local}/search          # MDS split the search samples from
+        apply: true                                   # post-train the winner in this same fit
+        search_only: false                            # true: stop right after the search
+        target_level: 5
+        generations: 200
+        # ... any other SearchSettings field (offspring, survivors, fitness_tokens, train_tokens, lr, ...)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from typing import Any, Optional, Union
+
+import numpy as np
+import torch
+from composer.core import Callback, State
+from composer.loggers import Logger
+
+from darwinlm_foundry.search import EvolutionarySearch, SearchResult, SearchSettings, ShardTokens, TokenSource
+from darwinlm_foundry.search_space import LevelConfig
+
+__all__ = ['DarwinLMSearch']
+
+log = logging.getLogger(__name__)
+
+
+class DarwinLMSearch(Callback):
+    """Searches per-unit sparsity levels at ``Event.INIT`` and hands the winner on.
+
+    **When it runs:** once, at ``Event.INIT`` of the Trainer, i.e. after the model and optimizer are built and
+    before DDP/FSDP wrapping, checkpoint loading and the first batch. The search (see
+    :class:`~darwinlm_foundry.search.EvolutionarySearch`) resumes from ``<output_dir>/search_state.json``
+    when it exists with matching settings; a finished search is just reloaded. Every rank runs it together
+    (offspring spread over ranks, or FSDP-sharded fits, as ``distributed`` says).
+
+    **What it changes:** it writes ``winner.json`` / ``winner.txt`` (and the search state) to ``output_dir``.
+    With ``apply=True`` it replaces the trained HF module by the winner, stitched from the database as a
+    physically shrunk ``DarwinLMForCausalLM`` (:func:`darwinlm_foundry.surgery.swap_hf_model`, optimizer
+    param groups re-pointed by name), so the rest of the fit post-trains the winner. With
+    ``search_only=True`` it stops training at ``Event.FIT_START`` (nothing is trained). Global RNG states are
+    restored after the search, so the post-training run sees the same randomness as without it.
+
+    Args:
+        database: directory of the sparsity database of the model being trained (or of ``dense``).
+        data: a local MDS split to draw fine-tuning / fitness samples from (e.g. ``<shards>/search``), or a
+            :class:`~darwinlm_foundry.search.TokenSource` when built in Python.
+        apply: swap the winner into the trained model (default True).
+        search_only: stop the fit right after the search (default False).
+        dense: checkpoint directory of the database's source model; default: the model being trained.
+        **search: :class:`~darwinlm_foundry.search.SearchSettings` fields (unknown names are rejected).
+    """
+
+    def __init__(self, database: str, data: Union[str, TokenSource], apply: bool = True, search_only: bool = False,
+                 dense: Optional[str] = None, **search: Any):
+        self.database = os.fspath(database)
+        self.data = data if isinstance(data, TokenSource) else os.fspath(data)
+        self.apply = bool(apply)
+        self.search_only = bool(search_only)
+        self.dense = None if dense is None else os.fspath(dense)
+        self.settings = SearchSettings.from_dict(search)
+        self.result: Optional[SearchResult] = None
+
+    # -- events ------------------------------------------------------------------------------------
+    def init(self, state: State, logger: Logger) -> None:
+        from darwinlm_foundry.database import SparsityDatabase, dense_tensor_getter
+
+        composer_model = state.model
+        hf_model = getattr(composer_model, 'model', None)
+        if not isinstance(hf_model, torch.nn.Module):
+            raise TypeError('darwinlm_search needs a Hugging Face causal LM wrapped by Composer (model.name: '
+                            'darwinlm or hf_causal_lm)')
+        getter = dense_tensor_getter(self.dense if self.dense is not None else hf_model)
+        if getter.config is None:
+            getter.config = hf_model.config
+        db = SparsityDatabase.open(self.database, getter, verify='size')
+        rng = _rng_states()
+        try:
+            data = self.data if isinstance(self.data, TokenSource) else ShardTokens(self.data)
+            engine = EvolutionarySearch(self.settings, db, getter, data,
+                                        tokenizer=getattr(composer_model, 'tokenizer', None),
+                                        log_fn=lambda metrics, step: logger.log_metrics(metrics, step=step),
+                                        levels_fn=lambda config, g: _log_levels(logger, config, g))
+            logger.log_hyperparameters({'search/mode': engine.mode, 'search/world_size': engine.world_size})
+            self.result = engine.run()
+        finally:
+            _restore_rng_states(rng)
+        result = self.result
+        logger.log_hyperparameters({
+            'search/winner_levels': json.dumps(result.winner.to_dict()),
+            'search/winner_params': result.parameters,
+            'search/dense_params': result.dense_parameters,
+            'search/winner_fitness': result.fitness,
+            'search/winner_json': result.json_path,
+        })
+        log.info('darwinlm_search: winner %s (%d of %d parameters), written to %s', result.winner.to_dict(),
+                 result.parameters, result.dense_parameters, result.json_path)
+        if self.apply:
+            from darwinlm_foundry.surgery import swap_hf_model
+            winner = db.stitch(result.winner, getter)
+            del getter, engine  # the getter holds the dense tensors
+            swap_hf_model(composer_model, winner, state.optimizers)
+            log.info('darwinlm_search: the trained model is now the winner (%d parameters)',
+                     sum(p.numel() for p in winner.parameters()))
+
+    def fit_start(self, state: State, logger: Logger) -> None:
+        if self.search_only:
+            log.info('darwinlm_search: search_only is set, stopping before the first batch')
+            state.stop_training()
+
+
+def _log_levels(logger: Logger, config: LevelConfig, generation: int) -> None:
+    """The parent's levels per layer as a table (destinations without tables ignore it) and as metrics."""
+    rows = [[layer, a, m] for layer, (a, m) in enumerate(zip(config.attn, config.mlp))]
+    logger.log_table(columns=['layer', 'attn_level', 'mlp_level'], rows=rows, name='search/levels', step=generation)
+    metrics = {f'search/level/{kind}_{layer:02d}': level for kind, layer, level in config.items()}
+    logger.log_metrics(metrics, step=generation)
+
+
+def _rng_states() -> dict:
+    states = {'torch': torch.get_rng_state(), 'numpy': np.random.get_state(), 'python': random.getstate()}
+    if torch.cuda.is_available():
+        states['cuda'] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _restore_rng_states(states: dict) -> None:
+    torch.set_rng_state(states['torch'])
+    np.random.set_state(states['numpy'])
+    random.setstate(states['python'])
+    if 'cuda' in states:
+        torch.cuda.set_rng_state_all(states['cuda'])

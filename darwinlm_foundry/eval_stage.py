@@ -1,0 +1,93 @@
+"""The `eval` and `export` run stages: held-out perplexity / KL side by side, foundry ICL tasks, export, report."""
+
+import json
+import os
+from pathlib import Path
+
+EMBEDDED_ICL = Path(__file__).parent / 'assets' / 'icl'
+
+
+def _heldout_tokens(shards: str, n: int):
+    from darwinlm_foundry.data import read_manifest, sample_sequences
+    seq_len = read_manifest(shards)['seq_len']
+    return sample_sequences(os.path.join(shards, 'heldout'), n, seq_len, seed=1234)
+
+
+def run_eval_stage(cfg, stage_dir, refs, run, outputs):
+    """Held-out ppl and KL(dense || model) for every listed model; ICL accuracy through foundry's gauntlet."""
+    from composer.utils import dist
+    from transformers import AutoTokenizer
+
+    from darwinlm_foundry.evaluation import available_tasks, heldout_metrics, run_icl_eval, LOCAL_TASKS
+    from darwinlm_foundry.stage_runners import load_hf_model
+
+    out_path = os.path.join(stage_dir, 'eval.json')
+    if dist.get_global_rank() == 0:
+        paths = {label: refs[f'models.{label}']['model'] for label in cfg.models}
+        dense = cfg.dense or next(iter(cfg.models))
+        if dense not in paths:
+            raise ValueError(f'eval: dense: {dense!r} is not one of the models {list(paths)}')
+        models = {label: load_hf_model(path).float().eval() for label, path in paths.items()}
+        tokens = _heldout_tokens(refs['data']['shards'], cfg.heldout_sequences)
+        heldout = heldout_metrics(models, dense, tokens)
+        rows = []
+        for label, model in models.items():
+            row = {'method': label, 'params': sum(p.numel() for p in model.parameters()), 'path': paths[label],
+                   'heldout_ppl': heldout[label]['ppl'], 'heldout_kl': heldout[label]['kl']}
+            if cfg.icl is not None:
+                icl = dict(cfg.icl)
+                data_dir = icl.pop('data_dir', None) or str(EMBEDDED_ICL)
+                tokenizer = AutoTokenizer.from_pretrained(paths[label])
+                result = run_icl_eval(paths[label], tokenizer, data_dir, available_tasks(data_dir, LOCAL_TASKS),
+                                      work_dir=os.path.join(stage_dir, f'icl_{label}'), **icl)
+                row['tasks'] = result.tasks
+                row['gauntlet_average'] = result.gauntlet_average
+            rows.append(row)
+            print(f'[darwinlm] eval {label}: {row["params"]:,} params, held-out ppl {row["heldout_ppl"]:.2f}, '
+                  f'KL {row["heldout_kl"]:.4f}' + (f', ICL {row["tasks"]}' if 'tasks' in row else ''), flush=True)
+        tmp = f'{out_path}.tmp'
+        with open(tmp, 'w') as f:
+            json.dump({'dense': dense, 'rows': rows, 'heldout_sequences': cfg.heldout_sequences}, f, indent=1)
+        os.replace(tmp, out_path)
+    dist.barrier()
+    return {'report': os.path.abspath(out_path)}
+
+
+def run_export_stage(cfg, stage_dir, refs, run, outputs):
+    """The final DarwinLM HF directory (model card) and the run report (Markdown + JSON + plots)."""
+    from composer.utils import dist
+
+    from darwinlm_foundry.export import export_pruned
+    from darwinlm_foundry.report import layers_from_config, write_report
+    from darwinlm_foundry.stage_runners import load_hf_model
+
+    model_dir = refs['model']['model']
+    out_model = os.path.join(stage_dir, 'model')
+    report_dir = os.path.join(stage_dir, 'report')
+    if dist.get_global_rank() == 0:
+        model = load_hf_model(model_dir)
+        searches = [json.loads(Path(outputs[name]['levels']).read_text()) for name in cfg.searches]
+        history = [h for s in searches for h in s.get('fitness_history', [])]
+        base = getattr(model.config, '_name_or_path', '') or model_dir
+        export_pruned(model, out_model, tokenizer=model_dir, base_model=str(base), overwrite=True,
+                      data_note=f'shards: {refs["data"]["shards"]}' if 'data' in refs else 'see run manifest',
+                      levels=getattr(model.config, 'levels', None))
+        eval_rows, sizes = [], {}
+        if 'eval' in refs:
+            evaluation = json.loads(Path(refs['eval']['report']).read_text())
+            for row in evaluation['rows']:
+                sizes[row['method']] = row['params']
+                tasks = dict(row.get('tasks') or {})
+                tasks.setdefault('heldout_ppl', row['heldout_ppl'])
+                eval_rows.append({'method': row['method'], 'params': row['params'], 'tasks': tasks,
+                                  'avg': row.get('gauntlet_average', row['heldout_ppl'])})
+        sizes.setdefault('exported', sum(p.numel() for p in model.parameters()))
+        write_report(report_dir, sizes=sizes, levels=layers_from_config(model.config), fitness_history=history,
+                     eval_table=eval_rows, title=f'DarwinLM run report: {os.path.basename(run.run_dir)}',
+                     extra={'searches': [{k: s.get(k) for k in ('levels', 'fitness', 'parameters',
+                                                                 'dense_parameters', 'generations')}
+                                         for s in searches]})
+        print(f'[darwinlm] pruned model: {os.path.abspath(out_model)}\n'
+              f'[darwinlm] report: {os.path.abspath(os.path.join(report_dir, "report.md"))}', flush=True)
+    dist.barrier()
+    return {'model': os.path.abspath(out_model), 'report': os.path.abspath(os.path.join(report_dir, 'report.md'))}

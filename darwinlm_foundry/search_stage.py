@@ -1,0 +1,44 @@
+"""The `search` run stage: evolutionary search over a database, then the winner as a shrunk HF checkpoint."""
+
+import os
+
+
+def run_search_stage(cfg, stage_dir, refs, run):
+    """Search (or resume the search) and stitch the winner; gradual mode when ``start`` names a search."""
+    from composer.utils import dist
+    from transformers import AutoTokenizer
+
+    from darwinlm_foundry.database import SparsityDatabase, dense_tensor_getter
+    from darwinlm_foundry.search import EvolutionarySearch, SearchSettings, ShardTokens
+    from darwinlm_foundry.stage_runners import save_hf_model
+
+    settings = dict(cfg.search)
+    settings['output_dir'] = os.path.join(stage_dir, 'search')
+    settings.setdefault('seed', run.seed)
+    if cfg.start is not None:
+        # Gradual pruning: the earlier search's winner is the starting point; `extra_levels` more are spread.
+        settings['start_config'] = refs['start']['levels']
+        settings['target_level'] = None
+    model_dir = refs['model']['model']
+    db = SparsityDatabase.open(refs['database']['database'], model_dir, verify='size')
+    getter = dense_tensor_getter(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    search = EvolutionarySearch(SearchSettings.from_dict(settings), db, getter,
+                                ShardTokens(os.path.join(refs['data']['shards'], 'search')), tokenizer=tokenizer,
+                                log_fn=_console_log)
+    result = search.run()
+    out = os.path.join(stage_dir, 'model')
+    if dist.get_global_rank() == 0:
+        winner = db.stitch(result.winner.to_dict(), getter)
+        save_hf_model(winner, tokenizer, out)
+        print(f'[darwinlm] search winner: {result.parameters:,} parameters (dense {result.dense_parameters:,}), '
+              f'fitness {result.fitness:.4g}; levels {result.winner.to_dict()}')
+    dist.barrier()
+    return {'levels': os.path.abspath(result.json_path), 'model': os.path.abspath(out),
+            'database': refs['database']['database']}
+
+
+def _console_log(metrics, step):
+    if step % 10 == 0 or step == 1:
+        print('[darwinlm] search ' + ' '.join(f'{k.split("/")[-1]}={v:.4g}' if isinstance(v, float) else
+                                              f'{k.split("/")[-1]}={v}' for k, v in metrics.items()), flush=True)

@@ -1,0 +1,167 @@
+"""What each stage kind does. Every runner returns its outputs (paths) for later stages to name."""
+
+import copy
+import os
+import shutil
+from typing import Any, Dict
+
+from darwinlm_foundry.config_schema import from_mapping
+
+
+def _rank():
+    from composer.utils import dist
+    return dist.get_global_rank()
+
+
+def _barrier():
+    from composer.utils import dist
+    dist.barrier()
+
+
+def _tokenizer(spec: str):
+    from transformers import AutoTokenizer
+
+    from darwinlm_foundry.data import embedded_tokenizer
+    return embedded_tokenizer() if spec == 'embedded' else AutoTokenizer.from_pretrained(spec)
+
+
+def load_hf_model(model_dir: str, device='cpu'):
+    """A dense or DarwinLM checkpoint directory, in its stored dtype."""
+    import darwinlm_foundry.modeling  # noqa: F401
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype='auto').to(device)
+
+
+def save_hf_model(model, tokenizer_dir_or_tok, out_dir: str):
+    """Atomically write a HF directory (weights, config, remote code, tokenizer)."""
+    tmp = f'{out_dir}.tmp'
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok = _tokenizer(tokenizer_dir_or_tok) if isinstance(tokenizer_dir_or_tok, str) else tokenizer_dir_or_tok
+    tok.save_pretrained(tmp)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
+# --------------------------------------------------------------------------------------------------
+def run_data(cfg, stage_dir, refs, run, outputs) -> Dict[str, Any]:
+    from darwinlm_foundry.data import check_shards, convert_to_mds, embedded_text_files
+    if cfg.shards:
+        for split in ('calibration', 'search', 'train', 'heldout'):
+            check_shards(cfg.shards, split)
+        return {'shards': cfg.shards, 'tokenizer': cfg.tokenizer}
+    out = os.path.join(stage_dir, 'mds')
+
+    def convert():
+        if os.path.exists(os.path.join(out, 'manifest.json')):
+            return
+        source = [str(p) for p in embedded_text_files()] if cfg.source == 'embedded' else cfg.source
+        convert_to_mds(source, out, _tokenizer(cfg.tokenizer), seq_len=cfg.seq_len, text_key=cfg.text_key,
+                       score_key=cfg.score_key, min_score=cfg.min_score, splits=cfg.splits, seed=cfg.seed,
+                       overwrite=True)
+
+    if _rank() == 0:
+        convert()
+    _barrier()
+    return {'shards': os.path.abspath(out), 'tokenizer': cfg.tokenizer}
+
+
+def run_pretrain(cfg, stage_dir, refs, run, outputs):
+    from darwinlm_foundry.pretrain import pretrain_tiny
+    out = os.path.join(stage_dir, 'model')
+    if _rank() == 0:
+        result = pretrain_tiny(out, shards_dir=refs['data']['shards'], **cfg.settings)
+        print(f'[darwinlm] dense tiny model: held-out perplexity {result.ppl_before:.1f} -> {result.ppl_after:.1f} '
+              f'({result.params} parameters)')
+    _barrier()
+    return {'model': os.path.abspath(out)}
+
+
+def run_model(cfg, stage_dir, refs, run, outputs):
+    if not os.path.exists(os.path.join(cfg.path, 'config.json')):
+        raise FileNotFoundError(f'model stage: {cfg.path} has no config.json (a Hugging Face checkpoint directory '
+                                'is expected; download it beforehand, nothing is fetched at run time).')
+    return {'model': os.path.abspath(cfg.path)}
+
+
+def run_database(cfg, stage_dir, refs, run, outputs):
+    from darwinlm_foundry.algorithm import CalibrationConfig, build_or_open_database
+    calibration = from_mapping(CalibrationConfig, {'shards': refs['data']['shards'], **cfg.calibration},
+                               'database.calibration')
+    model_dir = refs['model']['model']
+    model = load_hf_model(model_dir)
+    db_dir = os.path.join(stage_dir, 'database')
+    build_or_open_database(model, db_dir, calibration, model_name=model_dir)
+    return {'database': os.path.abspath(db_dir), 'model': model_dir}
+
+
+def run_search(cfg, stage_dir, refs, run, outputs):
+    from darwinlm_foundry.search_stage import run_search_stage
+    return run_search_stage(cfg, stage_dir, refs, run)
+
+
+def foundry_train(cfg: Dict[str, Any]):
+    """llm-foundry's own train loop on a plain foundry config (our registry entries are visible to it)."""
+    from llmfoundry.command_utils import train
+    from omegaconf import OmegaConf
+    return train(OmegaConf.create(cfg))
+
+
+def run_train(cfg, stage_dir, refs, run, outputs):
+    """Post-train with foundry's train(): FSDP / loggers / autoresume as the YAML says; exports a HF directory."""
+    model_dir, shards = refs['model']['model'], refs['data']['shards']
+    train_cfg = copy.deepcopy(cfg.train)
+    model = train_cfg.setdefault('model', {})
+    model.setdefault('name', 'darwinlm')
+    model.setdefault('pretrained', True)
+    model['pretrained_model_name_or_path'] = model_dir
+    train_cfg.setdefault('tokenizer', {'name': model_dir, 'kwargs': {'model_max_length': train_cfg['max_seq_len']}})
+    loader = train_cfg.setdefault('train_loader', {'name': 'text', 'dataset': {}})
+    loader.setdefault('name', 'text')
+    dataset = loader.setdefault('dataset', {})
+    dataset.setdefault('split', 'train')
+    dataset.setdefault('max_seq_len', train_cfg['max_seq_len'])
+    dataset.setdefault('shuffle', True)
+    dataset.setdefault('shuffle_seed', run.seed)
+    if '://' in shards:
+        dataset['remote'] = shards
+        dataset.setdefault('local', os.path.join(stage_dir, 'mds_cache'))
+    else:
+        dataset['local'] = shards
+    train_cfg.setdefault('run_name', os.path.basename(stage_dir))
+    train_cfg.setdefault('save_folder', os.path.join(stage_dir, 'checkpoints'))
+    train_cfg.setdefault('autoresume', True)
+    train_cfg.setdefault('seed', run.seed)
+    export_dir = os.path.join(stage_dir, 'export')
+    callbacks = train_cfg.setdefault('callbacks', {}) or {}
+    train_cfg['callbacks'] = callbacks
+    callbacks.setdefault('hf_checkpointer', {'save_folder': export_dir, 'save_interval': train_cfg['max_duration'],
+                                             'precision': 'float32'})
+    trainer = foundry_train(train_cfg)
+    batch = int(trainer.state.timestamp.batch)
+    trainer.close()
+    exported = os.path.join(export_dir, 'huggingface', f'ba{batch}')
+    final = os.path.join(stage_dir, 'model')
+    if _rank() == 0:
+        if not os.path.exists(os.path.join(exported, 'config.json')):
+            raise RuntimeError(f'train stage: foundry exported no Hugging Face checkpoint at {exported}')
+        shutil.rmtree(final, ignore_errors=True)
+        shutil.copytree(exported, f'{final}.tmp', dirs_exist_ok=True)
+        os.replace(f'{final}.tmp', final)
+    _barrier()
+    return {'model': os.path.abspath(final)}
+
+
+def run_eval(cfg, stage_dir, refs, run, outputs):
+    from darwinlm_foundry.eval_stage import run_eval_stage
+    return run_eval_stage(cfg, stage_dir, refs, run, outputs)
+
+
+def run_export(cfg, stage_dir, refs, run, outputs):
+    from darwinlm_foundry.eval_stage import run_export_stage
+    return run_export_stage(cfg, stage_dir, refs, run, outputs)
+
+
+RUNNERS = {'data': run_data, 'pretrain': run_pretrain, 'model': run_model, 'database': run_database,
+           'search': run_search, 'train': run_train, 'eval': run_eval, 'export': run_export}

@@ -1,0 +1,85 @@
+"""The DarwinLMPrune Composer algorithm: builds the database at INIT, swaps in the shrunk model, trains it."""
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from darwinlm_foundry.database import SparsityDatabase, dense_tensor_getter
+from darwinlm_foundry.levels import LevelSpec
+
+
+@pytest.fixture(scope='module')
+def composer_setup(llama2_tokenizer):
+    from composer.models import HuggingFaceModel
+    from composer.utils import dist
+    dist.initialize_dist('cpu')
+
+    def make():
+        hf = tiny_model('llama_gqa', vocab_size=32000, hidden_size=32, head_dim=4, intermediate_size=80,
+                        num_attention_heads=10,
+                        num_hidden_layers=2, attn_implementation='sdpa')
+        return HuggingFaceModel(hf, tokenizer=llama2_tokenizer, use_logits=True, shift_labels=True)
+    return make
+
+
+def batches_of(shards, n=4):
+    from darwinlm_foundry.data import sample_sequences
+    ids = sample_sequences(shards / 'train', 2 * n, 64, seed=1)
+    return [{'input_ids': ids[i:i + 2], 'labels': ids[i:i + 2]} for i in range(0, 2 * n, 2)]
+
+
+def test_prune_at_init_then_train(tmp_path, wiki_shards, composer_setup):
+    from composer import Trainer
+
+    from darwinlm_foundry.algorithm import DarwinLMPrune
+    model = composer_setup()
+    dense = model.model
+    dense_state = {k: v.clone() for k, v in dense.state_dict().items()}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    algo = DarwinLMPrune(database=str(tmp_path / 'db'), levels=5,
+                         calibration={'shards': str(wiki_shards), 'num_sequences': 16, 'seq_len': 64,
+                                      'batch_size': 4, 'mlp_multiple': 8})
+    trainer = Trainer(model=model, train_dataloader=batches_of(wiki_shards), max_duration='2ba',
+                      device_train_microbatch_size=2, optimizers=opt, algorithms=[algo], device='cpu',
+                      progress_bar=False, log_to_console=False, loggers=[])
+    shrunk = model.model
+    assert type(shrunk).__name__ == 'DarwinLMForCausalLM'
+    spec = LevelSpec.from_config(dense.config, mlp_multiple=8)
+    n = sum(p.numel() for p in shrunk.parameters())
+    assert n == spec.parameter_count({'attn': [5, 5], 'mlp': [5, 5]}) < sum(v.numel() for v in dense_state.values())
+    # The optimizer holds exactly the shrunk model's parameters.
+    opt_ids = {id(p) for g in opt.param_groups for p in g['params']}
+    assert opt_ids == {id(p) for p in shrunk.parameters()}
+    # It is the database's stitch of the dense weights.
+    db = SparsityDatabase.open(tmp_path / 'db', dense)
+    again = db.stitch(5, dense_tensor_getter(dense))
+    ids = torch.randint(0, 32000, (1, 16))
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, shrunk.eval()(ids).logits)
+    before = {k: v.clone() for k, v in shrunk.state_dict().items()}
+    trainer.fit()
+    assert any(not torch.equal(before[k], v) for k, v in shrunk.state_dict().items())
+    assert model.model is shrunk
+
+
+def test_prune_from_config_file_and_bad_keys(tmp_path, wiki_shards, composer_setup):
+    from composer import Trainer
+
+    from darwinlm_foundry.algorithm import DarwinLMPrune
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['num_seqs'\]"):
+        DarwinLMPrune(database='x', calibration={'shards': 'y', 'num_seqs': 3})
+    model = composer_setup()
+    with pytest.raises(ValueError, match='give a `calibration` section'):
+        Trainer(model=model, algorithms=[DarwinLMPrune(database=str(tmp_path / 'none'))], device='cpu',
+                progress_bar=False, log_to_console=False, loggers=[])
+    cfg = tmp_path / 'levels.txt'
+    cfg.write_text('model.layers.0.mlp.down_proj: 10\nmodel.layers.1.mlp.down_proj: 0\n'
+                   'model.layers.0.self_attn.o_proj: 2\nmodel.layers.1.self_attn.o_proj: 8')
+    algo = DarwinLMPrune(database=str(tmp_path / 'db'), levels=str(cfg),
+                         calibration={'shards': str(wiki_shards), 'num_sequences': 8, 'seq_len': 64,
+                                      'mlp_multiple': 8})
+    Trainer(model=model, algorithms=[algo], device='cpu', progress_bar=False, log_to_console=False, loggers=[])
+    shrunk = model.model
+    assert shrunk.model.layers[0].mlp is None
+    assert shrunk.config.layer_intermediate_sizes[1] == 80
+    assert len(shrunk.config.layer_heads[1]) == 2 and len(shrunk.config.layer_heads[0]) == 8
