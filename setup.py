@@ -12,6 +12,8 @@ INSTALL_REQUIRES = [
     'omegaconf>=2.3',
     'safetensors>=0.4',
     'matplotlib>=3.7',
+    'sentencepiece',  # the Llama-2 tokenizer (embedded demo) converts from its SentencePiece model
+    'protobuf',
     'setuptools<80',  # llm-foundry imports pkg_resources
 ]
 

@@ -43,18 +43,26 @@ def _model(args):
     return transformers.LlamaForCausalLM(config).eval()
 
 
-def _measure(engine, candidates, label):
-    engine.evaluate(candidates[:1], 0, 0)  # warm-up: imports, first Trainer, allocator
-    before = dict(engine.stats)
-    t0 = time.perf_counter()
-    fitness = engine.evaluate(candidates, 0, 0)
-    seconds = time.perf_counter() - t0
-    per_min = len(candidates) / seconds * 60
-    parts = {k: round(engine.stats[k] - before[k], 2) for k in ('stitch_seconds', 'fit_seconds',
-                                                                'trainer_init_seconds', 'fitness_seconds')}
-    print(f'{label:>6}: {len(candidates)} offspring in {seconds:.1f} s = {per_min:.1f} offspring/min  {parts}',
-          flush=True)
-    return per_min, fitness
+def _measure(engines, candidates):
+    """Evaluate every candidate with each engine, interleaved (ours, naive, ours, ...) so that both sides
+    see the same machine load; return offspring per minute per engine."""
+    for engine in engines.values():
+        engine.evaluate(candidates[:1], 0, 0)  # warm-up: imports, first Trainer, allocator
+    seconds = {name: 0.0 for name in engines}
+    before = {name: dict(e.stats) for name, e in engines.items()}
+    for candidate in candidates:
+        for name, engine in engines.items():
+            t0 = time.perf_counter()
+            engine.evaluate([candidate], 0, 0)
+            seconds[name] += time.perf_counter() - t0
+    per_min = {}
+    for name, engine in engines.items():
+        per_min[name] = len(candidates) / seconds[name] * 60
+        parts = {k: round(engine.stats[k] - before[name][k], 2)
+                 for k in ('stitch_seconds', 'fit_seconds', 'trainer_init_seconds', 'fitness_seconds')}
+        print(f'{name:>6}: {len(candidates)} offspring in {seconds[name]:.1f} s = {per_min[name]:.1f} offspring/min  '
+              f'{parts}', flush=True)
+    return per_min
 
 
 def main():
@@ -91,13 +99,13 @@ def main():
                     fitness_tokens=(args.fitness_tokens,), train_tokens=(args.train_tokens,), seq_len=args.seq_len,
                     train_batch_size=8, micro_batch_size=8, device=args.device, progress_bar=False)
     getter = dense_tensor_getter(model)
-    results = {}
-    for fmt in ('shrunk', 'masked'):
-        engine = EvolutionarySearch(SearchSettings(**settings, output_dir=os.path.join(work, fmt)), db, getter,
-                                    TensorTokens(tokens), offspring_format=fmt)
-        engine.prefill_dense(0)
-        results[fmt] = _measure(engine, candidates, 'ours' if fmt == 'shrunk' else 'naive')
-    ours, naive = results['shrunk'][0], results['masked'][0]
+    engines = {}
+    for name, fmt in (('ours', 'shrunk'), ('naive', 'masked')):
+        engines[name] = EvolutionarySearch(SearchSettings(**settings, output_dir=os.path.join(work, fmt)), db,
+                                           getter, TensorTokens(tokens), offspring_format=fmt)
+        engines[name].prefill_dense(0)
+    rates = _measure(engines, candidates)
+    ours, naive = rates['ours'], rates['naive']
     print(json.dumps({'ours_offspring_per_min': round(ours, 2), 'naive_offspring_per_min': round(naive, 2),
                       'threads': torch.get_num_threads(), 'device': args.device,
                       'total_seconds': round(time.perf_counter() - t0, 1)}))

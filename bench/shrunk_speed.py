@@ -228,7 +228,7 @@ def main(argv=None):
     parser.add_argument('--profile', action='store_true', help='print an operator profile of the target case')
     parser.add_argument('--no-cuda', action='store_true')
     args = parser.parse_args(argv)
-    args.repeats = args.repeats or (2 if args.quick else 5)
+    args.repeats = args.repeats or (2 if args.quick else 3)
     args.seq = args.seq or (64 if args.quick else 128)
     if args.quick:
         args.new_tokens = min(args.new_tokens, 16)

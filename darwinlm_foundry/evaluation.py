@@ -2,7 +2,7 @@
 
 Three entry points, each reusing the owning tool rather than reimplementing it:
 
-* :func:`run_icl_eval` — llm-foundry's ICL evaluators (``build_icl_data_and_gauntlet``), its ``EvalGauntlet``
+* :func:`run_icl_eval` — llm-foundry's ICL evaluators (``build_icl_evaluators``), its ``EvalGauntlet``
   aggregation and Composer's ``Trainer.eval`` on a Composer model (the ``darwinlm`` foundry model over a
   pruned checkpoint). The task list is :data:`PAPER_TASKS` (the paper's tasks and shots) by default, read
   from a data directory of foundry-format JSONL files (``<label>.jsonl``); tasks whose file is missing are
@@ -191,9 +191,11 @@ def build_icl_eval(tokenizer, data_dir, tasks: Sequence[IclTask] = PAPER_TASKS, 
     first ``limit`` examples of each task (smoke tests): the task file is staged in ``work_dir`` with
     ``limit + num_fewshot`` rows, the per-task batch size is chosen to divide ``limit`` exactly and the
     evaluator stops after ``limit`` examples. ``device_eval_batch_size`` counts sequences, as in foundry
-    (a multiple-choice example takes one per choice).
+    (a multiple-choice example takes one per choice). ``work_dir`` receives foundry's copies of the task files
+    (a new temporary directory when None, left for the caller to remove).
     """
-    from llmfoundry.utils.builders import build_icl_data_and_gauntlet
+    from llmfoundry.callbacks import EvalGauntlet
+    from llmfoundry.utils.builders import build_icl_evaluators
 
     if limit is not None and limit < 1:
         raise ValueError(f'limit must be a positive number of examples per task, got {limit}')
@@ -211,13 +213,12 @@ def build_icl_eval(tokenizer, data_dir, tasks: Sequence[IclTask] = PAPER_TASKS, 
         examples_per_batch = _largest_divisor_at_most(limit, max(1, device_eval_batch_size // n_choices))
         per_example[task.key] = examples_per_batch
         entries.append(_task_entry(task, str(uri), batch_size=examples_per_batch * n_choices))
-    cwd = os.getcwd()
-    try:  # foundry copies each task file into the working directory before reading it
-        os.chdir(work_dir)
-        evaluators, logger_keys, gauntlet = build_icl_data_and_gauntlet(
-            entries, eval_gauntlet_config(used), tokenizer, device_eval_batch_size, max_seq_len)
-    finally:
-        os.chdir(cwd)
+    # What foundry's build_icl_data_and_gauntlet does, with the task-file copies kept in work_dir (it would
+    # put them in the current directory).
+    evaluators, logger_keys = build_icl_evaluators(entries, tokenizer, max_seq_len, device_eval_batch_size,
+                                                   destination_dir=str(work_dir))
+    gauntlet = EvalGauntlet(**eval_gauntlet_config(used), logger_keys=logger_keys,
+                            benchmark_sizes={e.label: e.dataloader.num_samples for e in evaluators})
     if limit is not None:
         for ev in evaluators:
             ev.subset_num_batches = limit // per_example[ev.label]

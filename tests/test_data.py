@@ -7,8 +7,6 @@ streaming's own ``StreamingDataset``.
 
 import gzip
 import json
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np

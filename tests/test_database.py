@@ -254,26 +254,40 @@ def test_two_ranks_build_the_same_database_as_one_process(built, tmp_path):
                 torch.testing.assert_close(db.weight(unit, level), ref.weight(unit, level), rtol=1e-4, atol=1e-5)
 
 
-def _gloo_worker(rank, world_size, init_file, db_dir):
+def _gloo_worker(rank, world_size, port, db_dir):
+    from datetime import timedelta
+
     import torch.distributed as dist
 
     from darwinlm_foundry.database import torch_distributed_hooks
-    dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=world_size)
-    try:
-        torch.set_num_threads(1)
-        reduce_fn, gather_fn, r, w = torch_distributed_hooks()
-        build_database(_model(), _batches()[rank::world_size], db_dir, calibration_source='random ids',
-                       reduce_fn=reduce_fn, gather_fn=gather_fn, rank=r, world_size=w)
-    finally:
-        dist.destroy_process_group()
+    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=120))
+    torch.set_num_threads(1)
+    reduce_fn, gather_fn, r, w = torch_distributed_hooks()
+    build_database(_model(), _batches()[rank::world_size], db_dir, calibration_source='random ids',
+                   reduce_fn=reduce_fn, gather_fn=gather_fn, rank=r, world_size=w)
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def test_torch_distributed_gloo_build_matches_one_process(built, tmp_path):
     """Real torch.distributed (gloo, 2 processes): same selections as one process, weights to fp32 rounding."""
+    import socket
+    import time
+
     import torch.multiprocessing as mp
 
     _, ref = built
-    mp.spawn(_gloo_worker, args=(2, str(tmp_path / 'init'), str(tmp_path / 'db')), nprocs=2, join=True)
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        port = sock.getsockname()[1]
+    ctx = mp.spawn(_gloo_worker, args=(2, port, str(tmp_path / 'db')), nprocs=2, join=False)
+    deadline = time.monotonic() + 300
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for proc in ctx.processes:
+                proc.kill()
+            pytest.fail('the two gloo ranks did not finish within 300 s')
     db = SparsityDatabase.open(tmp_path / 'db', _model())
     assert db.manifest['calibration'] == ref.manifest['calibration']
     for unit in ref.units:
