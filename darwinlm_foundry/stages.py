@@ -206,7 +206,7 @@ class RunManifest:
 
     def record(self, name: str, fingerprint: str, outputs: dict, seconds: float):
         self.stages[name] = {'fingerprint': fingerprint, 'outputs': outputs, 'seconds': round(seconds, 1),
-                             'finished_at': time.strftime('%Y-%m-%dT%H:%M:%S')}
+                             'finished_at': f'{time.time():.6f}'}
         tmp = f'{self.path}.tmp'
         with open(tmp, 'w') as f:
             json.dump({'stages': self.stages}, f, indent=1)
@@ -234,7 +234,7 @@ def _rank_zero_first(fn: Callable[[], Any]) -> Any:
     return fn()
 
 
-def run_chain(cfg: Dict[str, Any], only: Optional[List[str]] = None, log: Callable[[str], None] = print) -> Dict:
+def run_chain(cfg: Dict[str, Any], log: Callable[[str], None] = print) -> Dict:
     """Run (or resume) every stage of a run config; returns each stage's outputs."""
     from darwinlm_foundry import stage_runners
 
@@ -245,35 +245,40 @@ def run_chain(cfg: Dict[str, Any], only: Optional[List[str]] = None, log: Callab
     os.makedirs(run.run_dir, exist_ok=True)
     manifest = RunManifest(run.run_dir)
     outputs: Dict[str, dict] = {}
-    fingerprints: Dict[str, str] = {}
+    # A stage's version is its input fingerprint plus when it finished: a stage whose upstream re-ran has a
+    # new fingerprint, so it re-runs too, also when the upstream re-ran in an earlier, interrupted invocation.
+    versions: Dict[str, str] = {}
     rank0 = dist.get_global_rank() == 0
     for stage in stages:
         config = dataclasses.asdict(stage.config)
-        upstream = {key: fingerprints[ref] for key, ref in _references(stage.config).items()}
+        refs = _references(stage.config)
+        upstream = {key: versions[ref] for key, ref in refs.items()}
         fingerprint = _fingerprint({'kind': stage.kind, 'config': config, 'upstream': upstream, 'seed': run.seed})
-        fingerprints[stage.name] = fingerprint
         done = manifest.finished(stage.name, fingerprint)
         if done is not None and _outputs_exist(done):
             outputs[stage.name] = done
+            versions[stage.name] = f'{fingerprint}@{manifest.stages[stage.name]["finished_at"]}'
             if rank0:
                 log(f'[darwinlm] stage {stage.name} ({stage.kind}): finished earlier, skipped')
             continue
-        if only is not None and stage.name not in only:
-            raise RuntimeError(f'stage {stage.name} must run before the requested ones ({only}); run the whole chain.')
         if rank0:
             log(f'[darwinlm] stage {stage.name} ({stage.kind}): running')
         start = time.time()
         stage_dir = os.path.join(run.run_dir, stage.name)
         os.makedirs(stage_dir, exist_ok=True)
-        resolved = {key: outputs[ref] for key, ref in _references(stage.config).items()}
+        resolved = {key: outputs[ref] for key, ref in refs.items()}
         result = stage_runners.RUNNERS[stage.kind](stage.config, stage_dir, resolved, run, outputs)
         dist.barrier()
         outputs[stage.name] = result
+        record = [None]
         if rank0:
             manifest.record(stage.name, fingerprint, result, time.time() - start)
+            record[0] = manifest.stages[stage.name]
             log(f'[darwinlm] stage {stage.name} ({stage.kind}): done in {time.time() - start:.0f}s -> '
                 f'{json.dumps(result)}')
-        dist.barrier()
+        dist.broadcast_object_list(record, src=0)
+        manifest.stages[stage.name] = record[0]
+        versions[stage.name] = f'{fingerprint}@{record[0]["finished_at"]}'
     return outputs
 
 

@@ -80,6 +80,11 @@ def test_finished_stages_skip_and_changed_inputs_rerun(tmp_path, monkeypatch):
     run_chain(copy.deepcopy(cfg), log=lambda s: None)
     assert [c[0] for c in calls] == ['db', 'search', 'train']
     assert set(RunManifest(cfg['run_dir']).stages) == {'data', 'dense', 'db', 'search', 'train'}
+    # A stage whose output vanished re-runs, and so does everything downstream of it.
+    calls.clear()
+    monkeypatch.setattr('darwinlm_foundry.stages._outputs_exist', lambda outputs: 'search' not in str(outputs))
+    run_chain(copy.deepcopy(cfg), log=lambda s: None)
+    assert [c[0] for c in calls] == ['search', 'train']
 
 
 def test_corrupt_manifest_is_refused(tmp_path):
