@@ -2,8 +2,9 @@
 
 import copy
 import os
+import re
 import shutil
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 from darwinlm_foundry.config_schema import from_mapping
 
@@ -133,11 +134,19 @@ def run_train(cfg, stage_dir, refs, run, outputs):
     train_cfg['callbacks'] = callbacks
     callbacks.setdefault('hf_checkpointer', {'save_folder': export_dir, 'save_interval': train_cfg['max_duration'],
                                              'precision': 'float32'})
+    final = os.path.join(stage_dir, 'model')
+    finished = _final_checkpoint(train_cfg['save_folder'], train_cfg['max_duration'])
+    if finished is not None:
+        # Killed after the last Composer checkpoint but before the export: training is complete, and
+        # foundry would refuse to resume a finished run, so export the checkpoint's weights directly.
+        if _rank() == 0:
+            _export_checkpoint(finished, model_dir, final)
+        _barrier()
+        return {'model': os.path.abspath(final)}
     trainer = foundry_train(train_cfg)
     batch = int(trainer.state.timestamp.batch)
     trainer.close()
     exported = os.path.join(export_dir, 'huggingface', f'ba{batch}')
-    final = os.path.join(stage_dir, 'model')
     if _rank() == 0:
         if not os.path.exists(os.path.join(exported, 'config.json')):
             raise RuntimeError(f'train stage: foundry exported no Hugging Face checkpoint at {exported}')
@@ -146,6 +155,30 @@ def run_train(cfg, stage_dir, refs, run, outputs):
         os.replace(f'{final}.tmp', final)
     _barrier()
     return {'model': os.path.abspath(final)}
+
+
+def _final_checkpoint(save_folder: str, max_duration) -> Optional[str]:
+    """The Composer checkpoint file written at ``max_duration`` (in batches), if training got there."""
+    match = re.fullmatch(r'(\d+)ba', str(max_duration))
+    if not match or not os.path.isdir(save_folder):
+        return None
+    for name in os.listdir(save_folder):
+        if re.fullmatch(rf'ep\d+-ba{match.group(1)}-rank0\.pt', name):
+            return os.path.join(save_folder, name)
+    return None
+
+
+def _export_checkpoint(checkpoint: str, model_dir: str, out_dir: str):
+    import torch
+    state = torch.load(checkpoint, map_location='cpu', weights_only=False)['state']['model']
+    model = load_hf_model(model_dir)
+    weights = {k[len('model.'):]: v for k, v in state.items() if k.startswith('model.')}
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    tied = {'lm_head.weight'} if model.config.tie_word_embeddings else set()
+    if unexpected or set(missing) - tied:
+        raise RuntimeError(f'{checkpoint} does not match the model in {model_dir}: missing {missing[:5]}, '
+                           f'unexpected {unexpected[:5]}')
+    save_hf_model(model.float(), model_dir, out_dir)
 
 
 def run_eval(cfg, stage_dir, refs, run, outputs):

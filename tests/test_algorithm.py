@@ -83,3 +83,16 @@ def test_prune_from_config_file_and_bad_keys(tmp_path, wiki_shards, composer_set
     assert shrunk.model.layers[0].mlp is None
     assert shrunk.config.layer_intermediate_sizes[1] == 80
     assert len(shrunk.config.layer_heads[1]) == 2 and len(shrunk.config.layer_heads[0]) == 8
+
+
+def test_registered_for_foundry_yaml(tmp_path):
+    """`algorithms: {darwinlm_prune: {...}}` and `callbacks: {darwinlm_search: {...}}` resolve through foundry."""
+    from llmfoundry import registry
+    from llmfoundry.utils.builders import build_algorithm
+
+    from darwinlm_foundry.algorithm import DarwinLMPrune
+    from darwinlm_foundry.callbacks.evolutionary_search import DarwinLMSearch
+    assert registry.algorithms.get('darwinlm_prune') is DarwinLMPrune
+    assert registry.callbacks.get('darwinlm_search') is DarwinLMSearch
+    algo = build_algorithm('darwinlm_prune', {'database': str(tmp_path / 'db'), 'levels': 6})
+    assert isinstance(algo, DarwinLMPrune) and algo.config.levels == 6

@@ -21,12 +21,12 @@ def write_run(tmp_path, name, model_dir, shards):
         {'name': 'data', 'kind': 'data', 'shards': str(shards)},
         {'name': 'dense', 'kind': 'model', 'path': str(model_dir)},
         {'name': 'train', 'kind': 'train', 'model': 'dense', 'data': 'data', 'train': {
-            'max_seq_len': 64, 'max_duration': '6ba', 'global_train_batch_size': 2, 'device_train_batch_size': 2,
+            'max_seq_len': 64, 'max_duration': '40ba', 'global_train_batch_size': 2, 'device_train_batch_size': 2,
             'device_train_microbatch_size': 2, 'device_eval_batch_size': 2, 'precision': 'fp32',
             'model': {'name': 'darwinlm', 'pretrained': True, 'use_train_metrics': False},
             'optimizer': {'name': 'decoupled_adamw', 'lr': 1e-3, 'weight_decay': 0.0},
             'scheduler': {'name': 'cosine_with_warmup', 't_warmup': '1ba'},
-            'save_interval': '2ba', 'progress_bar': False, 'log_to_console': False, 'python_log_level': None}},
+            'save_interval': '10ba', 'progress_bar': False, 'log_to_console': False, 'python_log_level': None}},
     ]}
     path = tmp_path / f'{name}.yaml'
     path.write_text(yaml.safe_dump(cfg))
@@ -64,12 +64,13 @@ def test_killed_train_stage_resumes_to_same_weights(tmp_path, wiki_shards, llama
     proc = launch(killed, tmp_path)
     ckpt_dir = tmp_path / 'killed' / 'train' / 'checkpoints'
     deadline = time.time() + 600
-    while not (ckpt_dir.exists() and any('ba2' in p.name or 'ba4' in p.name for p in ckpt_dir.iterdir())):
+    latest = ckpt_dir / 'latest-rank0.pt'
+    # Kill as soon as the first checkpoint is complete (Composer points `latest` at it after writing it).
+    while not (latest.is_symlink() and 'ba10' in os.readlink(latest)):
         assert proc.poll() is None, 'run ended before its first checkpoint: ' + \
             (tmp_path / 'killed.log').read_text()[-3000:]
         assert time.time() < deadline
-        time.sleep(0.5)
-    time.sleep(1.0)
+        time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     manifest = json.loads((tmp_path / 'killed' / 'stages.json').read_text())['stages']
@@ -80,6 +81,20 @@ def test_killed_train_stage_resumes_to_same_weights(tmp_path, wiki_shards, llama
 
     a, b = final_weights(tmp_path / 'straight'), final_weights(tmp_path / 'killed')
     assert a.keys() == b.keys()
+
+    # Killed after the final Composer checkpoint but before the stage's export and record: the re-run
+    # exports the finished checkpoint instead of asking foundry to resume a finished run.
+    run_dir = tmp_path / 'straight'
+    shutil.rmtree(run_dir / 'train' / 'model')
+    shutil.rmtree(run_dir / 'train' / 'export')
+    manifest = json.loads((run_dir / 'stages.json').read_text())
+    del manifest['stages']['train']
+    (run_dir / 'stages.json').write_text(json.dumps(manifest))
+    assert launch(straight, tmp_path).wait(timeout=600) == 0, (tmp_path / 'straight.log').read_text()[-3000:]
+    again = final_weights(run_dir)
+    for name in a:
+        torch.testing.assert_close(again[name], a[name], rtol=0, atol=0, msg=name)
+
     from safetensors.torch import load_file
     start = load_file(str(model_dir / 'model.safetensors'))
     assert any(not torch.equal(a[n], start[n]) for n in a if n in start)  # training moved the weights
