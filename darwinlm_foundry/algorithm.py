@@ -9,7 +9,7 @@ Registered in llm-foundry's ``algorithms`` registry as ``darwinlm_prune``::
         calibration: {shards: ${data}/mds, split: calibration, num_sequences: 2048, seq_len: 4096}
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch

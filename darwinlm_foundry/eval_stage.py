@@ -41,6 +41,7 @@ def run_eval_stage(cfg, stage_dir, refs, run, outputs):
                 result = run_icl_eval(paths[label], tokenizer, data_dir, available_tasks(data_dir, LOCAL_TASKS),
                                       work_dir=os.path.join(stage_dir, f'icl_{label}'), **icl)
                 row['tasks'] = result.tasks
+                row['mean_accuracy'] = result.mean_accuracy  # the paper's 'avg'
                 row['gauntlet_average'] = result.gauntlet_average
             rows.append(row)
             print(f'[darwinlm] eval {label}: {row["params"]:,} params, held-out ppl {row["heldout_ppl"]:.2f}, '
@@ -78,9 +79,10 @@ def run_export_stage(cfg, stage_dir, refs, run, outputs):
             for row in evaluation['rows']:
                 sizes[row['method']] = row['params']
                 tasks = dict(row.get('tasks') or {})
-                tasks.setdefault('heldout_ppl', row['heldout_ppl'])
+                tasks.update(heldout_ppl=row['heldout_ppl'], heldout_kl=row['heldout_kl'])
+                # avg: mean ICL accuracy, as in the paper (nan without ICL tasks; never the perplexity)
                 eval_rows.append({'method': row['method'], 'params': row['params'], 'tasks': tasks,
-                                  'avg': row.get('gauntlet_average', row['heldout_ppl'])})
+                                  'avg': row.get('mean_accuracy', float('nan'))})
         sizes.setdefault('exported', sum(p.numel() for p in model.parameters()))
         write_report(report_dir, sizes=sizes, levels=layers_from_config(model.config), fitness_history=history,
                      eval_table=eval_rows, title=f'DarwinLM run report: {os.path.basename(run.run_dir)}',

@@ -10,20 +10,18 @@ Composer / llm-foundry are imported inside :func:`pretrain_tiny` only (they take
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import logging
 import math
 import os
 import shutil
 import tempfile
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from darwinlm_foundry.log_utils import quiet
 from darwinlm_foundry.data import check_shards, read_manifest, sample_sequences, text_dataloader_cfg
 
 __all__ = ['PRETRAIN_RECORD', 'PretrainResult', 'TinyLlamaSettings', 'heldout_perplexity', 'pretrain_tiny']
@@ -128,20 +126,9 @@ def _load_cached(out_dir: Path, fingerprint: str) -> PretrainResult | None:
     return PretrainResult(**{**data, 'path': str(out_dir), 'cached': True})
 
 
-@contextlib.contextmanager
 def _quiet():
     """Silence Composer / streaming / llm-foundry chatter for the duration of the run, then restore it."""
-    names = ('composer', 'llmfoundry', 'streaming', 'transformers')
-    saved = {n: logging.getLogger(n).level for n in names}
-    for n in names:
-        logging.getLogger(n).setLevel(logging.ERROR)
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore')
-        try:
-            yield
-        finally:
-            for n, level in saved.items():
-                logging.getLogger(n).setLevel(level)
+    return quiet('composer', 'llmfoundry', 'streaming', 'transformers')
 
 
 def pretrain_tiny(out_dir: str | os.PathLike, *, shards_dir: str | os.PathLike, hidden: int = 128, layers: int = 4,

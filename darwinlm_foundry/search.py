@@ -36,12 +36,13 @@ import logging
 import math
 import os
 import time
-import warnings
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 
+from darwinlm_foundry.config_schema import from_mapping
+from darwinlm_foundry.log_utils import quiet
 from darwinlm_foundry.fitness import DenseLogitCache, next_token_labels, token_nll
 from darwinlm_foundry.search_space import (GROUPS, MAX_LEVEL, LevelBounds, LevelConfig, make_rng,
                                            spread_extra_levels, uniform)
@@ -161,11 +162,7 @@ class SearchSettings:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> 'SearchSettings':
         """From a config mapping (e.g. a YAML block); unknown keys are an error naming them."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f'unknown search setting(s) {unknown}; valid settings are {sorted(known)}')
-        return cls(**dict(data))
+        return from_mapping(cls, data, 'search settings')
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -328,20 +325,9 @@ def _atomic_write_text(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-@contextlib.contextmanager
 def _quiet_composer():
     """Keep Composer / foundry chatter of the many short fits out of the log."""
-    names = ('composer', 'llmfoundry', 'streaming')
-    saved = {n: logging.getLogger(n).level for n in names}
-    for n in names:
-        logging.getLogger(n).setLevel(logging.ERROR)
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore')
-        try:
-            yield
-        finally:
-            for n, level in saved.items():
-                logging.getLogger(n).setLevel(level)
+    return quiet('composer', 'llmfoundry', 'streaming')
 
 
 _ENV_REPORT: dict = {}

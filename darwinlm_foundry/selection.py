@@ -13,8 +13,10 @@ each candidate afresh from the database weights; training is not carried over be
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Hashable, Mapping, Sequence
+
+from darwinlm_foundry.config_schema import from_mapping
 
 __all__ = ['SelectionSchedule', 'StepRecord', 'GenerationResult', 'run_generation', 'rank', 'PARENT']
 
@@ -93,11 +95,7 @@ class SelectionSchedule:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> 'SelectionSchedule':
         """Build from a config mapping; unknown keys are an error that names them."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f'unknown selection schedule key(s) {unknown}; valid keys are {sorted(known)}')
-        return cls(**dict(data))
+        return from_mapping(cls, data, 'selection schedule')
 
 
 @dataclass

@@ -27,6 +27,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
@@ -305,6 +306,12 @@ def _cuda() -> bool:
 def load_run_yaml(path: str, overrides: Optional[List[str]] = None) -> Dict[str, Any]:
     """Read a run YAML with OmegaConf (``${...}`` interpolation, dotlist overrides) into a plain dict."""
     from omegaconf import OmegaConf
+    # ${darwinlm_asset:icl/piqa.jsonl}: a file shipped inside the package (the embedded demo's data).
+    if not OmegaConf.has_resolver('darwinlm_asset'):
+        assets = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'assets')
+        with warnings.catch_warnings():  # omegaconf 2.4 renames the call; 2.3 has only this one
+            warnings.simplefilter('ignore')
+            OmegaConf.register_new_resolver('darwinlm_asset', lambda sub: os.path.join(assets, sub))
     if not os.path.exists(path):
         raise FileNotFoundError(f'run config {path} does not exist')
     cfg = OmegaConf.load(path)

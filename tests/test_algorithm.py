@@ -96,3 +96,37 @@ def test_registered_for_foundry_yaml(tmp_path):
     assert registry.callbacks.get('darwinlm_search') is DarwinLMSearch
     algo = build_algorithm('darwinlm_prune', {'database': str(tmp_path / 'db'), 'levels': 6})
     assert isinstance(algo, DarwinLMPrune) and algo.config.levels == 6
+
+
+def test_database_under_composer_launcher_matches_one_process(tmp_path, wiki_shards, llama2_tokenizer):
+    """`composer -n 2` (gloo): calibration split over ranks, Hessians summed, solves spread, rank 0 writes.
+
+    Same kept structures at every level as one process; compensated weights equal to fp32 rounding of the
+    Hessian sums (rtol 1e-4, atol 1e-5).
+    """
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    from darwinlm_foundry.algorithm import CalibrationConfig, build_or_open_database
+    model = tiny_model('llama_gqa', vocab_size=32000, hidden_size=32, head_dim=4, intermediate_size=80,
+                       num_attention_heads=10, num_hidden_layers=2)
+    model.save_pretrained(tmp_path / 'dense')
+    composer = shutil.which('composer', path=os.path.dirname(sys.executable))
+    out = subprocess.run([composer, '-n', '2', str(REPO / 'tests' / '_database_dist.py'), str(tmp_path / 'dense'),
+                          str(wiki_shards), str(tmp_path / 'db2')], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    one = build_or_open_database(model, str(tmp_path / 'db1'),
+                                 CalibrationConfig(shards=str(wiki_shards), num_sequences=16, seq_len=64,
+                                                   batch_size=4, mlp_multiple=8))
+    two = SparsityDatabase.open(tmp_path / 'db2', model)
+    assert one.manifest['calibration']['sequences'] == two.manifest['calibration']['sequences'] == 16
+    for unit in one.units:
+        for level in one.levels(unit):
+            assert torch.equal(one.kept(unit, level), two.kept(unit, level)), (unit, level)
+            a, b = one.weight(unit, level), two.weight(unit, level)
+            if a is not None:
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

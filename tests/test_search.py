@@ -19,7 +19,7 @@ import torch
 import transformers
 from conftest import REPO, SHARED_DATA
 
-from darwinlm_foundry.database import SparsityDatabase, build_database, dense_tensor_getter
+from darwinlm_foundry.database import build_database, dense_tensor_getter
 from darwinlm_foundry.search import (STATE_FILE, EvolutionarySearch, SearchSettings, TensorTokens,
                                      composer_rank_local)
 from darwinlm_foundry.search_space import LevelConfig, uniform
@@ -115,7 +115,7 @@ def runs(pretrained, database, tokens, tmp_path_factory):
 
 
 def test_settings_validation():
-    with pytest.raises(ValueError, match='unknown search setting'):
+    with pytest.raises(ValueError, match=r'search settings: unknown key\(s\)'):
         SearchSettings.from_dict({'target_level': 5, 'generation': 3})
     with pytest.raises(ValueError, match='exactly one of target_level'):
         SearchSettings(target_level=None)

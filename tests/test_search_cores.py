@@ -4,12 +4,10 @@ Fast and model-free: synthetic fitness tables stand in for fine-tuning + KL.
 """
 
 import hashlib
-import itertools
 import json
 import math
 import os
 import random
-import warnings
 
 import numpy as np
 import pytest
@@ -17,7 +15,7 @@ import torch
 
 from darwinlm_foundry.fitness import (DenseLogitCache, kl_divergence, next_token_labels, perplexity, token_nll,
                                       topk_kl)
-from darwinlm_foundry.search_space import (GROUPS, MAX_LEVEL, LevelBounds, LevelConfig, admits_switch,
+from darwinlm_foundry.search_space import (GROUPS, LevelBounds, LevelConfig, admits_switch,
                                            assert_same_size, make_offspring, make_rng, mutate, num_switches,
                                            rng_from_state, rng_state, spread_extra_levels, total_levels, uniform)
 from darwinlm_foundry.search_state import SearchState, SearchStateError, run_search, settings_fingerprint

@@ -11,7 +11,7 @@ replaces only the decoder layer:
 - a unit with nothing kept is absent: the layer adds nothing to the residual for it and skips its norm.
 """
 
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 from torch import nn
