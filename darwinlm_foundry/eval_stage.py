@@ -15,43 +15,49 @@ def _heldout_tokens(shards: str, n: int):
 
 def run_eval_stage(cfg, stage_dir, refs, run, outputs):
     """Held-out ppl and KL(dense || model) for every listed model; ICL accuracy through foundry's gauntlet."""
-    from composer.utils import dist
+    from darwinlm_foundry.stage_runners import run_on_rank_zero
+
+    paths = {label: refs[f'models.{label}']['model'] for label in cfg.models}
+    dense = cfg.dense or next(iter(cfg.models))
+    if dense not in paths:
+        raise ValueError(f'eval: dense: {dense!r} is not one of the models {list(paths)}')
+    out_path = os.path.join(stage_dir, 'eval.json')
+    run_on_rank_zero('evaluate', dict(paths=paths, dense=dense, shards=refs['data']['shards'],
+                                      heldout_sequences=cfg.heldout_sequences, icl=cfg.icl, stage_dir=stage_dir,
+                                      out_path=out_path))
+    return {'report': os.path.abspath(out_path)}
+
+
+def evaluate_models(paths, dense, shards, heldout_sequences, icl, stage_dir, out_path):
+    """The eval stage's work, in one process: writes ``out_path`` (JSON rows, one per model)."""
     from transformers import AutoTokenizer
 
-    from darwinlm_foundry.evaluation import available_tasks, heldout_metrics, run_icl_eval, LOCAL_TASKS
+    from darwinlm_foundry.evaluation import LOCAL_TASKS, available_tasks, heldout_metrics, run_icl_eval
     from darwinlm_foundry.stage_runners import load_hf_model
 
-    out_path = os.path.join(stage_dir, 'eval.json')
-    if dist.get_global_rank() == 0:
-        paths = {label: refs[f'models.{label}']['model'] for label in cfg.models}
-        dense = cfg.dense or next(iter(cfg.models))
-        if dense not in paths:
-            raise ValueError(f'eval: dense: {dense!r} is not one of the models {list(paths)}')
-        models = {label: load_hf_model(path).float().eval() for label, path in paths.items()}
-        tokens = _heldout_tokens(refs['data']['shards'], cfg.heldout_sequences)
-        heldout = heldout_metrics(models, dense, tokens)
-        rows = []
-        for label, model in models.items():
-            row = {'method': label, 'params': sum(p.numel() for p in model.parameters()), 'path': paths[label],
-                   'heldout_ppl': heldout[label]['ppl'], 'heldout_kl': heldout[label]['kl']}
-            if cfg.icl is not None:
-                icl = dict(cfg.icl)
-                data_dir = icl.pop('data_dir', None) or str(EMBEDDED_ICL)
-                tokenizer = AutoTokenizer.from_pretrained(paths[label])
-                result = run_icl_eval(paths[label], tokenizer, data_dir, available_tasks(data_dir, LOCAL_TASKS),
-                                      work_dir=os.path.join(stage_dir, f'icl_{label}'), **icl)
-                row['tasks'] = result.tasks
-                row['mean_accuracy'] = result.mean_accuracy  # the paper's 'avg'
-                row['gauntlet_average'] = result.gauntlet_average
-            rows.append(row)
-            print(f'[darwinlm] eval {label}: {row["params"]:,} params, held-out ppl {row["heldout_ppl"]:.2f}, '
-                  f'KL {row["heldout_kl"]:.4f}' + (f', ICL {row["tasks"]}' if 'tasks' in row else ''), flush=True)
-        tmp = f'{out_path}.tmp'
-        with open(tmp, 'w') as f:
-            json.dump({'dense': dense, 'rows': rows, 'heldout_sequences': cfg.heldout_sequences}, f, indent=1)
-        os.replace(tmp, out_path)
-    dist.barrier()
-    return {'report': os.path.abspath(out_path)}
+    models = {label: load_hf_model(path).float().eval() for label, path in paths.items()}
+    tokens = _heldout_tokens(shards, heldout_sequences)
+    heldout = heldout_metrics(models, dense, tokens)
+    rows = []
+    for label, model in models.items():
+        row = {'method': label, 'params': sum(p.numel() for p in model.parameters()), 'path': paths[label],
+               'heldout_ppl': heldout[label]['ppl'], 'heldout_kl': heldout[label]['kl']}
+        if icl is not None:
+            icl_args = dict(icl)
+            data_dir = icl_args.pop('data_dir', None) or str(EMBEDDED_ICL)
+            tokenizer = AutoTokenizer.from_pretrained(paths[label])
+            result = run_icl_eval(paths[label], tokenizer, data_dir, available_tasks(data_dir, LOCAL_TASKS),
+                                  work_dir=os.path.join(stage_dir, f'icl_{label}'), **icl_args)
+            row['tasks'] = result.tasks
+            row['mean_accuracy'] = result.mean_accuracy  # the paper's 'avg'
+            row['gauntlet_average'] = result.gauntlet_average
+        rows.append(row)
+        print(f'[darwinlm] eval {label}: {row["params"]:,} params, held-out ppl {row["heldout_ppl"]:.2f}, '
+              f'KL {row["heldout_kl"]:.4f}' + (f', ICL {row["tasks"]}' if 'tasks' in row else ''), flush=True)
+    tmp = f'{out_path}.tmp'
+    with open(tmp, 'w') as f:
+        json.dump({'dense': dense, 'rows': rows, 'heldout_sequences': heldout_sequences}, f, indent=1)
+    os.replace(tmp, out_path)
 
 
 def run_export_stage(cfg, stage_dir, refs, run, outputs):

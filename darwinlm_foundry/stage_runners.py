@@ -1,9 +1,12 @@
 """What each stage kind does. Every runner returns its outputs (paths) for later stages to name."""
 
 import copy
+import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 from typing import Any, Dict, Optional
 
 from darwinlm_foundry.config_schema import from_mapping
@@ -68,14 +71,36 @@ def run_data(cfg, stage_dir, refs, run, outputs) -> Dict[str, Any]:
 
 
 def run_pretrain(cfg, stage_dir, refs, run, outputs):
-    from darwinlm_foundry.pretrain import pretrain_tiny
     out = os.path.join(stage_dir, 'model')
-    if _rank() == 0:
-        result = pretrain_tiny(out, shards_dir=refs['data']['shards'], **cfg.settings)
-        print(f'[darwinlm] dense tiny model: held-out perplexity {result.ppl_before:.1f} -> {result.ppl_after:.1f} '
-              f'({result.params} parameters)')
-    _barrier()
+    run_on_rank_zero('pretrain', dict(out_dir=out, shards_dir=refs['data']['shards'], **cfg.settings))
     return {'model': os.path.abspath(out)}
+
+
+_DIST_ENV = ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE', 'NODE_RANK', 'MASTER_ADDR', 'MASTER_PORT')
+
+
+def run_on_rank_zero(job: str, kwargs: dict):
+    """Run a one-process job (``JOBS[job](**kwargs)``) on rank 0 while the other ranks wait.
+
+    Under several ranks it runs in a fresh process without the launcher's environment: streaming's and
+    Composer's own collectives would otherwise wait for ranks that are not taking part.
+    """
+    from composer.utils import dist
+    if dist.get_world_size() == 1:
+        JOBS[job](**kwargs)
+        return
+    if _rank() == 0:
+        env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
+        subprocess.run([sys.executable, '-m', 'darwinlm_foundry.stage_runners', job, json.dumps(kwargs)],
+                       env=env, check=True)
+    _barrier()
+
+
+def _pretrain(**kwargs):
+    from darwinlm_foundry.pretrain import pretrain_tiny
+    result = pretrain_tiny(**kwargs)
+    print(f'[darwinlm] dense tiny model: held-out perplexity {result.ppl_before:.1f} -> {result.ppl_after:.1f} '
+          f'({result.params} parameters)', flush=True)
 
 
 def run_model(cfg, stage_dir, refs, run, outputs):
@@ -193,3 +218,14 @@ def run_export(cfg, stage_dir, refs, run, outputs):
 
 RUNNERS = {'data': run_data, 'pretrain': run_pretrain, 'model': run_model, 'database': run_database,
            'search': run_search, 'train': run_train, 'eval': run_eval, 'export': run_export}
+
+
+def _evaluate(**kwargs):
+    from darwinlm_foundry.eval_stage import evaluate_models
+    evaluate_models(**kwargs)
+
+
+JOBS = {'pretrain': _pretrain, 'evaluate': _evaluate}
+
+if __name__ == '__main__':
+    JOBS[sys.argv[1]](**json.loads(sys.argv[2]))
