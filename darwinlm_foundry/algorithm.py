@@ -49,15 +49,11 @@ def calibration_batches(cfg: CalibrationConfig, rank: int = 0, world_size: int =
 
 def build_or_open_database(hf_model, db_dir: str, calibration: Optional[CalibrationConfig], model_name=None):
     """Open the database of ``hf_model`` in ``db_dir``, building (or resuming) it first when incomplete."""
-    import os
-
-    from darwinlm_foundry.database import SparsityDatabase, build_database, torch_distributed_hooks
+    from darwinlm_foundry.database import SparsityDatabase, build_database, is_complete, torch_distributed_hooks
     from darwinlm_foundry.levels import LevelSpec
 
-    if os.path.exists(os.path.join(db_dir, 'manifest.json')):
-        manifest_complete = _manifest_complete(db_dir)
-        if manifest_complete:
-            return SparsityDatabase.open(db_dir, hf_model)
+    if is_complete(db_dir):
+        return SparsityDatabase.open(db_dir, hf_model)
     if calibration is None:
         raise ValueError(f'no complete sparsity database in {db_dir}: give a `calibration` section (shards, split, '
                          'num_sequences, seq_len) so it can be built, or point `database` at a built one.')
@@ -70,16 +66,6 @@ def build_or_open_database(hf_model, db_dir: str, calibration: Optional[Calibrat
                    calibration_source=f'{calibration.shards}/{calibration.split}', model_name=model_name, **hooks)
     dist.barrier()
     return SparsityDatabase.open(db_dir, hf_model, verify='size')
-
-
-def _manifest_complete(db_dir):
-    import json
-    import os
-    with open(os.path.join(db_dir, 'manifest.json')) as f:
-        try:
-            return bool(json.load(f).get('complete'))
-        except json.JSONDecodeError:
-            return False
 
 
 def load_levels(levels: Union[int, str, dict], num_layers: int):

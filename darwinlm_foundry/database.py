@@ -41,7 +41,7 @@ from darwinlm_foundry.units import Unit, prunable_units
 
 __all__ = ['FORMAT_VERSION', 'DatabaseError', 'BuildInterrupted', 'SparsityDatabase', 'build_database',
            'TensorGetter', 'dense_tensor_getter', 'model_fingerprint', 'torch_distributed_hooks',
-           'unit_name']
+           'unit_name', 'is_complete']
 
 FORMAT_VERSION = 1
 MANIFEST = 'manifest.json'
@@ -215,6 +215,12 @@ def _read_manifest(db_dir: str) -> Optional[dict]:
     except json.JSONDecodeError as err:
         raise DatabaseError(f'{path} is not valid JSON ({err}); the database is damaged: delete {db_dir} and '
                             f'rebuild it with build_database') from err
+
+
+def is_complete(db_dir) -> bool:
+    """Whether ``db_dir`` holds a finished build (its manifest says so); raises on a damaged manifest."""
+    manifest = _read_manifest(os.fspath(db_dir))
+    return bool(manifest and manifest.get('complete'))
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

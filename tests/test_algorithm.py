@@ -110,6 +110,7 @@ def test_database_under_composer_launcher_matches_one_process(tmp_path, wiki_sha
     import sys
 
     from conftest import REPO
+    from test_database import assert_same_database
 
     from darwinlm_foundry.algorithm import CalibrationConfig, build_or_open_database
     model = tiny_model('llama_gqa', vocab_size=32000, hidden_size=32, head_dim=4, intermediate_size=80,
@@ -124,9 +125,4 @@ def test_database_under_composer_launcher_matches_one_process(tmp_path, wiki_sha
                                                    batch_size=4, mlp_multiple=8))
     two = SparsityDatabase.open(tmp_path / 'db2', model)
     assert one.manifest['calibration']['sequences'] == two.manifest['calibration']['sequences'] == 16
-    for unit in one.units:
-        for level in one.levels(unit):
-            assert torch.equal(one.kept(unit, level), two.kept(unit, level)), (unit, level)
-            a, b = one.weight(unit, level), two.weight(unit, level)
-            if a is not None:
-                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert_same_database(two, one)

@@ -33,9 +33,8 @@ def _tiny_pruned():
 
 
 @pytest.fixture(scope='module')
-def tokenizer():
-    from darwinlm_foundry.data import embedded_tokenizer
-    return embedded_tokenizer()
+def tokenizer(llama2_tokenizer):
+    return llama2_tokenizer
 
 
 @pytest.fixture(scope='module')

@@ -2,8 +2,7 @@
 
 import pytest
 import torch
-import transformers
-from conftest import SHARED_DATA, tiny_model
+from conftest import tiny_model
 from test_model_format import load_in_clean_process
 
 from darwinlm_foundry.shrinking import shrink_model
@@ -11,11 +10,8 @@ from darwinlm_foundry.units import Unit
 
 
 @pytest.fixture(scope='module')
-def tokenizer():
-    tok = transformers.LlamaTokenizerFast(vocab_file=str(SHARED_DATA / 'llama2_tokenizer' / 'tokenizer.model'),
-                                          legacy=True)
-    tok.pad_token = tok.unk_token
-    return tok
+def tokenizer(llama2_tokenizer):
+    return llama2_tokenizer
 
 
 def test_registry_lists_our_entries():
