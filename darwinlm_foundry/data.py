@@ -48,6 +48,7 @@ __all__ = [
     'embedded_tokenizer_dir',
     'read_manifest',
     'sample_sequences',
+    'stop_streaming',
     'split_of',
     'text_dataloader_cfg',
 ]
@@ -675,6 +676,19 @@ def build_text_loader(cfg: Mapping[str, Any], tokenizer, device_batch_size: int)
     from llmfoundry.data.dataloader import build_dataloader
 
     return build_dataloader(cfg, tokenizer, device_batch_size)
+
+
+def stop_streaming(loader) -> None:
+    """Stop the download / ready threads of the streaming dataset behind ``loader`` (a ``DataSpec``, a torch
+    ``DataLoader`` or the dataset itself).
+
+    A ``Trainer.fit`` that ends mid-epoch (``max_duration`` in batches) leaves them polling until the process
+    exits; in a process that runs many short fits (post-training, benchmarks) they pile up and eat the CPU.
+    """
+    dataset = getattr(getattr(loader, 'dataloader', loader), 'dataset', loader)
+    iterator = getattr(dataset, '_iterator', None)
+    if iterator is not None:
+        iterator.exit()
 
 
 # ----------------------------------------------------------------------------- sampling

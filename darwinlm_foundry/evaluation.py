@@ -253,8 +253,9 @@ def run_icl_eval(model, tokenizer, data_dir, tasks: Sequence[IclTask] = PAPER_TA
                  device: Optional[str] = None, precision: Optional[str] = None, work_dir=None) -> IclEvalResult:
     """Evaluate a Composer model (or a checkpoint directory, loaded as the ``darwinlm`` foundry model) with
     foundry's ICL evaluators and gauntlet through Composer's ``Trainer.eval``; see :func:`build_icl_eval`."""
-    from composer import Trainer
     from composer.utils import dist
+
+    from darwinlm_foundry.composer_utils import transient_trainer
 
     if isinstance(model, (str, os.PathLike)):
         model = load_darwinlm_composer_model(model, tokenizer)
@@ -266,16 +267,15 @@ def run_icl_eval(model, tokenizer, data_dir, tasks: Sequence[IclTask] = PAPER_TA
             max_seq_len=max_seq_len, work_dir=work_dir)
         if not dist.is_initialized():
             dist.initialize_dist('gpu' if torch.cuda.is_available() and device != 'cpu' else 'cpu')
-        trainer = Trainer(model=model, device=device, precision=precision, callbacks=[gauntlet],
-                          progress_bar=False, log_to_console=False, loggers=[])
-        trainer.eval(eval_dataloader=evaluators)
-        accuracies = {}
-        for ev in evaluators:
-            metrics = trainer.state.eval_metrics[ev.label]
-            name = next(n for n in ev.metric_names if 'Accuracy' in n)
-            accuracies[ev.label] = float(metrics[name].compute())
-        scores = gauntlet.eval_after_all(trainer.state, None)
-        trainer.close()
+        with transient_trainer(model=model, device=device, precision=precision, callbacks=[gauntlet],
+                               progress_bar=False, log_to_console=False, loggers=[]) as trainer:
+            trainer.eval(eval_dataloader=evaluators)
+            accuracies = {}
+            for ev in evaluators:
+                metrics = trainer.state.eval_metrics[ev.label]
+                name = next(n for n in ev.metric_names if 'Accuracy' in n)
+                accuracies[ev.label] = float(metrics[name].compute())
+            scores = gauntlet.eval_after_all(trainer.state, None)
     finally:
         if own_dir:
             shutil.rmtree(work_dir, ignore_errors=True)

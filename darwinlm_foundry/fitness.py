@@ -220,16 +220,41 @@ class DenseTargets:
     topk_indices: Optional[torch.Tensor] = None
     logsumexp: Optional[torch.Tensor] = None
 
+    _FIELDS = ('logits', 'topk_values', 'topk_indices', 'logsumexp')
+
+    def __post_init__(self):
+        self._prepared: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+
     @property
     def is_topk(self) -> bool:
         return self.logits is None
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in vars(self).items() if v is not None}
+        return {k: getattr(self, k) for k in self._FIELDS if getattr(self, k) is not None}
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    def prepare(self) -> 'DenseTargets':
+        """Compute (once) and keep the dense side of the KL for the full form: ``p`` (fp32) and, per token,
+        ``sum p log p`` (fp64). Every later :meth:`kl` is then a row-wise dot product and a logsumexp over the
+        student's logits instead of two normalisations (the search scores many candidates against the same
+        targets). Doubles the memory; a no-op for the top-k form."""
+        if not self.is_topk and self._prepared is None:
+            log_p = self.logits.float().log_softmax(-1)
+            p = log_p.exp()
+            # p == 0 (a -inf dense logit) contributes 0, not 0 * inf = nan
+            neg_entropy = torch.where(p > 0, p * log_p, torch.zeros_like(p)).sum(-1, dtype=torch.float64)
+            self._prepared = (p, neg_entropy)
+        return self
+
+    def rows(self, start: int, stop: int) -> 'DenseTargets':
+        """Rows ``start:stop`` (first dimension = sequences), prepared tensors included."""
+        part = DenseTargets(**{k: v[start:stop] for k, v in self.tensors().items()})
+        if self._prepared is not None:
+            part._prepared = tuple(t[start:stop] for t in self._prepared)
+        return part
 
     def kl(self, student_logits: torch.Tensor, mask: Optional[torch.Tensor] = None,
            reduction: str = 'mean') -> torch.Tensor:
@@ -237,7 +262,37 @@ class DenseTargets:
         if self.is_topk:
             return topk_kl(self.topk_values, self.topk_indices, student_logits, self.logsumexp,
                            mask=mask, reduction=reduction)
+        if self._prepared is not None:
+            return _kl_prepared(*self._prepared, student_logits, mask=mask, reduction=reduction)
         return kl_divergence(self.logits, student_logits, mask=mask, reduction=reduction)
+
+
+def _kl_prepared(p: torch.Tensor, neg_entropy: torch.Tensor, student_logits: torch.Tensor,
+                 mask: Optional[torch.Tensor] = None, reduction: str = 'mean',
+                 chunk_size: int = _DEFAULT_CHUNK) -> torch.Tensor:
+    """:func:`kl_divergence` from the dense side prepared by :meth:`DenseTargets.prepare`: per token
+    ``sum p log p - sum p s + logsumexp(s)`` with ``s`` the student logits (``sum p = 1``), so the student is
+    never normalised over the vocabulary (3-4x faster on a CPU)."""
+    _check_reduction(reduction)
+    if p.shape != student_logits.shape:
+        raise ValueError(f'dense targets {tuple(p.shape)} and student logits {tuple(student_logits.shape)} '
+                         'must have the same shape')
+    vocab = student_logits.shape[-1]
+    token_shape = student_logits.shape[:-1]
+    student = student_logits.reshape(-1, vocab)
+    n = student.shape[0]
+    device = student.device
+    p, neg_entropy = p.reshape(-1, vocab), neg_entropy.reshape(-1)
+    fmask = _flat_mask(mask, token_shape, n, device)
+    pieces = []
+    for i in range(0, n, chunk_size):
+        s = student[i:i + chunk_size].float()
+        cross = torch.einsum('nv,nv->n', p[i:i + chunk_size].to(device), s)
+        pieces.append(neg_entropy[i:i + chunk_size].to(device) - cross.double() + s.logsumexp(-1).double())
+    per_token = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.float64, device=device)
+    if fmask is not None:
+        per_token = torch.where(fmask, per_token, torch.zeros_like(per_token))
+    return _reduce(per_token, fmask, token_shape, reduction)
 
 
 def _key_json(key: Hashable) -> str:

@@ -24,7 +24,8 @@ from typing import Any
 from darwinlm_foundry.log_utils import quiet
 from darwinlm_foundry.data import check_shards, read_manifest, sample_sequences, text_dataloader_cfg
 
-__all__ = ['PRETRAIN_RECORD', 'PretrainResult', 'TinyLlamaSettings', 'heldout_perplexity', 'pretrain_tiny']
+__all__ = ['PRETRAIN_RECORD', 'PretrainResult', 'TinyLlamaSettings', 'fit_causal_lm', 'heldout_perplexity',
+           'pretrain_tiny']
 
 PRETRAIN_RECORD = 'darwinlm_pretrain.json'  # written last into out_dir: marks a complete, reusable model
 _MODEL_FILES = ('config.json', 'model.safetensors', 'tokenizer_config.json')
@@ -102,6 +103,47 @@ def heldout_perplexity(model, tokens, batch_size: int = 8) -> float:
             count += n
     model.train(was_training)
     return math.exp(total / count)
+
+
+def fit_causal_lm(model, shards_dir: str | os.PathLike, *, tokenizer, steps: int, batch_size: int, seq_len: int,
+                  lr: float, warmup: int = 0, seed: int = 0, split: str = 'train', device: str = 'cpu',
+                  alpha_f: float = 0.1, callbacks=()) -> None:
+    """Train a Hugging Face causal LM in place: ``steps`` batches of ``batch_size`` x ``seq_len`` tokens.
+
+    A Composer ``Trainer`` over llm-foundry's text loader on ``shards_dir/split`` (shuffled with ``seed``),
+    decoupled AdamW (betas 0.9 / 0.95, no weight decay), cosine decay to ``alpha_f * lr`` after ``warmup``
+    linear warm-up batches, fp32, no checkpoints. Used for the tiny dense pretraining and for short
+    post-training of pruned models (a ``DarwinLMForCausalLM`` trains the same way: only kept weights exist).
+    """
+    with _quiet():
+        from composer.models import HuggingFaceModel
+        from composer.optim import CosineAnnealingWithWarmupScheduler, DecoupledAdamW
+
+        from darwinlm_foundry.composer_utils import transient_trainer
+        from darwinlm_foundry.data import build_text_loader, stop_streaming
+
+        loader = build_text_loader(text_dataloader_cfg(shards_dir, split, seq_len, shuffle=True, shuffle_seed=seed),
+                                   tokenizer, batch_size)
+        trainer = transient_trainer(
+            model=HuggingFaceModel(model, tokenizer=tokenizer, use_logits=True, metrics=[]),
+            train_dataloader=loader,
+            max_duration=f'{steps}ba',
+            optimizers=DecoupledAdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0),
+            schedulers=CosineAnnealingWithWarmupScheduler(t_warmup=f'{warmup}ba', alpha_f=alpha_f),
+            device='gpu' if str(device).startswith('cuda') else device,
+            precision='fp32',
+            seed=seed,
+            callbacks=list(callbacks),
+            loggers=[],
+            progress_bar=False,
+            log_to_console=False,
+            train_subset_num_batches=-1,
+        )
+        try:
+            with trainer as t:
+                t.fit()
+        finally:
+            stop_streaming(loader)
 
 
 def _shards_fingerprint(shards_dir: str) -> str:
@@ -186,13 +228,8 @@ def pretrain_tiny(out_dir: str | os.PathLike, *, shards_dir: str | os.PathLike, 
 
     t0 = time.time()
     with _quiet():
-        from composer import Trainer
         from composer.core import Callback as CoreCallback
-        from composer.models import HuggingFaceModel
-        from composer.optim import CosineAnnealingWithWarmupScheduler, DecoupledAdamW
         from composer.utils import reproducibility
-
-        from darwinlm_foundry.data import build_text_loader
 
         reproducibility.seed_all(seed)
         config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=settings.intermediate_size,
@@ -219,25 +256,8 @@ def pretrain_tiny(out_dir: str | os.PathLike, *, shards_dir: str | os.PathLike, 
                         print(f'[pretrain_tiny] step {step}/{steps} loss {train_loss[-1]:.3f} '
                               f'held-out ppl {curve[-1][1]:.1f}', flush=True)
 
-        loader = build_text_loader(text_dataloader_cfg(shards_dir, 'train', seq_len, shuffle=True,
-                                                       shuffle_seed=seed), tok, batch_size)
-        trainer = Trainer(
-            model=HuggingFaceModel(model, tokenizer=tok, use_logits=True),
-            train_dataloader=loader,
-            max_duration=f'{steps}ba',
-            optimizers=DecoupledAdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0),
-            schedulers=CosineAnnealingWithWarmupScheduler(t_warmup=f'{warmup}ba', alpha_f=0.1),
-            device='gpu' if str(device).startswith('cuda') else device,
-            precision='fp32',
-            seed=seed,
-            callbacks=[_Curve()],
-            loggers=[],
-            progress_bar=False,
-            log_to_console=False,
-            train_subset_num_batches=-1,
-        )
-        trainer.fit()
-        trainer.close()
+        fit_causal_lm(model, shards_dir, tokenizer=tok, steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr,
+                      warmup=warmup, seed=seed, device=device, callbacks=[_Curve()])
         model = model.cpu()
 
     result = PretrainResult(path=str(out_dir), cached=False, ppl_before=ppl_before, ppl_after=curve[-1][1],

@@ -682,9 +682,10 @@ class EvolutionarySearch:
         """
         s = self.settings
         with _quiet_composer():
-            from composer import Trainer
             from composer.models import HuggingFaceModel
             from composer.optim import DecoupledAdamW
+
+            from darwinlm_foundry.composer_utils import transient_trainer
 
             per_rank_batch = s.train_batch_size if self.mode != 'fsdp' else max(1, s.train_batch_size // self.world_size)
             self._loader.batch_size = per_rank_batch
@@ -702,14 +703,13 @@ class EvolutionarySearch:
                     kwargs['parallelism_config'] = {'fsdp': {'sharding_strategy': 'FULL_SHARD',
                                                              'mixed_precision': 'DEFAULT',
                                                              'use_orig_params': True}}
-                trainer = Trainer(model=cmodel, train_dataloader=self._loader, max_duration=f'{steps}ba',
-                                  optimizers=optimizer, device=self._composer_device(), precision=self.precision,
-                                  device_train_microbatch_size=min(s.micro_batch_size, per_rank_batch), seed=seed,
-                                  progress_bar=False, log_to_console=False, loggers=[], callbacks=[],
-                                  save_folder=None, train_subset_num_batches=-1, **kwargs)
-                t1 = time.perf_counter()
-                trainer.fit()
-                trainer.close()
+                with transient_trainer(model=cmodel, train_dataloader=self._loader, max_duration=f'{steps}ba',
+                                       optimizers=optimizer, device=self._composer_device(), precision=self.precision,
+                                       device_train_microbatch_size=min(s.micro_batch_size, per_rank_batch),
+                                       seed=seed, progress_bar=False, log_to_console=False, loggers=[], callbacks=[],
+                                       save_folder=None, train_subset_num_batches=-1, **kwargs) as trainer:
+                    t1 = time.perf_counter()
+                    trainer.fit()
             self.stats['trainer_init_seconds'] += t1 - t0
             self.stats['fit_seconds'] += time.perf_counter() - t0
             self.stats['fits'] += 1
@@ -723,7 +723,7 @@ class EvolutionarySearch:
         train_tokens = self.train_sample(generation, step)
         targets = None
         if s.fitness != 'ppl':
-            targets = self.dense_targets(self._fitness_key(generation, step), self._rows(fit_tokens))
+            targets = _prepared(self.dense_targets(self._fitness_key(generation, step), self._rows(fit_tokens)))
             self._release_dense()
         fit_seed = derive_seed(s.seed, 'fit', generation, step)
         n = len(candidates)
@@ -883,7 +883,17 @@ def _digest(tokens: torch.Tensor) -> str:
     return hashlib.sha256(tokens.contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
+_PREPARE_LIMIT_BYTES = 4 << 30
+
+
+def _prepared(targets):
+    """The targets with fp32 log p / p precomputed (every candidate of a step is scored against them) when
+    that fits in :data:`_PREPARE_LIMIT_BYTES`; as they are otherwise (e.g. memory-mapped, huge vocabularies)."""
+    if not targets.is_topk and 8 * targets.logits.numel() <= _PREPARE_LIMIT_BYTES:
+        return targets.prepare()
+    return targets
+
+
 def _slice_targets(targets, start: int, stop: int):
     """Rows ``start:stop`` of a :class:`DenseTargets` (first dimension = sequences)."""
-    from darwinlm_foundry.fitness import DenseTargets
-    return DenseTargets(**{k: v[start:stop] for k, v in targets.tensors().items()})
+    return targets.rows(start, stop)

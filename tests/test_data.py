@@ -306,6 +306,13 @@ def test_pretrain_tiny_smoke_and_cache(tmp_path, tok):
               lr=1e-2, warmup=2, eval_every=6, eval_seqs=8)
     r = pretrain_tiny(tmp_path / 'model', **kw)
     assert not r.cached and r.ppl_after < 0.8 * r.ppl_before
+    # the fit stopped mid-epoch; streaming's download / ready threads must not keep polling afterwards
+    import sys
+    import time
+    time.sleep(0.5)
+    busy = [f.f_code.co_name for f in sys._current_frames().values()
+            if f.f_code.co_name in ('_prepare_thread', '_ready_thread')]
+    assert not busy, busy
     assert [s for s, _ in r.curve] == [0, 6, 12] and len(r.train_loss) == 12
     assert np.mean(r.train_loss[-3:]) < np.mean(r.train_loss[:3])
     from transformers import AutoTokenizer, LlamaForCausalLM

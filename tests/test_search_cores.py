@@ -326,6 +326,26 @@ def test_kl_matches_direct_formula():
         kl_divergence(dense, student, mask=torch.zeros(2, 7, dtype=torch.bool))
 
 
+def test_prepared_dense_targets_give_the_same_kl():
+    from darwinlm_foundry.fitness import DenseTargets
+    g = torch.Generator().manual_seed(3)
+    dense = torch.randn(3, 5, 23, generator=g) * 3
+    dense[0, 1, 4] = float('-inf')  # a token the dense model never predicts: p = 0 must contribute 0
+    student = torch.randn(3, 5, 23, generator=g) * 3
+    mask = torch.rand(3, 5, generator=g) > 0.3
+    d, q = dense.double().softmax(-1), student.double().log_softmax(-1)
+    ref = torch.where(d > 0, d * (d.log() - q), torch.zeros_like(d)).sum(-1)
+    targets = DenseTargets(logits=dense).prepare()
+    for reduction, expected in (('none', ref.float()), ('sum', ref.sum().float()), ('mean', ref.mean().float())):
+        torch.testing.assert_close(targets.kl(student, reduction=reduction), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(targets.kl(student, mask=mask), ref[mask].mean().float(), rtol=1e-5, atol=1e-6)
+    # row slices keep the prepared form and agree with slicing the reference
+    part = targets.rows(1, 3)
+    assert part._prepared is not None
+    torch.testing.assert_close(part.kl(student[1:3], reduction='sum'), ref[1:3].sum().float(), rtol=1e-5, atol=1e-5)
+    assert set(targets.tensors()) == {'logits'}  # the prepared tensors are never written to the cache
+
+
 def bucket_kl(dense, student, k):
     """Independent reference: KL between the (top-k + one 'rest' bucket) coarsenings, float64."""
     d, s = dense.double().log_softmax(-1), student.double().log_softmax(-1)
