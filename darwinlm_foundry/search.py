@@ -656,7 +656,7 @@ class EvolutionarySearch:
                     total += float(token_nll(logits, labels, reduction='sum'))
                     count += int((labels != -100).sum())
                 else:
-                    part = _slice_targets(targets, i, i + mb)
+                    part = targets.rows(i, i + mb)
                     total += float(part.kl(logits, reduction='sum'))
                     count += ids.numel()
         model.train(was_training)
@@ -771,7 +771,7 @@ class EvolutionarySearch:
                     total += float(token_nll(logits, labels, reduction='sum'))
                     count += int((labels != -100).sum())
                 else:
-                    total += float(_slice_targets(targets, i, i + mb).kl(logits, reduction='sum'))
+                    total += float(targets.rows(i, i + mb).kl(logits, reduction='sum'))
                     count += ids.numel()
         return total, count
 
@@ -894,6 +894,3 @@ def _prepared(targets):
     return targets
 
 
-def _slice_targets(targets, start: int, stop: int):
-    """Rows ``start:stop`` of a :class:`DenseTargets` (first dimension = sequences)."""
-    return targets.rows(start, stop)
