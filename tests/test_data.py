@@ -295,6 +295,7 @@ def test_foundry_text_loader_reads_the_split(tmp_path, tok, subset):
     stored = {tuple(s.tolist()) for s in read_split(root, 'train')}
     assert all(tuple(r.tolist()) in stored for r in batch['input_ids'])
     assert (batch['labels'] == batch['input_ids']).all()  # pad is <unk>, so EOS keeps its label
+    data.stop_streaming(spec)
 
 
 def test_pretrain_tiny_smoke_and_cache(tmp_path, tok):
@@ -304,15 +305,19 @@ def test_pretrain_tiny_smoke_and_cache(tmp_path, tok):
     data.convert_to_mds(SAMPLE / 'sample_wiki1.jsonl', root, tok, seq_len=32, splits={'train': None, 'heldout': 3})
     kw = dict(shards_dir=root, hidden=32, layers=2, heads=2, kv_heads=1, steps=12, seq_len=32, batch_size=4,
               lr=1e-2, warmup=2, eval_every=6, eval_seqs=8)
-    r = pretrain_tiny(tmp_path / 'model', **kw)
-    assert not r.cached and r.ppl_after < 0.8 * r.ppl_before
-    # the fit stopped mid-epoch; streaming's download / ready threads must not keep polling afterwards
     import sys
     import time
+
+    def streaming_threads():  # thread ids of streaming's pollers alive now (earlier tests may own some)
+        return {t for t, f in sys._current_frames().items()
+                if f.f_code.co_name in ('_prepare_thread', '_ready_thread')}
+
+    before = streaming_threads()
+    r = pretrain_tiny(tmp_path / 'model', **kw)
+    assert not r.cached and r.ppl_after < 0.8 * r.ppl_before
+    # the fit stopped mid-epoch; its streaming download / ready threads must not keep polling afterwards
     time.sleep(0.5)
-    busy = [f.f_code.co_name for f in sys._current_frames().values()
-            if f.f_code.co_name in ('_prepare_thread', '_ready_thread')]
-    assert not busy, busy
+    assert not streaming_threads() - before
     assert [s for s, _ in r.curve] == [0, 6, 12] and len(r.train_loss) == 12
     assert np.mean(r.train_loss[-3:]) < np.mean(r.train_loss[:3])
     from transformers import AutoTokenizer, LlamaForCausalLM
