@@ -131,22 +131,27 @@ SHAPES = {'default': {'mha': ModelShape(), 'gqa': ModelShape(kv_heads=2)},
 
 # ----------------------------------------------------------------------------------------------- ledger
 class Ledger:
-    """Finished steps of this run (``ledger.json``, rewritten atomically after each): re-runs skip them."""
+    """Finished steps of this run (``ledger.json``, rewritten atomically after each): re-runs skip them.
 
-    def __init__(self, path: Path, budget: Budget):
+    Valid for one budget and one conversion of the data (the shards' manifest fingerprint): other text or
+    other settings start the steps over.
+    """
+
+    def __init__(self, path: Path, budget: Budget, data_fingerprint: str):
         self.path = path
+        self.key = {'budget': budget.fingerprint(), 'data': data_fingerprint}
         self.data: dict[str, Any] = {}
         if path.is_file():
             data = json.loads(path.read_text())
-            if data.get('budget') == budget.fingerprint():
+            if {k: data.get(k) for k in self.key} == self.key:
                 self.data = data['steps']
             else:
                 # databases and search states refuse other settings: drop them (the dense models are cached
-                # by their own fingerprint and stay)
-                print(f'[reproduce] {path} was written with another budget; starting over', flush=True)
+                # by their own fingerprint, which covers the data, and stay when it matches)
+                print(f'[reproduce] {path} was written with another budget or other data; starting over',
+                      flush=True)
                 for sub in ('work', 'models'):
                     shutil.rmtree(path.parent / sub, ignore_errors=True)
-        self.budget = budget
 
     def step(self, key: str, fn: Callable[[], Any]) -> Any:
         if key in self.data:
@@ -155,7 +160,7 @@ class Ledger:
         value = fn()
         self.data[key] = value
         tmp = self.path.with_suffix('.tmp')
-        tmp.write_text(json.dumps({'budget': self.budget.fingerprint(), 'steps': self.data}, indent=1))
+        tmp.write_text(json.dumps({**self.key, 'steps': self.data}, indent=1))
         os.replace(tmp, self.path)
         print(f'[reproduce] {key}: done in {time.time() - t0:.0f} s', flush=True)
         return value
@@ -163,40 +168,6 @@ class Ledger:
 
 def log(msg: str) -> None:
     print(f'[reproduce {time.strftime("%H:%M:%S")}] {msg}', flush=True)
-
-
-# ----------------------------------------------------------------------------------------------- scoring
-class HeldoutScorer:
-    """Held-out perplexity and KL(dense || model) with the dense log-probabilities computed once.
-
-    Same definitions as :func:`darwinlm_foundry.evaluation.heldout_metrics` (every position but the last
-    predicts the next token); the dense side is cached in memory so that each model costs one pass.
-    """
-
-    def __init__(self, dense, tokens: torch.Tensor, batch_size: int = 8):
-        self.tokens, self.batch_size = tokens, batch_size
-        # per batch: dense probabilities and sum_t p log p, so that KL = sum p log p - sum p log q is one
-        # multiply-add per model (fp32: KL needs it; ~2.8 GB for the whole held-out split)
-        self.dense_probs, self.neg_entropy = [], 0.0
-        with torch.no_grad():
-            for start in range(0, len(tokens), batch_size):
-                logp = torch.log_softmax(dense(tokens[start:start + batch_size]).logits.float()[:, :-1], -1)
-                probs = logp.exp()
-                self.neg_entropy += float((probs * logp).sum(dtype=torch.float64))
-                self.dense_probs.append(probs)
-
-    @torch.no_grad()
-    def __call__(self, model) -> dict:
-        model.eval()
-        nll, cross, count = 0.0, 0.0, 0
-        for i, start in enumerate(range(0, len(self.tokens), self.batch_size)):
-            batch = self.tokens[start:start + self.batch_size]
-            logq = torch.log_softmax(model(batch).logits.float()[:, :-1], -1)
-            nll -= float(logq.gather(-1, batch[:, 1:, None]).sum())
-            cross += float((self.dense_probs[i] * logq).sum(dtype=torch.float64))
-            count += batch[:, 1:].numel()
-        return {'ppl': math.exp(nll / count), 'kl': (self.neg_entropy - cross) / count,
-                'params': sum(p.numel() for p in model.parameters())}
 
 
 # ----------------------------------------------------------------------------------------------- the run
@@ -286,7 +257,7 @@ def posttrain(ctx: Context, model_dir: str, out_dir: Path, seed: int, steps: int
                    f'{note}; post-trained {steps} x {b.posttrain_batch} x {SEQ_LEN} tokens at lr {b.posttrain_lr}')
 
 
-def run_seed(ctx: Context, variant: str, seed: int, dense_dir: str, score: HeldoutScorer) -> dict:
+def run_seed(ctx: Context, variant: str, seed: int, dense_dir: str, score: Callable[..., dict]) -> dict:
     """Every method at levels 5 and 6 for one seed: model directories and their held-out scores."""
     from darwinlm_foundry.baselines import (allocate_min_error, block_influence, layer_drop_config,
                                             magnitude_kept, unit_errors)
@@ -419,8 +390,10 @@ def icl(ctx: Context, variant: str, dense_dir: str, seed_results: dict) -> dict:
 
     def evaluate(path, task_list):
         with quiet('composer', 'llmfoundry', 'streaming', 'transformers'):
+            # 2 x the pretraining length: the models never saw later positions, and piqa's longest answers
+            # (140 tokens) must still fit
             r = run_icl_eval(path, ctx.tokenizer, EMBEDDED_ICL, task_list, limit=limit, device_eval_batch_size=8,
-                             max_seq_len=512, device='cpu')
+                             max_seq_len=2 * SEQ_LEN, device='cpu')
         return r.tasks
 
     dense = ctx.ledger.step(f'{variant}/icl/dense', lambda: evaluate(dense_dir, tasks))
@@ -506,7 +479,8 @@ def render_markdown(doc: dict) -> str:
     lines = [f'# DarwinLM micro-reproduction ({doc["mode"]} mode)', '',
              f'Command: `{doc["command"]}`; seeds {doc["budget"]["seeds"]}; mean ± sample std over seeds; '
              f'held-out: {doc["heldout_tokens"]:,} tokens never used for calibration, search or training. '
-             f'Wall time {doc["seconds"] / 60:.1f} min.', '']
+             f'Wall time of this invocation {doc["seconds"] / 60:.1f} min (steps finished earlier are read from '
+             'the ledger and not counted).', '']
     for variant, v in doc['variants'].items():
         p = v['pretrain']
         lines += [f'## {variant}: {p["params"]:,} parameters, pretrained on {p["tokens"]:,} tokens '
@@ -535,6 +509,9 @@ def render_markdown(doc: dict) -> str:
                 lines += ['', 'The dense model is not above chance (2 sigma) on any task, so the pruned models '
                           'were not scored on them: ICL cannot separate the methods at this scale.']
         lines.append('')
+    if len(doc['variants']) > 1:
+        lines.append(f'Last line: the first variant ({next(iter(doc["variants"]))}); the others are in their '
+                     'ratio tables above.')
     lines.append(doc['last_line'])
     return '\n'.join(lines) + '\n'
 
@@ -543,6 +520,7 @@ def plot(doc: dict, out: Path) -> list[str]:
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for variant, v in doc['variants'].items():
@@ -573,6 +551,7 @@ def plot(doc: dict, out: Path) -> list[str]:
                         label=f'{name} ({s["offspring"]} offspring{", TAS" if s["tas"] else ""})')
         ax.set(xlabel='generation', ylabel='fitness of the parent (KL to dense, search sample)',
                title=f'{variant}: search hyper-parameters (seed {doc["budget"]["seeds"][0]}, level 5)')
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.legend(fontsize=8)
         fig.tight_layout()
         path = out / f'{variant}_search.png'
@@ -622,11 +601,15 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
 
     from darwinlm_foundry.data import convert_to_mds, embedded_tokenizer, sample_sequences
+    from darwinlm_foundry.evaluation import HeldoutReference
     from darwinlm_foundry.log_utils import quiet
     tokenizer = embedded_tokenizer()
     shards = out / 'mds'
-    convert_to_mds(args.data, shards, tokenizer, seq_len=SEQ_LEN, score_key=None, splits=SPLITS, seed=0)
-    ctx = Context(budget=budget, out=out, shards=shards, tokenizer=tokenizer, ledger=Ledger(out / 'ledger.json', budget))
+    # other text than last time: new shards, and the ledger below starts over
+    manifest = convert_to_mds(args.data, shards, tokenizer, seq_len=SEQ_LEN, score_key=None, splits=SPLITS, seed=0,
+                              overwrite=True)
+    ctx = Context(budget=budget, out=out, shards=shards, tokenizer=tokenizer,
+                  ledger=Ledger(out / 'ledger.json', budget, manifest['fingerprint']))
     heldout = sample_sequences(shards / 'heldout', budget.heldout_sequences or _num_samples(shards / 'heldout'),
                                SEQ_LEN, seed=0)
 
@@ -637,7 +620,7 @@ def main(argv=None) -> dict:
             pre = ctx.ledger.step(f'{variant}/pretrain', lambda: pretrain(ctx, variant))
             dense_dir = pre['path']
             dense = _load_dense(dense_dir)
-            score = HeldoutScorer(dense, heldout)
+            score = HeldoutReference(dense, heldout).score  # the dense side once: each model is one pass
             dense_scores = score(dense)
             log(f'{variant} dense: held-out ppl {dense_scores["ppl"]:.2f}, {dense_scores["params"]:,} parameters')
             seeds = {}

@@ -367,14 +367,31 @@ def _tokenizer_info(tokenizer) -> dict[str, Any]:
 
 
 def _source_info(files: list[tuple[str, Any]]) -> list[dict[str, Any]]:
+    """Local sources by content (hashing is cheap next to tokenizing them); remote ones by size."""
     info = []
     for path, fs in files:
         if fs is None:
-            st = os.stat(path)
-            info.append({'path': path, 'bytes': st.st_size, 'mtime_ns': st.st_mtime_ns})
+            digest = hashlib.sha256()
+            with open(path, 'rb') as f:
+                for block in iter(lambda: f.read(1 << 22), b''):
+                    digest.update(block)
+            info.append({'path': path, 'bytes': os.path.getsize(path), 'sha256': digest.hexdigest()})
         else:
             info.append({'path': path, 'bytes': fs.size(path)})
     return info
+
+
+def _settings_fingerprint(settings: dict[str, Any]) -> str:
+    """What the shards depend on: local sources by name and content, the tokenizer by its vocabulary.
+
+    Where the files or the tokenizer live, and their mtimes, do not count: a dataset copied or re-mounted
+    elsewhere with the same bytes reuses its conversion.
+    """
+    key = dict(settings)
+    key['sources'] = [{**src, 'path': os.path.basename(src['path'])} if 'sha256' in src else src
+                      for src in settings['sources']]
+    key['tokenizer'] = {k: v for k, v in settings['tokenizer'].items() if k != 'name'}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
 def _atomic_write_json(path: Path, obj: Any) -> None:
@@ -445,7 +462,7 @@ def convert_to_mds(source: str | os.PathLike | Sequence[str | os.PathLike],
         'tokenizer': _tokenizer_info(tokenizer), 'sources': _source_info(files),
         'doc_format': 'tokenizer(text) special tokens + EOS after each document (llm-foundry ConcatTokensDataset)',
     }
-    fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+    fingerprint = _settings_fingerprint(settings)
 
     manifest_path = out_dir / MANIFEST_NAME
     if manifest_path.is_file():

@@ -227,26 +227,30 @@ class DenseTargets:
 
     @property
     def is_topk(self) -> bool:
-        return self.logits is None
+        return self.topk_values is not None
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {k: getattr(self, k) for k in self._FIELDS if getattr(self, k) is not None}
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+        tensors = list(self.tensors().values()) + list(self._prepared or ())
+        return sum(t.numel() * t.element_size() for t in tensors)
 
-    def prepare(self) -> 'DenseTargets':
+    def prepare(self, release_logits: bool = False) -> 'DenseTargets':
         """Compute (once) and keep the dense side of the KL for the full form: ``p`` (fp32) and, per token,
         ``sum p log p`` (fp64). Every later :meth:`kl` is then a row-wise dot product and a logsumexp over the
         student's logits instead of two normalisations (the search scores many candidates against the same
-        targets). Doubles the memory; a no-op for the top-k form."""
+        targets). Doubles the memory unless ``release_logits`` (then only the prepared side stays: :meth:`kl`
+        and :meth:`rows` work, :meth:`tensors` is empty); a no-op for the top-k form."""
         if not self.is_topk and self._prepared is None:
             log_p = self.logits.float().log_softmax(-1)
             p = log_p.exp()
             # p == 0 (a -inf dense logit) contributes 0, not 0 * inf = nan
             neg_entropy = torch.where(p > 0, p * log_p, torch.zeros_like(p)).sum(-1, dtype=torch.float64)
             self._prepared = (p, neg_entropy)
+        if release_logits and self._prepared is not None:
+            self.logits = None
         return self
 
     def rows(self, start: int, stop: int) -> 'DenseTargets':

@@ -21,7 +21,10 @@ same floats) and hence every rank takes the same decisions. Modes:
   :func:`composer_rank_local` makes Composer see a one-process world (no DDP, no dist sampler, no
   collectives inside the fit) while the process group stays up for the engine's own all-reduce.
 * ``fsdp`` -- for offspring that do not fit one device: every candidate is fitted by all ranks together, its
-  Composer fit sharded with FSDP, each rank training on and scoring its share of the rows.
+  Composer fit sharded with FSDP, each rank training on and scoring its share of the rows (the largest
+  multiple of W rows of each sample, so every rank runs the same number of steps and forwards). Composer's
+  FSDP needs CUDA; on CPU the same mode runs the fit data-parallel (Composer's DDP, full replicas), which
+  keeps the collective logic testable under ``composer -n 2``.
 * ``auto`` picks ``offspring_parallel`` when the estimated fit memory of one candidate fits the device.
 
 Composer is imported lazily (only when a fit runs), so importing this module is cheap.
@@ -466,6 +469,10 @@ class EvolutionarySearch:
                       'fitness_seconds': 0.0, 'evaluations': 0}
         log.info('DarwinLM search: %s mode on %d rank(s), device %s, %s offspring', self.mode, self.world_size,
                  self.device, self.offspring_format)
+        if self.mode == 'fsdp' and self.device.type != 'cuda':
+            log.warning('DarwinLM search: Composer shards with FSDP on CUDA only; on %s every candidate\'s fit is '
+                        'data-parallel over the %d ranks instead (DDP, one full replica per rank)',
+                        self.device, self.world_size)
 
     # -- setup -------------------------------------------------------------------------------------
     def _resolve_device(self) -> torch.device:
@@ -605,8 +612,19 @@ class EvolutionarySearch:
                                 derive_seed(self.settings.seed, 'train', generation, step))
 
     def _rows(self, tokens: torch.Tensor) -> torch.Tensor:
-        """This rank's rows in fsdp mode (every rank scores / trains its share), all rows otherwise."""
-        return tokens[self.rank::self.world_size] if self.mode == 'fsdp' else tokens
+        """This rank's rows in fsdp mode (every rank scores / trains its share), all rows otherwise.
+
+        fsdp mode uses the largest multiple of W rows so that every rank holds as many rows as the others:
+        each forward / step is a collective there, and a rank with one batch more would wait forever.
+        """
+        if self.mode != 'fsdp':
+            return tokens
+        usable = len(tokens) - len(tokens) % self.world_size
+        if usable == 0:
+            raise ValueError(f'fsdp mode splits every sample over {self.world_size} ranks, but a sample has only '
+                             f'{len(tokens)} rows of seq_len {self.settings.seq_len}: raise fitness_tokens / '
+                             'train_tokens to at least world_size x seq_len')
+        return tokens[:usable][self.rank::self.world_size]
 
     # -- dense targets -----------------------------------------------------------------------------
     def _autocast(self):
@@ -677,7 +695,8 @@ class EvolutionarySearch:
     def fit(self, model: torch.nn.Module, tokens: torch.Tensor, seed: int):
         """Fine-tune ``model`` in place with a short Composer ``Trainer.fit`` on ``tokens`` (lr from settings).
 
-        Returns the model to score (in fsdp mode the Trainer's FSDP-wrapped module, see :meth:`_fit_fsdp`).
+        Returns the model to score (in fsdp mode the Trainer's wrapped Composer model, see
+        :meth:`_fitness_sums_fsdp`).
         Only the optimizer and the Trainer are new per fit; the batch iterable and tokenizer are reused.
         """
         s = self.settings
@@ -699,7 +718,8 @@ class EvolutionarySearch:
                 optimizer = DecoupledAdamW(cmodel.parameters(), lr=s.lr, betas=(0.9, 0.95), eps=1e-8,
                                            weight_decay=0.0)
                 kwargs = {}
-                if self.mode == 'fsdp':
+                if self.mode == 'fsdp' and self.device.type == 'cuda':
+                    # (on CPU Composer wraps the model in DDP by itself: the world is W ranks here)
                     kwargs['parallelism_config'] = {'fsdp': {'sharding_strategy': 'FULL_SHARD',
                                                              'mixed_precision': 'DEFAULT',
                                                              'use_orig_params': True}}
@@ -747,18 +767,15 @@ class EvolutionarySearch:
             sums[i], counts[i] = total, count
             self.stats['evaluations'] += 1
             del model, scored
-        if self.mode == 'fsdp':
-            # every rank scored its rows of every candidate: add the parts up
-            both = _sum_over_ranks(torch.cat([sums, counts]))
-            sums, counts = both[:n], both[n:]
-        else:
-            # each candidate was scored by exactly one rank; the others contribute exact zeros
-            both = _sum_over_ranks(torch.cat([sums, counts]))
-            sums, counts = both[:n], both[n:]
+        # fsdp: every rank scored its rows of every candidate; otherwise exactly one rank scored each
+        # candidate and the others contribute exact zeros. Either way the sums over ranks are the totals.
+        both = _sum_over_ranks(torch.cat([sums, counts]))
+        sums, counts = both[:n], both[n:]
         return [self._finish(float(sums[i]), int(counts[i]), s.fitness) for i in range(n)]
 
     def _fitness_sums_fsdp(self, composer_model, tokens: torch.Tensor, targets) -> tuple[float, int]:
-        """Fitness parts through the FSDP-wrapped Composer model (every rank runs every forward)."""
+        """Fitness parts through the wrapped Composer model (FSDP or DDP): every rank runs as many forwards
+        as the others (``_rows`` gives every rank the same row count), since each forward is a collective."""
         mb = self.settings.micro_batch_size
         total, count = 0.0, 0
         composer_model.eval()

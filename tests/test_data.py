@@ -6,6 +6,7 @@ streaming's own ``StreamingDataset``.
 """
 
 import gzip
+import hashlib
 import json
 from pathlib import Path
 
@@ -97,7 +98,8 @@ def test_converter_fractions_exact_and_disjoint(tmp_path, tok, subset):
                                                                   'heldout': 0.2})
     assert json.loads((out / 'manifest.json').read_text()) == m
     assert m['seq_len'] == SEQ and m['seed'] == 0 and m['tokenizer']['vocab_size'] == 32000
-    assert m['sources'] == [{'path': str(path), 'bytes': path.stat().st_size, 'mtime_ns': path.stat().st_mtime_ns}]
+    assert m['sources'] == [{'path': str(path), 'bytes': path.stat().st_size,
+                             'sha256': hashlib.sha256(path.read_bytes()).hexdigest()}]
     assert m['documents'] == {'read': len(texts), 'filtered_out': 0, 'empty': 0, 'unassigned': 0, 'kept': len(texts)}
     owner = check_conversion(out, m, tok, texts)
     assert set(owner.values()) == set(SPLITS)
@@ -109,6 +111,14 @@ def test_converter_fractions_exact_and_disjoint(tmp_path, tok, subset):
     m1 = data.convert_to_mds(path, out, tok, seq_len=SEQ, splits=m['splits'], seed=1, overwrite=True)
     owner1 = check_conversion(out, m1, tok, texts)
     assert owner1 != owner
+    # the same bytes copied elsewhere (new path, new mtime) reuse the conversion; other bytes do not
+    copy = tmp_path / 'elsewhere' / path.name
+    copy.parent.mkdir()
+    copy.write_bytes(path.read_bytes())
+    assert data.convert_to_mds(copy, out, tok, seq_len=SEQ, splits=m['splits'], seed=1)['fingerprint'] == m1['fingerprint']
+    copy.write_bytes(path.read_bytes().replace(b'the', b'teh', 1))
+    with pytest.raises(FileExistsError, match='overwrite=True'):
+        data.convert_to_mds(copy, out, tok, seq_len=SEQ, splits=m['splits'], seed=1)
 
 
 def test_converter_doc_counts_and_gzip(tmp_path, tok, subset):

@@ -141,3 +141,10 @@ def test_heldout_metrics_brute_force():
     assert got['pruned']['kl'] > 0 and got['other']['kl'] > got['pruned']['kl']
     with pytest.raises(ValueError, match='not among'):
         ev.heldout_metrics(models, 'missing', tokens)
+    # the cached-dense form gives the same numbers, one model at a time
+    reference = ev.HeldoutReference(dense, tokens, batch_size=2)
+    for name, model in models.items():
+        one = reference.score(model)
+        assert one['params'] == sum(p.numel() for p in model.parameters())
+        for key in ('ppl', 'nll', 'kl'):
+            assert one[key] == pytest.approx(got[name][key], rel=1e-5, abs=1e-7), (name, key)

@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 from collections import Counter
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -208,15 +209,22 @@ def test_rank_local_view_restores_composer_dist():
     assert cdist.dist is before
 
 
-def test_two_process_launch_agrees(pretrained, database, tokens, tmp_path):
+@pytest.mark.parametrize('mode', ['offspring_parallel', 'fsdp'])
+def test_two_process_launch_agrees(mode, pretrained, database, tokens, tmp_path):
+    """Both distributed modes under `composer -n 2` agree across ranks and with one process.
+
+    offspring_parallel: each rank fits its own candidates. fsdp: both ranks fit every candidate together, each on
+    half the rows of every batch (on CPU Composer's DDP stands in for FSDP, which needs CUDA): the averaged
+    gradients and the summed fitness parts equal the one-process ones up to float rounding.
+    """
     composer_bin = shutil.which('composer', path=os.path.dirname(sys.executable))
     assert composer_bin, 'the composer launcher is not installed next to this python'
     work = tmp_path / 'dist'
     pretrained.save_pretrained(work / 'dense', safe_serialization=True)
     shutil.copytree(database.db_dir, work / 'db')
     torch.save(tokens[64:], work / 'tokens.pt')
-    # 5 offspring over 2 ranks: rank 0 takes 3 candidates and rank 1 two, so fits are rank-local and uneven
-    settings = _settings(work / 'out', (256, 512), generations=2, offspring=5, distributed='offspring_parallel')
+    # 5 offspring over 2 ranks: in offspring_parallel rank 0 takes 3 candidates and rank 1 two
+    settings = _settings(work / 'out', (256, 512), generations=2, offspring=5, distributed=mode)
     (work / 'settings.json').write_text(json.dumps(settings.to_dict()))
     env = {**os.environ, 'PYTHONPATH': str(REPO), 'OMP_NUM_THREADS': '1'}
     proc = subprocess.run([composer_bin, '-n', '2', '--stdout', str(work / 'rank{rank}.out'), '--stderr',
@@ -227,13 +235,37 @@ def test_two_process_launch_agrees(pretrained, database, tokens, tmp_path):
     ranks = [json.loads((work / f'rank{r}.json').read_text()) for r in (0, 1)]
     assert ranks[0]['levels'] == ranks[1]['levels']
     assert ranks[0]['fitness_history'] == ranks[1]['fitness_history']
-    assert all(r['mode'] == 'offspring_parallel' and r['world_size'] == 2 for r in ranks)
-    assert ranks[0]['fits_here'] > ranks[1]['fits_here'] > 0  # candidates were split, unevenly
+    assert all(r['mode'] == mode and r['world_size'] == 2 for r in ranks)
+    if mode == 'offspring_parallel':
+        assert ranks[0]['fits_here'] > ranks[1]['fits_here'] > 0  # candidates were split, unevenly
+        tolerance = dict(rel=1e-6, abs=1e-9)
+    else:
+        assert ranks[0]['fits_here'] == ranks[1]['fits_here']  # every candidate on both ranks (checked below)
+        assert 'data-parallel over the 2 ranks' in proc.stderr + logs  # (the launcher echoes rank 0 itself)
+        tolerance = dict(rel=1e-4, abs=1e-7)  # gradients averaged over ranks: float rounding differs
     # Fits are seeded per (generation, step) and run with one thread, so one process gives the same answer.
-    single = _engine(_settings(tmp_path / 'single', (256, 512), generations=2, offspring=5), pretrained,
-                     database, tokens).run()
+    engine = _engine(_settings(tmp_path / 'single', (256, 512), generations=2, offspring=5), pretrained, database,
+                     tokens)
+    single = engine.run()
     assert single.winner.to_dict() == ranks[0]['levels']
-    assert single.fitness_history() == pytest.approx(ranks[0]['fitness_history'], rel=1e-6, abs=1e-9)
+    assert single.fitness_history() == pytest.approx(ranks[0]['fitness_history'], **tolerance)
+    if mode == 'fsdp':
+        assert ranks[0]['fits_here'] == engine.stats['fits']
+
+
+def test_fsdp_rows_are_even_over_ranks():
+    """fsdp mode gives every rank the same number of rows (each forward / step is a collective there)."""
+    engine = EvolutionarySearch.__new__(EvolutionarySearch)
+    engine.mode, engine.world_size, engine.settings = 'fsdp', 3, SimpleNamespace(seq_len=4)
+    rows = torch.arange(8).unsqueeze(1)
+    shares = []
+    for engine.rank in range(3):
+        shares.append(engine._rows(rows).flatten().tolist())
+    assert shares == [[0, 3], [1, 4], [2, 5]]  # 6 of the 8 rows, 2 per rank
+    with pytest.raises(ValueError, match='at least world_size x seq_len'):
+        engine._rows(rows[:2])
+    engine.mode = 'offspring_parallel'
+    assert engine._rows(rows) is rows
 
 
 # --------------------------------------------------------------------------------------------------

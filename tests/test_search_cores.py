@@ -344,6 +344,12 @@ def test_prepared_dense_targets_give_the_same_kl():
     assert part._prepared is not None
     torch.testing.assert_close(part.kl(student[1:3], reduction='sum'), ref[1:3].sum().float(), rtol=1e-5, atol=1e-5)
     assert set(targets.tensors()) == {'logits'}  # the prepared tensors are never written to the cache
+    # released logits: half the memory, same KL, row slices still work
+    released = DenseTargets(logits=dense.clone()).prepare(release_logits=True)
+    assert released.logits is None and not released.is_topk and released.nbytes < targets.nbytes
+    torch.testing.assert_close(released.kl(student, mask=mask), targets.kl(student, mask=mask))
+    torch.testing.assert_close(released.rows(1, 3).kl(student[1:3], reduction='sum'),
+                               part.kl(student[1:3], reduction='sum'))
 
 
 def bucket_kl(dense, student, k):
