@@ -124,7 +124,7 @@ def fit_causal_lm(model, shards_dir: str | os.PathLike, *, tokenizer, steps: int
 
         loader = build_text_loader(text_dataloader_cfg(shards_dir, split, seq_len, shuffle=True, shuffle_seed=seed),
                                    tokenizer, batch_size)
-        trainer = transient_trainer(
+        trainer_kwargs = dict(
             model=HuggingFaceModel(model, tokenizer=tokenizer, use_logits=True, metrics=[]),
             train_dataloader=loader,
             max_duration=f'{steps}ba',
@@ -140,8 +140,8 @@ def fit_causal_lm(model, shards_dir: str | os.PathLike, *, tokenizer, steps: int
             train_subset_num_batches=-1,
         )
         try:
-            with trainer as t:
-                t.fit()
+            with transient_trainer(**trainer_kwargs) as trainer:
+                trainer.fit()
         finally:
             stop_streaming(loader)
 
