@@ -379,6 +379,38 @@ def _load_dense(path: str):
     return AutoModelForCausalLM.from_pretrained(path).eval()
 
 
+# ----------------------------------------------------------------------------------------------- n-gram reference
+def ngram_reference(train, search, heldout, vocab_size: int, lambdas=tuple(i / 10 for i in range(1, 10))) -> dict:
+    """Held-out ppl of count models fitted on ``train``: a yardstick for how much the dense model has learned.
+
+    Token arrays are ``[n, seq_len]``; like the models' ppl, every position after the first of each sequence
+    is predicted, from the previous token of the same sequence only. Unigram: add-0.5 counts. Bigram:
+    ``lam * c(a, b) / c(a) + (1 - lam) * unigram(b)``, ``lam`` chosen on ``search`` (never on held-out).
+    """
+    import numpy as np
+    train, search, heldout = (np.asarray(t, dtype=np.int64) for t in (train, search, heldout))
+    counts = np.bincount(train.ravel(), minlength=vocab_size).astype(np.float64)
+    unigram = (counts + 0.5) / (counts.sum() + 0.5 * vocab_size)
+    pair_keys, pair_counts = np.unique(train[:, :-1].ravel() * vocab_size + train[:, 1:].ravel(), return_counts=True)
+    context_counts = np.bincount(train[:, :-1].ravel(), minlength=vocab_size).astype(np.float64)
+
+    def parts(tokens):
+        prev, nxt = tokens[:, :-1].ravel(), tokens[:, 1:].ravel()
+        keys = prev * vocab_size + nxt
+        at = np.minimum(np.searchsorted(pair_keys, keys), len(pair_keys) - 1)
+        pair = np.where(pair_keys[at] == keys, pair_counts[at], 0)
+        cond = np.divide(pair, context_counts[prev], out=np.zeros(len(keys)), where=context_counts[prev] > 0)
+        return cond, unigram[nxt]
+
+    def ppl(cond, uni, lam):
+        return float(np.exp(-np.log(lam * cond + (1 - lam) * uni).mean()))
+
+    lam = min(lambdas, key=lambda x: ppl(*parts(search), x))
+    cond, uni = parts(heldout)
+    return {'unigram_ppl': ppl(cond, uni, 0.0), 'bigram_ppl': ppl(cond, uni, lam), 'bigram_lambda': lam,
+            'train_tokens': int(train.size)}
+
+
 # ----------------------------------------------------------------------------------------------- ICL
 def icl(ctx: Context, variant: str, dense_dir: str, seed_results: dict) -> dict:
     """foundry ICL on the dense model; pruned level-5 models (first seed) only on tasks above chance."""
@@ -487,6 +519,12 @@ def render_markdown(doc: dict) -> str:
                   f'(held-out ppl {p["curve"][0][1]:.0f} -> {p["ppl"]:.1f})', '',
                   'Pretraining curve (step: held-out ppl): '
                   + ', '.join(f'{int(s)}: {q:.1f}' for s, q in p['curve']), '']
+        if 'ngram' in doc:
+            g = doc['ngram']
+            lines += [f'For scale, count models on the same held-out tokens: unigram ppl {g["unigram_ppl"]:.1f}, '
+                      f'interpolated bigram ppl {g["bigram_ppl"]:.1f} (counts from the {g["train_tokens"]:,} train '
+                      f'tokens; lambda {g["bigram_lambda"]:.1f} chosen on the search split). A dense model above the '
+                      'bigram has not learned more than word-pair statistics.', '']
         for level, rows in v['summary']['tables'].items():
             lines += [f'### Level {level}', '', '| method | params | held-out ppl | KL to dense |', '|---|---|---|---|']
             for r in rows:
@@ -527,6 +565,9 @@ def plot(doc: dict, out: Path) -> list[str]:
         fig, axes = plt.subplots(1, 3, figsize=(17, 4.5))
         curve = v['pretrain']['curve']
         axes[0].plot([c[0] for c in curve], [c[1] for c in curve], marker='o')
+        if 'ngram' in doc:
+            axes[0].axhline(doc['ngram']['bigram_ppl'], color='tab:gray', ls='--', label='interpolated bigram')
+            axes[0].legend()
         axes[0].set(yscale='log', xlabel='step', ylabel='held-out ppl', title='dense pretraining')
         for level, rows in v['summary']['tables'].items():
             rows = [r for r in rows if r['key'] != 'dense']
@@ -612,9 +653,12 @@ def main(argv=None) -> dict:
                   ledger=Ledger(out / 'ledger.json', budget, manifest['fingerprint']))
     heldout = sample_sequences(shards / 'heldout', budget.heldout_sequences or _num_samples(shards / 'heldout'),
                                SEQ_LEN, seed=0)
+    ngram = ngram_reference(*(sample_sequences(shards / split, _num_samples(shards / split), SEQ_LEN, seed=0).numpy()
+                              for split in ('train', 'search')), heldout.numpy(), len(tokenizer))
 
     doc = {'mode': name, 'command': ' '.join(['python bench/reproduce.py'] + (argv if argv is not None else sys.argv[1:])),
-           'budget': budget.describe(), 'data': args.data, 'heldout_tokens': int(heldout.numel()), 'variants': {}}
+           'budget': budget.describe(), 'data': args.data, 'heldout_tokens': int(heldout.numel()), 'ngram': ngram,
+           'variants': {}}
     with quiet('composer', 'llmfoundry', 'streaming'):
         for variant in budget.variants:
             pre = ctx.ledger.step(f'{variant}/pretrain', lambda: pretrain(ctx, variant))

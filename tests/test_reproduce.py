@@ -4,12 +4,15 @@ The numbers of a 6-step pretraining mean nothing; what is checked is the bookkee
 (equal budgets, post-training that changes the models, models saved, the last line's format) and that it resumes.
 """
 
+import importlib.util
 import json
+import math
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
@@ -65,3 +68,38 @@ def test_reproduce_smoke_and_resume(tmp_path):
     again = _run(out)
     assert again.strip().splitlines()[-1] == last
     assert 'done in' not in again
+
+
+def _load_reproduce():
+    spec = importlib.util.spec_from_file_location('reproduce', REPO / 'bench' / 'reproduce.py')
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up while being defined
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ngram_reference_matches_counting_by_hand():
+    rng = np.random.default_rng(0)
+    vocab = 7
+    # skewed draws so unigram and bigram differ; token 6 never occurs in train (add-0.5 must cover it)
+    train, search, held = (rng.choice(6, size=(n, 9), p=[.4, .2, .15, .1, .1, .05]) for n in (30, 6, 5))
+    held[0, 3] = 6
+    got = _load_reproduce().ngram_reference(train, search, held, vocab)
+
+    uni = [(sum(int(t == v) for t in train.ravel()) + 0.5) / (train.size + 0.5 * vocab) for v in range(vocab)]
+    pairs, ctx = {}, [0] * vocab
+    for row in train.tolist():
+        for a, b in zip(row, row[1:]):
+            pairs[a, b] = pairs.get((a, b), 0) + 1
+            ctx[a] += 1
+
+    def ppl(tokens, lam):
+        logs = [math.log(lam * (pairs.get((a, b), 0) / ctx[a] if ctx[a] else 0.0) + (1 - lam) * uni[b])
+                for row in tokens.tolist() for a, b in zip(row, row[1:])]
+        return math.exp(-sum(logs) / len(logs))
+
+    lam = min((i / 10 for i in range(1, 10)), key=lambda x: ppl(search, x))
+    assert got['bigram_lambda'] == lam
+    assert got['unigram_ppl'] == pytest.approx(ppl(held, 0.0), rel=1e-12)
+    assert got['bigram_ppl'] == pytest.approx(ppl(held, lam), rel=1e-12)
+    assert got['train_tokens'] == train.size
