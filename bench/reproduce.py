@@ -405,7 +405,8 @@ def ngram_reference(train, search, heldout, vocab_size: int, lambdas=tuple(i / 1
     def ppl(cond, uni, lam):
         return float(np.exp(-np.log(lam * cond + (1 - lam) * uni).mean()))
 
-    lam = min(lambdas, key=lambda x: ppl(*parts(search), x))
+    on_search = parts(search)
+    lam = min(lambdas, key=lambda x: ppl(*on_search, x))
     cond, uni = parts(heldout)
     return {'unigram_ppl': ppl(cond, uni, 0.0), 'bigram_ppl': ppl(cond, uni, lam), 'bigram_lambda': lam,
             'train_tokens': int(train.size)}
@@ -523,8 +524,8 @@ def render_markdown(doc: dict) -> str:
             g = doc['ngram']
             lines += [f'For scale, count models on the same held-out tokens: unigram ppl {g["unigram_ppl"]:.1f}, '
                       f'interpolated bigram ppl {g["bigram_ppl"]:.1f} (counts from the {g["train_tokens"]:,} train '
-                      f'tokens; lambda {g["bigram_lambda"]:.1f} chosen on the search split). A dense model above the '
-                      'bigram has not learned more than word-pair statistics.', '']
+                      f'tokens; lambda {g["bigram_lambda"]:.1f} chosen on the search split). A dense model with a higher '
+                      'ppl than the bigram has not yet learned the word-pair statistics.', '']
         for level, rows in v['summary']['tables'].items():
             lines += [f'### Level {level}', '', '| method | params | held-out ppl | KL to dense |', '|---|---|---|---|']
             for r in rows:
