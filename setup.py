@@ -15,6 +15,7 @@ INSTALL_REQUIRES = [
     'sentencepiece',  # the Llama-2 tokenizer (embedded demo) converts from its SentencePiece model
     'protobuf',
     'setuptools<80',  # llm-foundry imports pkg_resources
+    'gguf>=0.10',  # model stages that start from a GGUF file (transformers' GGUF loader)
 ]
 
 setup(
@@ -25,7 +26,7 @@ setup(
     long_description_content_type='text/markdown',
     python_requires='>=3.10',
     # callbacks/ lives at the top of the repo (design card) but installs as a subpackage.
-    packages=['darwinlm_foundry', 'darwinlm_foundry.modeling', 'darwinlm_foundry.callbacks'],
+    packages=['darwinlm_foundry', 'darwinlm_foundry.modeling', 'darwinlm_foundry.utils', 'darwinlm_foundry.callbacks'],
     package_dir={
         'darwinlm_foundry': 'darwinlm_foundry',
         'darwinlm_foundry.callbacks': 'callbacks',

@@ -32,6 +32,7 @@ class CalibrationConfig:
     seed: int = 0
     dampening: float = 0.01
     mlp_multiple: int = 32
+    num_levels: Optional[int] = None  # default: 10, fewer for models with < 10 heads (levels.auto_num_levels)
     device: Optional[str] = None  # default: cuda when available
 
     def __post_init__(self):
@@ -60,7 +61,8 @@ def build_or_open_database(hf_model, db_dir: str, calibration: Optional[Calibrat
     world, rank = dist.get_world_size(), dist.get_global_rank()
     hooks = dict(zip(('reduce_fn', 'gather_fn', 'rank', 'world_size'), torch_distributed_hooks())) if world > 1 else {}
     device = calibration.device or ('cuda' if torch.cuda.is_available() else 'cpu')
-    spec = LevelSpec.from_config(hf_model.config, mlp_multiple=calibration.mlp_multiple)
+    spec = LevelSpec.from_config(hf_model.config, mlp_multiple=calibration.mlp_multiple,
+                                 num_levels=calibration.num_levels)
     build_database(hf_model, calibration_batches(calibration, rank, world), db_dir, level_spec=spec,
                    dampening=calibration.dampening, device=device,
                    calibration_source=f'{calibration.shards}/{calibration.split}', model_name=model_name, **hooks)

@@ -64,13 +64,20 @@ _TOKENIZE_BATCH = 256  # documents per tokenizer call (the fast tokenizer batche
 # ----------------------------------------------------------------------------- embedded default
 
 
-def embedded_text_files() -> list[Path]:
+EMBEDDED_SOURCES = {'embedded': ('text',), 'embedded_mix': ('text', 'text_more')}
+
+
+def embedded_text_files(name: str = 'embedded') -> list[Path]:
     """Paths of the real text shipped with the package (gzip JSON lines with a ``text`` field).
 
-    A few MB of the RedPajama sample (books, C4, Wikipedia): enough to pretrain the tiny default
-    model and to run the tiny chain with no data outside the repository.
+    ``embedded``: a few MB of the RedPajama sample (books, C4, Wikipedia), enough to pretrain the tiny
+    default model and to run the tiny chain with no data outside the repository. ``embedded_mix`` adds
+    RedPajama arxiv, common crawl, github and stackexchange: a calibration / search / training mix
+    without code or Q&A makes a pruned real model worse on code.
     """
-    files = sorted((_ASSETS / 'text').glob('*.jsonl.gz'))
+    if name not in EMBEDDED_SOURCES:
+        raise ValueError(f'unknown embedded source {name!r}; choose one of {sorted(EMBEDDED_SOURCES)}')
+    files = sorted(f for folder in EMBEDDED_SOURCES[name] for f in (_ASSETS / folder).glob('*.jsonl.gz'))
     if not files:
         raise FileNotFoundError(f'no embedded text under {_ASSETS / "text"}; the package install is incomplete '
                                 '(package_data must include assets/)')

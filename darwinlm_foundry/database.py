@@ -175,7 +175,8 @@ def model_fingerprint(model_or_dir, config=None) -> dict[str, str]:
         if name not in shapes:
             continue
         flat = getter(name).reshape(-1)
-        idx = torch.linspace(0, flat.numel() - 1, min(_SAMPLE, flat.numel())).long()
+        # float64: float32 cannot hold indices above 2**24 (every real embedding is larger)
+        idx = torch.linspace(0, flat.numel() - 1, min(_SAMPLE, flat.numel()), dtype=torch.float64).long()
         digest.update(name.encode())
         digest.update(flat.index_select(0, idx.to(flat.device)).float().cpu().numpy().tobytes())
     return {'config': cfg, 'model': digest.hexdigest()}
@@ -370,6 +371,7 @@ class SparsityDatabase:
         model = build_shrunk_model(config, dense_get_tensor, kept, weights)
         model.config.levels = {k: list(v) for k, v in levels.items()}
         model.config.level_steps = spec.steps
+        model.config.num_levels = spec.num_levels
         return model
 
     def _manifest_config(self):

@@ -66,7 +66,7 @@ def run_export_stage(cfg, stage_dir, refs, run, outputs):
 
     from darwinlm_foundry.export import export_pruned
     from darwinlm_foundry.report import layers_from_config, write_report
-    from darwinlm_foundry.stage_runners import load_hf_model
+    from darwinlm_foundry.stage_runners import base_model, load_hf_model
 
     model_dir = refs['model']['model']
     out_model = os.path.join(stage_dir, 'model')
@@ -75,8 +75,8 @@ def run_export_stage(cfg, stage_dir, refs, run, outputs):
         model = load_hf_model(model_dir)
         searches = [json.loads(Path(outputs[name]['levels']).read_text()) for name in cfg.searches]
         history = [h for s in searches for h in s.get('fitness_history', [])]
-        base = getattr(model.config, '_name_or_path', '') or model_dir
-        export_pruned(model, out_model, tokenizer=model_dir, base_model=str(base), overwrite=True,
+        # the original dense model (recorded by the model / pretrain stage), never the pruned input itself
+        export_pruned(model, out_model, tokenizer=model_dir, base_model=str(base_model(refs)), overwrite=True,
                       data_note=f'shards: {refs["data"]["shards"]}' if 'data' in refs else 'see run manifest',
                       levels=getattr(model.config, 'levels', None))
         eval_rows, sizes = [], {}

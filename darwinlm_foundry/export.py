@@ -61,8 +61,9 @@ def _unique_parameter_count(model) -> int:
     return total
 
 
-def _resolve_levels(config, levels) -> tuple[Optional[dict], Optional[dict]]:
-    """(levels, level steps) of the model: checked against its shapes when given, derived when not."""
+def _resolve_levels(config, levels) -> tuple[Optional[dict], Optional[dict], Optional[int]]:
+    """(levels, level steps, number of levels) of the model: checked against its shapes when given, derived
+    when not."""
     try:
         spec = LevelSpec.from_config(config)
     except ValueError as err:
@@ -71,8 +72,8 @@ def _resolve_levels(config, levels) -> tuple[Optional[dict], Optional[dict]]:
     if levels is None:
         if spec is None:
             log.info('export: per-unit levels not derivable (%s); the card lists shapes only', reason)
-            return None, None
-        return {k: list(v) for k, v in spec.current_levels.items()}, spec.steps
+            return None, None, None
+        return {k: list(v) for k, v in spec.current_levels.items()}, spec.steps, spec.num_levels
     levels = normalise_levels(levels, config.num_hidden_layers)
     if spec is None:
         raise ValueError(f'levels were given but the model shapes are not on levels: {reason}')
@@ -81,7 +82,7 @@ def _resolve_levels(config, levels) -> tuple[Optional[dict], Optional[dict]]:
             raise ValueError(f'{kind} levels {levels[kind]} do not match the model, whose shapes are at levels '
                              f'{list(spec.current_levels[kind])} (steps {spec.steps}); pass the levels the '
                              f'model was built with, or none to derive them.')
-    return levels, spec.steps
+    return levels, spec.steps, spec.num_levels
 
 
 def model_card(config, *, params: int, dense_params: int, base_model: str, data_note: str,
@@ -103,8 +104,9 @@ def model_card(config, *, params: int, dense_params: int, base_model: str, data_
         f'**Base model:** {base_model}  ', f'**Data:** {data_note}', '',
         '## Per-layer shapes', '',
         f'Dense: {n_heads} query heads x {config.head_dim} (K/V heads {config.num_key_value_heads}), MLP width '
-        f'{width}. Levels 0 (dense) .. 10; level steps: '
-        f'{config.level_steps if getattr(config, "level_steps", None) else "n/a"}.', '',
+        f'{width}. ' + (f'Levels 0 (dense) .. {config.num_levels}; level steps: {config.level_steps}.'
+                        if getattr(config, 'level_steps', None) and getattr(config, 'num_levels', None)
+                        else 'Levels: n/a.'), '',
         '| layer | attn level | query heads kept | kept heads | MLP level | MLP width |',
         '|---:|---:|---:|---|---:|---:|',
     ]
@@ -164,7 +166,7 @@ def export_pruned(model, out_dir, *, tokenizer, base_model: str, data_note: str,
     if dtype is not None:
         model = model.to(dtype)
     config = model.config
-    levels, steps = _resolve_levels(config, levels)
+    levels, steps, num_levels = _resolve_levels(config, levels)
     params = _unique_parameter_count(model)
     expected = parameter_count(config)
     if params != expected:
@@ -175,14 +177,14 @@ def export_pruned(model, out_dir, *, tokenizer, base_model: str, data_note: str,
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f'.{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}'
-    saved_levels, saved_steps = config.levels, config.level_steps
+    saved = config.levels, config.level_steps, config.num_levels
     try:
-        config.levels, config.level_steps = levels, steps  # recorded in config.json
+        config.levels, config.level_steps, config.num_levels = levels, steps, num_levels  # in config.json
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         info = {'base_model': base_model, 'data': data_note, 'parameters': params,
                 'dense_parameters': dense_params, 'fraction_of_dense': params / dense_params,
-                'levels': levels, 'level_steps': steps,
+                'levels': levels, 'level_steps': steps, 'num_levels': num_levels,
                 'layer_heads': config.layer_heads, 'layer_intermediate_sizes': config.layer_intermediate_sizes,
                 'dtype': str(next(model.parameters()).dtype).replace('torch.', ''), 'extra': dict(extra or {})}
         (tmp / EXPORT_INFO_FILE).write_text(json.dumps(info, indent=2, default=str) + '\n', encoding='utf-8')
@@ -197,7 +199,7 @@ def export_pruned(model, out_dir, *, tokenizer, base_model: str, data_note: str,
         else:
             os.replace(tmp, out_dir)
     finally:
-        config.levels, config.level_steps = saved_levels, saved_steps
+        config.levels, config.level_steps, config.num_levels = saved
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out_dir

@@ -25,6 +25,15 @@ size-neutral (``num_levels`` when ``r > 0`` or the overhead is 0, else ``num_lev
 must keep the size exact bounds each unit's level by it; one that allows removal accepts that switching a
 unit into removal also frees its overhead.
 
+How many levels: ``num_levels`` is 10 (the paper's 0..10) wherever every kind has at least 10 quanta. A model
+with fewer query heads (SmolLM2-135M: 9, Qwen2.5-0.5B: 14 is fine, a 2-head toy: 2) gets
+``num_levels = min(10, heads, mlp_columns // mlp_multiple)`` automatically (:func:`auto_num_levels`): one
+head per step, and level ``l`` still removes ``l / num_levels`` of every kind, so the *fraction* pruned per
+level is as in the paper with coarser steps (SmolLM2: 9 levels; level 5 keeps 4 of 9 heads and 736 of 1536
+MLP columns, about half of the attention+MLP parameters under GQA, since K/V stay whole). The number of
+levels is recorded next to the steps (``DarwinLMConfig.num_levels``, the database manifest), so a pruned
+model re-opens with the same levels for gradual pruning.
+
 Gradual mode: a model that is already pruned (DarwinLM config) keeps the steps of the *original* dense
 model (``config.level_steps``, written there when the model was made, or recomputed from the dense sizes
 the DarwinLM config keeps in ``num_attention_heads`` / ``intermediate_size``); each unit's current count
@@ -36,9 +45,9 @@ Pure: needs only a config-like object (no torch, no Composer).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Mapping, Union
+from typing import Any, Mapping, Optional, Union
 
-__all__ = ['KINDS', 'LevelSpec', 'parameter_count', 'normalise_levels']
+__all__ = ['KINDS', 'LevelSpec', 'parameter_count', 'normalise_levels', 'auto_num_levels']
 
 KINDS = ('attn', 'mlp')
 DEFAULT_NUM_LEVELS = 10
@@ -73,6 +82,11 @@ def _biases(config) -> tuple[bool, bool, bool]:
 
 def _step(n: int, num_levels: int, quantum: int) -> int:
     return (n // (num_levels * quantum)) * quantum
+
+
+def auto_num_levels(heads: int, mlp_columns: int, mlp_multiple: int = DEFAULT_MLP_MULTIPLE) -> int:
+    """The paper's 10 levels, or fewer when a kind has fewer than 10 quanta (one level step per head)."""
+    return max(1, min(DEFAULT_NUM_LEVELS, int(heads), int(mlp_columns) // int(mlp_multiple)))
 
 
 @dataclass(frozen=True)
@@ -117,11 +131,13 @@ class LevelSpec:
     # Construction
     # ----------------------------------------------------------------------------------------------
     @classmethod
-    def from_config(cls, config, *, num_levels: int = DEFAULT_NUM_LEVELS,
+    def from_config(cls, config, *, num_levels: Optional[int] = None,
                     mlp_multiple: int = DEFAULT_MLP_MULTIPLE,
                     steps: Mapping[str, int] | None = None) -> 'LevelSpec':
         """The level spec of a dense HF config or a DarwinLM (already pruned) config.
 
+        ``num_levels``: ``None`` takes the number a DarwinLM config records, else :func:`auto_num_levels` of
+        the dense sizes (10 wherever the model has >= 10 heads).
         ``steps`` overrides the computed steps (e.g. from a database manifest). For a DarwinLM config the
         steps come, in order of preference, from ``steps``, ``config.level_steps``, or the dense sizes the
         config records (``num_attention_heads``, ``intermediate_size``). Raises ``ValueError`` when a kind has
@@ -129,10 +145,16 @@ class LevelSpec:
         or when a unit's current count is not on a level (the model was pruned with other steps: pass them).
         """
         config = getattr(config, 'config', config)
-        if num_levels < 1:
-            raise ValueError(f'num_levels must be >= 1, got {num_levels}')
         if mlp_multiple < 1:
             raise ValueError(f'mlp_multiple must be >= 1, got {mlp_multiple}')
+        if num_levels is None:
+            num_levels = getattr(config, 'num_levels', None) if getattr(config, 'model_type', None) == 'darwinlm' \
+                else None
+        if num_levels is None:
+            num_levels = auto_num_levels(config.num_attention_heads, config.intermediate_size, mlp_multiple)
+        num_levels = int(num_levels)
+        if num_levels < 1:
+            raise ValueError(f'num_levels must be >= 1, got {num_levels}')
         dense = {'attn': int(config.num_attention_heads), 'mlp': int(config.intermediate_size)}
         quantum = {'attn': 1, 'mlp': int(mlp_multiple)}
         if steps is None and getattr(config, 'model_type', None) == 'darwinlm':

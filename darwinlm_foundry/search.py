@@ -886,6 +886,7 @@ class EvolutionarySearch:
             'heads': [spec.keep('attn', lvl) for lvl in winner.attn],
             'mlp_columns': [spec.keep('mlp', lvl) for lvl in winner.mlp],
             'level_steps': spec.steps,
+            'num_levels': spec.num_levels,
             'history': [{k: h[k] for k in ('generation', 'fitness', 'parent_won', 'winner', 'step_fitnesses',
                                            'num_offspring', 'seconds')} for h in state.history],
             'fingerprint': state.fingerprint,

@@ -10,7 +10,7 @@ def run_search_stage(cfg, stage_dir, refs, run):
 
     from darwinlm_foundry.database import SparsityDatabase, dense_tensor_getter
     from darwinlm_foundry.search import EvolutionarySearch, SearchSettings, ShardTokens
-    from darwinlm_foundry.stage_runners import save_hf_model
+    from darwinlm_foundry.stage_runners import base_model, save_hf_model
 
     settings = dict(cfg.search)
     settings['output_dir'] = os.path.join(stage_dir, 'search')
@@ -32,13 +32,14 @@ def run_search_stage(cfg, stage_dir, refs, run):
         winner = db.stitch(result.winner.to_dict(), getter)
         save_hf_model(winner, tokenizer, out)
         print(f'[darwinlm] search winner: {result.parameters:,} parameters (dense {result.dense_parameters:,}), '
-              f'fitness {result.fitness:.4g}; levels {result.winner.to_dict()}')
+              f'fitness {"n/a (0 generations: the start configuration)" if result.fitness is None else f"{result.fitness:.4g}"}'
+              f'; levels {result.winner.to_dict()}')
     dist.barrier()
     return {'levels': os.path.abspath(result.json_path), 'model': os.path.abspath(out),
-            'database': refs['database']['database']}
+            'database': refs['database']['database'], 'base_model': base_model(refs)}
 
 
 def _console_log(metrics, step):
-    if step % 10 == 0 or step == 1:
-        print('[darwinlm] search ' + ' '.join(f'{k.split("/")[-1]}={v:.4g}' if isinstance(v, float) else
-                                              f'{k.split("/")[-1]}={v}' for k, v in metrics.items()), flush=True)
+    # every generation: one line a minute or so on a real model is what tells a user the search moves
+    print('[darwinlm] search ' + ' '.join(f'{k.split("/")[-1]}={v:.4g}' if isinstance(v, float) else
+                                          f'{k.split("/")[-1]}={v}' for k, v in metrics.items()), flush=True)

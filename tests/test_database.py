@@ -299,3 +299,18 @@ def test_torch_distributed_gloo_build_matches_one_process(built, tmp_path):
     db = SparsityDatabase.open(tmp_path / 'db', _model())
     assert db.manifest['calibration'] == ref.manifest['calibration']
     assert_same_database(db, ref)
+
+
+def test_fingerprint_of_a_real_size_embedding_samples_valid_indices(tmp_path):
+    """An embedding above 2**24 elements (every real model's) is fingerprinted, in memory and from disk alike,
+    and its last value takes part (a float32 index grid would round past the end of the tensor)."""
+    model = tiny_model('llama_gqa', vocab_size=65600, hidden_size=256, num_attention_heads=4, head_dim=64,
+                       num_hidden_layers=1, tie_word_embeddings=True)
+    emb = model.model.embed_tokens.weight
+    assert emb.numel() > 2 ** 24
+    in_memory = model_fingerprint(model)
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    assert model_fingerprint(str(tmp_path)) == in_memory
+    with torch.no_grad():
+        emb[-1, -1] += 1.0
+    assert model_fingerprint(model)['model'] != in_memory['model']

@@ -90,8 +90,9 @@ def test_counts_match_real_shrunk_models(family):
 def test_too_few_structures_is_a_clear_error_and_num_levels_adapts():
     config = _config(4, 2, 128)
     with pytest.raises(ValueError, match='4 query heads cannot be split into 10 equal'):
-        LevelSpec.from_config(config)
-    spec = LevelSpec.from_config(config, num_levels=4)
+        LevelSpec.from_config(config, num_levels=10)
+    spec = LevelSpec.from_config(config)  # automatic: min(10, 4 heads, 128 // 32) = 4 levels
+    assert spec.num_levels == 4 and spec == LevelSpec.from_config(config, num_levels=4)
     assert [spec.keep('attn', l) for l in range(5)] == [4, 3, 2, 1, 0]
     assert [spec.keep('mlp', l) for l in range(5)] == [128, 96, 64, 32, 0]
     with pytest.raises(ValueError, match='outside 0..4'):
@@ -135,3 +136,53 @@ def test_report_round_trip_and_level_formats():
     with pytest.raises(ValueError, match='missing for units'):
         normalise_levels({Unit(0, 'attn'): 1}, 4)
     assert parameter_count(_config(40, 8, 13824), 0) == shrunk_parameter_count(_config(40, 8, 13824))
+
+
+SMOLLM2 = dict(heads=9, kv=3, mlp=1536, hidden=576, layers=30)  # SmolLM2-135M's real shapes
+
+
+def _smollm2_config(layers=SMOLLM2['layers']):
+    return transformers.LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                                    num_hidden_layers=layers, num_attention_heads=9, num_key_value_heads=3,
+                                    tie_word_embeddings=True)
+
+
+def test_few_head_gqa_model_gets_levels_automatically_and_switches_stay_exact():
+    """SmolLM2-135M (9 query heads / 3 K/V heads): 9 levels of one head, level 5 is about half the blocks."""
+    spec = LevelSpec.from_config(_smollm2_config())
+    assert spec.num_levels == 9 and spec.steps == {'attn': 1, 'mlp': 160}
+    assert [spec.keep('attn', l) for l in range(10)] == list(range(9, -1, -1))
+    assert spec.keep('mlp', 5) == 1536 - 800 and spec.remainder('mlp') == 96
+    block = lambda level: spec.unit_parameters('attn', level) + spec.unit_parameters('mlp', level)
+    assert 0.45 < block(5) / block(0) < 0.55  # comparable to the paper's level 5 of 10
+    assert spec.parameter_count(0) == shrunk_parameter_count(_smollm2_config())
+    # every level switch between two units of a kind is size-neutral below removal (attention removal also
+    # frees the GQA K/V, so it stops at 8 for an exact search; MLP level 9 keeps 96 columns)
+    assert spec.max_exact_level('attn') == 8 and spec.max_exact_level('mlp') == 9
+    rest = {'attn': [5] * 28, 'mlp': [5] * 28}
+    for kind in ('attn', 'mlp'):
+        top = spec.max_exact_level(kind)
+        for a, b in itertools.product(range(top), range(1, top + 1)):
+            levels = {k: [a, b] + rest[k] if k == kind else [5, 5] + rest[k] for k in ('attn', 'mlp')}
+            moved = {k: [a + 1, b - 1] + rest[k] if k == kind else [5, 5] + rest[k] for k in ('attn', 'mlp')}
+            assert spec.parameter_count(levels) == spec.parameter_count(moved)
+
+
+def test_pruned_few_head_model_records_its_levels_and_reopens_for_gradual_pruning(tmp_path):
+    """A pruned SmolLM2-shaped model saved and re-loaded gives the same LevelSpec (database of a pruned model)."""
+    from darwinlm_foundry.modeling import DarwinLMConfig
+    from darwinlm_foundry.shrinking import to_darwinlm_config
+    config = _smollm2_config(layers=3)
+    spec = LevelSpec.from_config(config)
+    pruned = to_darwinlm_config(config)
+    pruned.layer_heads = [list(range(9 - 5)), list(range(9 - 6)), list(range(9))]
+    pruned.layer_intermediate_sizes = [1536 - 160 * 5, 1536 - 160 * 9, 1536]
+    pruned.level_steps, pruned.num_levels = spec.steps, spec.num_levels
+    pruned.save_pretrained(tmp_path)
+    again = LevelSpec.from_config(DarwinLMConfig.from_pretrained(tmp_path))
+    assert again.num_levels == 9 and again.steps == spec.steps
+    assert again.current_levels == {'attn': (5, 6, 0), 'mlp': (5, 9, 0)}
+    assert again.levels_available('attn', 1) == [6, 7, 8, 9]
+    # a config written before num_levels was recorded derives the same number from the dense sizes
+    pruned.num_levels = None
+    assert LevelSpec.from_config(pruned) == again

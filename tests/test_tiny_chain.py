@@ -52,7 +52,13 @@ def test_tiny_chain_end_to_end_then_skipped(tmp_path):
     assert 'pruned model:' in first and export['model'] in first and export['report'] in first
     # The exported model is physically smaller than the dense one and carries its levels.
     exported = json.loads(open(os.path.join(export['model'], 'config.json')).read())
-    assert exported['model_type'] == 'darwinlm' and exported['levels']
+    assert exported['model_type'] == 'darwinlm' and exported['levels'] and exported['num_levels'] == 10
+    # The card names the dense model the chain started from, never the pruned model itself.
+    card = open(os.path.join(export['model'], 'README.md')).read()
+    assert f"base_model: {manifest['dense']['outputs']['model']}" in card and 'Levels 0 (dense) .. 10;' in card
+    # The uniform baseline (a search of 0 generations) is a recorded stage with the uniform level-5 model.
+    uniform = json.loads(open(manifest['uniform5']['outputs']['levels']).read())
+    assert uniform['generations'] == 0 and uniform['levels'] == {'attn': [5] * 4, 'mlp': [5] * 4}
     evaluation = json.loads(open(manifest['eval']['outputs']['report']).read())
     params = {row['method']: row['params'] for row in evaluation['rows']}
     assert params['level6_trained'] < params['level5_trained'] < params['dense']

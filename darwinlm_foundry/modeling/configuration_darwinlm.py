@@ -26,6 +26,8 @@ class DarwinLMConfig(LlamaConfig):
             ``attention_bias``.
         levels: optional record of the sparsity level of each unit, ``{'attn': [...], 'mlp': [...]}``.
         level_steps: optional record of the level step per kind (heads, columns) the levels refer to.
+        num_levels: optional record of the top level (10, fewer for models with fewer than 10 heads), so that
+            a pruned model re-opens with the levels it was pruned with (gradual pruning).
     """
 
     model_type = 'darwinlm'
@@ -39,6 +41,7 @@ class DarwinLMConfig(LlamaConfig):
         o_bias=None,
         levels=None,
         level_steps=None,
+        num_levels=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -54,6 +57,7 @@ class DarwinLMConfig(LlamaConfig):
         self.layer_intermediate_sizes = [int(s) for s in layer_intermediate_sizes]
         self.levels = levels
         self.level_steps = level_steps
+        self.num_levels = num_levels
         self._validate_shapes()
 
     @property

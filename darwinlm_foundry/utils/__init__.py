@@ -1,0 +1,1 @@
+"""Helpers shared by every stage: checkpoint conversion and loading."""
