@@ -44,6 +44,8 @@ __all__ = [
     'convert_to_mds',
     'doc_tokens',
     'embedded_text_files',
+    'split_texts_by_source',
+    'pack_documents',
     'embedded_tokenizer',
     'embedded_tokenizer_dir',
     'read_manifest',
@@ -555,6 +557,7 @@ def convert_to_mds(source: str | os.PathLike | Sequence[str | os.PathLike],
         'format': 'darwinlm-foundry/mds-tokens/v1',
         'fingerprint': fingerprint,
         **settings,
+        'split_order': list(split_spec),  # the manifest's keys are sorted; the split bounds follow this order
         'documents': {**stats, 'kept': sum(e['docs'] for e in per_split.values())},
         'split_counts': per_split,
         'total_tokens': sum(e['tokens'] for e in per_split.values()),
@@ -562,6 +565,55 @@ def convert_to_mds(source: str | os.PathLike | Sequence[str | os.PathLike],
     }
     _atomic_write_json(manifest_path, manifest)
     return manifest
+
+
+def source_name(path: str) -> str:
+    """A source file's short name (``redpajama_github1`` for ``.../redpajama_github1.jsonl.gz``)."""
+    name = os.path.basename(path.rstrip('/'))
+    for suffix in sorted(_TEXT_SUFFIXES, key=len, reverse=True):
+        if name.endswith(suffix):
+            return name[:-len(suffix)]
+    return name
+
+
+def split_texts_by_source(shards_dir: str | os.PathLike, split: str = 'heldout') -> dict[str, list[str]]:
+    """The documents of one split of a conversion, grouped by source file (e.g. held-out text per domain).
+
+    Re-reads the sources the manifest names and re-applies the same filter and seeded document hash, so the
+    documents are exactly those whose tokens went into ``split`` (never into calibration, search or train).
+    """
+    manifest = read_manifest(shards_dir)
+    order = manifest.get('split_order')
+    if order is None:
+        raise ValueError(f'{shards_dir} was converted before split_order was recorded; re-run the data stage '
+                         '(delete its manifest.json) to score held-out text per source.')
+    spec = {name: manifest['splits'][name] for name in order}
+    if split not in spec:
+        raise ValueError(f'{shards_dir} has no split {split!r} (splits: {order})')
+    files = _expand_sources([src['path'] for src in manifest['sources']])
+    args = (manifest['text_key'], manifest['score_key'], manifest['min_score'], manifest['seed'])
+    keys = None
+    if any(not isinstance(v, float) for v in spec.values()):  # counts: bounds come from every document's key
+        keys = np.array([d.key for d in _iter_docs(files, *args, {'read': 0, 'filtered_out': 0, 'empty': 0})])
+    bounds = _split_thresholds(spec, keys)
+    out: dict[str, list[str]] = {}
+    for path, fs in files:
+        texts = [d.text for d in _iter_docs([(path, fs)], *args, {'read': 0, 'filtered_out': 0, 'empty': 0})
+                 if split_of(d.key, bounds) == split]
+        if texts:
+            out.setdefault(source_name(path), []).extend(texts)
+    return out
+
+
+def pack_documents(tokenizer, texts: Sequence[str], seq_len: int, max_sequences: int | None = None) -> np.ndarray:
+    """Documents tokenised and packed into ``seq_len`` sequences exactly as the converter writes them."""
+    packer, rows = _Packer(seq_len), []
+    for i in range(0, len(texts), _TOKENIZE_BATCH):
+        for ids in doc_tokens(tokenizer, texts[i:i + _TOKENIZE_BATCH]):
+            rows.extend(packer.add(ids))
+            if max_sequences is not None and len(rows) >= max_sequences:
+                return np.stack(rows[:max_sequences])
+    return np.stack(rows) if rows else np.zeros((0, seq_len), dtype=np.int32)
 
 
 # ----------------------------------------------------------------------------- checks and loaders

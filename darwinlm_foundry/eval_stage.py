@@ -24,11 +24,25 @@ def run_eval_stage(cfg, stage_dir, refs, run, outputs):
     out_path = os.path.join(stage_dir, 'eval.json')
     run_on_rank_zero('evaluate', dict(paths=paths, dense=dense, shards=refs['data']['shards'],
                                       heldout_sequences=cfg.heldout_sequences, icl=cfg.icl, stage_dir=stage_dir,
-                                      out_path=out_path))
+                                      out_path=out_path, by_source=cfg.heldout_by_source))
     return {'report': os.path.abspath(out_path)}
 
 
-def evaluate_models(paths, dense, shards, heldout_sequences, icl, stage_dir, out_path):
+def _heldout_by_source(shards: str, tokenizer, n: int) -> dict:
+    """Held-out token sequences per source file (domain): the held-out split's documents, packed per source."""
+    import torch
+
+    from darwinlm_foundry.data import pack_documents, read_manifest, split_texts_by_source
+    seq_len = read_manifest(shards)['seq_len']
+    out = {}
+    for name, texts in sorted(split_texts_by_source(shards, 'heldout').items()):
+        rows = pack_documents(tokenizer, texts, seq_len, max_sequences=n)
+        if len(rows):  # a domain with less than one sequence of held-out text is left out
+            out[name] = torch.from_numpy(rows).long()
+    return out
+
+
+def evaluate_models(paths, dense, shards, heldout_sequences, icl, stage_dir, out_path, by_source=False):
     """The eval stage's work, in one process: writes ``out_path`` (JSON rows, one per model)."""
     from transformers import AutoTokenizer
 
@@ -38,10 +52,20 @@ def evaluate_models(paths, dense, shards, heldout_sequences, icl, stage_dir, out
     models = {label: load_hf_model(path).float().eval() for label, path in paths.items()}
     tokens = _heldout_tokens(shards, heldout_sequences)
     heldout = heldout_metrics(models, dense, tokens)
+    domains = {}
+    if by_source:
+        for name, seqs in _heldout_by_source(shards, AutoTokenizer.from_pretrained(paths[dense]),
+                                             heldout_sequences).items():
+            domains[name] = {'tokens': int(seqs.numel()), **heldout_metrics(models, dense, seqs, batch_size=4)}
+            print(f'[darwinlm] eval held-out {name} ({seqs.numel():,} tokens): ' + ', '.join(
+                f'{label} {domains[name][label]["ppl"]:.2f}' for label in models), flush=True)
     rows = []
     for label, model in models.items():
         row = {'method': label, 'params': sum(p.numel() for p in model.parameters()), 'path': paths[label],
                'heldout_ppl': heldout[label]['ppl'], 'heldout_kl': heldout[label]['kl']}
+        if domains:
+            row['heldout_by_source'] = {name: {'ppl': d[label]['ppl'], 'kl': d[label]['kl'], 'tokens': d['tokens']}
+                                        for name, d in domains.items()}
         if icl is not None:
             icl_args = dict(icl)
             data_dir = icl_args.pop('data_dir', None) or str(EMBEDDED_ICL)
@@ -56,7 +80,8 @@ def evaluate_models(paths, dense, shards, heldout_sequences, icl, stage_dir, out
               f'KL {row["heldout_kl"]:.4f}' + (f', ICL {row["tasks"]}' if 'tasks' in row else ''), flush=True)
     tmp = f'{out_path}.tmp'
     with open(tmp, 'w') as f:
-        json.dump({'dense': dense, 'rows': rows, 'heldout_sequences': heldout_sequences}, f, indent=1)
+        json.dump({'dense': dense, 'rows': rows, 'heldout_sequences': heldout_sequences,
+                   'heldout_sources': {name: d['tokens'] for name, d in domains.items()}}, f, indent=1)
     os.replace(tmp, out_path)
 
 

@@ -112,6 +112,7 @@ class EvalStage:
     data: str
     dense: Optional[str] = None
     heldout_sequences: int = 64
+    heldout_by_source: bool = False  # also held-out ppl / KL per source file (domain), up to heldout_sequences each
     icl: Optional[Dict[str, Any]] = None
 
 

@@ -339,3 +339,25 @@ def test_pretrain_tiny_smoke_and_cache(tmp_path, tok):
     again = pretrain_tiny(tmp_path / 'model', **kw)
     assert again.cached and again.ppl_after == r.ppl_after and again.curve == r.curve
     assert (tmp_path / 'model' / PRETRAIN_RECORD).stat().st_mtime_ns == mtime
+
+
+@pytest.mark.parametrize('splits', [{'calibration': 0.2, 'heldout': 0.3, 'train': None},
+                                    {'train': 60, 'heldout': 40, 'search': None}])
+def test_split_texts_by_source_are_exactly_the_split_documents(tmp_path, tok, subset, splits):
+    """Held-out text per domain: the same documents the converter put into the split, grouped by file."""
+    _, texts = subset
+    files = {'c4_part': texts[:150], 'wiki_part': texts[150:]}
+    for name, part in files.items():
+        (tmp_path / f'{name}.jsonl').write_text(''.join(json.dumps({'text': t}) + '\n' for t in part))
+    out = tmp_path / 'mds'
+    m = data.convert_to_mds([tmp_path / f'{n}.jsonl' for n in files], out, tok, seq_len=SEQ, splits=splits,
+                            score_key=None)
+    owner = check_conversion(out, m, tok, texts)
+    by_source = data.split_texts_by_source(out, 'heldout')
+    assert set(by_source) <= set(files) and sum(map(len, by_source.values())) == m['split_counts']['heldout']['docs']
+    for name, got in by_source.items():
+        assert set(got) <= set(files[name])
+    held = {t for got in by_source.values() for t in got}
+    assert all((texts[i] in held) == (split == 'heldout') for i, split in owner.items())
+    packed = data.pack_documents(tok, by_source['c4_part'], SEQ)
+    assert packed.shape[1] == SEQ and packed[0, 0] == tok.bos_token_id

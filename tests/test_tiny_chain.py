@@ -63,6 +63,9 @@ def test_tiny_chain_end_to_end_then_skipped(tmp_path):
     params = {row['method']: row['params'] for row in evaluation['rows']}
     assert params['level6_trained'] < params['level5_trained'] < params['dense']
     assert all(len(row['tasks']) >= 6 for row in evaluation['rows'])
+    # held-out perplexity per domain (source file), on documents of the held-out split only
+    assert 'redpajama_c4-rp1' in evaluation['heldout_sources']
+    assert all(set(row['heldout_by_source']) == set(evaluation['heldout_sources']) for row in evaluation['rows'])
     report = json.loads(open(os.path.join(os.path.dirname(export['report']), 'report.json')).read())
     assert report['sizes']['level6_trained'] == params['level6_trained']
     from safetensors.torch import load_file
