@@ -181,7 +181,7 @@ def run_train(cfg, stage_dir, refs, run, outputs):
             _export_checkpoint(finished, model_dir, final)
         _barrier()
         return {'model': os.path.abspath(final), 'base_model': base_model(refs)}
-    trainer = foundry_train(train_cfg)
+    trainer = _train_with_icl_files_in(train_cfg, os.path.join(stage_dir, 'icl_tasks'))
     batch = int(trainer.state.timestamp.batch)
     trainer.close()
     exported = os.path.join(export_dir, 'huggingface', f'ba{batch}')
@@ -193,6 +193,19 @@ def run_train(cfg, stage_dir, refs, run, outputs):
         os.replace(f'{final}.tmp', final)
     _barrier()
     return {'model': os.path.abspath(final), 'base_model': base_model(refs)}
+
+
+def _train_with_icl_files_in(train_cfg: Dict[str, Any], icl_dir: str):
+    """foundry's train(), with the copies of the ICL task files it makes kept in ``icl_dir``: foundry's train
+    loop has no setting for where, and would write ``<label>-<shots>.jsonl`` into the current directory."""
+    import functools
+    from unittest import mock
+
+    from llmfoundry.utils import builders
+    os.makedirs(icl_dir, exist_ok=True)
+    evaluators = functools.partial(builders.build_icl_evaluators, destination_dir=os.path.abspath(icl_dir))
+    with mock.patch.object(builders, 'build_icl_evaluators', evaluators):
+        return foundry_train(train_cfg)
 
 
 def _final_checkpoint(save_folder: str, max_duration) -> Optional[str]:

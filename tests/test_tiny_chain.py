@@ -73,6 +73,8 @@ def test_tiny_chain_end_to_end_then_skipped(tmp_path):
     assert sum(t.numel() for t in weights.values()) < params['dense']
     assert all(torch.isfinite(t).all() for t in weights.values())
 
+    # the run wrote only under its run directory (foundry's ICL task copies included)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['run', 'tiny.yaml']
     second = run()
     for name in names:
         assert f'stage {name} ({manifest_kind(cfg, name)}): finished earlier, skipped' in second
