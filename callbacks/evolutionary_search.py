@@ -50,6 +50,46 @@ class DarwinLMSearch(Callback):
     ``search_only=True`` it stops training at ``Event.FIT_START`` (nothing is trained). Global RNG states are
     restored after the search, so the post-training run sees the same randomness as without it.
 
+    **What it logs:** every generation, through the Trainer's :class:`~composer.loggers.Logger` (so to every
+    logger destination: console, MLflow, W&B, ...), with ``step`` = the number of completed generations.
+    Step 0 is the start configuration (logged when a search starts from scratch, also with
+    ``generations: 0``). The keys:
+
+    +-------------------------------------+-----------------------------------------------------------+
+    | Key                                 | Logged data                                               |
+    +=====================================+===========================================================+
+    | `search/generation`                 | Generations completed (0: the start configuration)        |
+    +-------------------------------------+-----------------------------------------------------------+
+    |                                     | KL to the dense model (or perplexity, per ``fitness``) of |
+    | `search/fitness`                    | the generation's winner in the last selection step, on    |
+    |                                     | that generation's fresh sample (not logged at step 0).    |
+    |                                     | Jumps with the sample: compare `search/probe_fitness`     |
+    +-------------------------------------+-----------------------------------------------------------+
+    |                                     | The parent (the generation's winner; at step 0 the start) |
+    | `search/probe_fitness`              | as stitched, scored on the fixed probe sample (the same   |
+    |                                     | ``probe_tokens`` tokens every generation): comparable     |
+    |                                     | across generations. Only logged with ``probe_tokens`` > 0 |
+    +-------------------------------------+-----------------------------------------------------------+
+    | `search/params`                     | Parameters of the parent (constant: mutations keep size)  |
+    +-------------------------------------+-----------------------------------------------------------+
+    |                                     | Wall seconds of the generation divided by the candidates  |
+    | `search/sec_per_offspring`          | it evaluated (offspring of every step plus the parent;    |
+    |                                     | not logged at step 0)                                     |
+    +-------------------------------------+-----------------------------------------------------------+
+    | `search/parent_kept`                | 1 when the parent beat every offspring, else 0 (not at 0) |
+    +-------------------------------------+-----------------------------------------------------------+
+    | `search/level/attn_<LL>`,           | Level of the parent's attention / MLP unit in layer LL    |
+    | `search/level/mlp_<LL>`             | (two digits), every generation including step 0           |
+    +-------------------------------------+-----------------------------------------------------------+
+    | `search/levels` (table)             | The same levels as a table ``layer, attn_level,           |
+    |                                     | mlp_level`` (destinations without tables ignore it)       |
+    +-------------------------------------+-----------------------------------------------------------+
+
+    Hyperparameters, logged once: `search/mode` and `search/world_size` before the search; after it
+    `search/winner_levels` (JSON), `search/winner_params`, `search/dense_params`, `search/winner_fitness`
+    (last-step fitness of the winner; with 0 generations its probe fitness, or None),
+    `search/winner_probe_fitness` (None without a probe) and `search/winner_json` (path of ``winner.json``).
+
     Args:
         database: directory of the sparsity database of the model being trained (or of ``dense``).
         data: a local MDS split to draw fine-tuning / fitness samples from (e.g. ``<shards>/search``), or a
@@ -100,6 +140,7 @@ class DarwinLMSearch(Callback):
             'search/winner_params': result.parameters,
             'search/dense_params': result.dense_parameters,
             'search/winner_fitness': result.fitness,
+            'search/winner_probe_fitness': result.probe_fitness,
             'search/winner_json': result.json_path,
         })
         log.info('darwinlm_search: winner %s (%d of %d parameters), written to %s', result.winner.to_dict(),

@@ -99,7 +99,8 @@ def run_export_stage(cfg, stage_dir, refs, run, outputs):
     if dist.get_global_rank() == 0:
         model = load_hf_model(model_dir)
         searches = [json.loads(Path(outputs[name]['levels']).read_text()) for name in cfg.searches]
-        history = [h for s in searches for h in s.get('fitness_history', [])]
+        # one fitness curve per search stage (probe fitness where the search recorded it), labelled by stage
+        curves = {name: search for name, search in zip(cfg.searches, searches)}
         # the original dense model (recorded by the model / pretrain stage), never the pruned input itself
         export_pruned(model, out_model, tokenizer=model_dir, base_model=str(base_model(refs)), overwrite=True,
                       data_note=f'shards: {refs["data"]["shards"]}' if 'data' in refs else 'see run manifest',
@@ -115,11 +116,11 @@ def run_export_stage(cfg, stage_dir, refs, run, outputs):
                 eval_rows.append({'method': row['method'], 'params': row['params'], 'tasks': tasks,
                                   'avg': row.get('mean_accuracy', float('nan'))})
         sizes.setdefault('exported', sum(p.numel() for p in model.parameters()))
-        write_report(report_dir, sizes=sizes, levels=layers_from_config(model.config), fitness_history=history,
+        write_report(report_dir, sizes=sizes, levels=layers_from_config(model.config), fitness_curves=curves,
                      eval_table=eval_rows, title=f'DarwinLM run report: {os.path.basename(run.run_dir)}',
-                     extra={'searches': [{k: s.get(k) for k in ('levels', 'fitness', 'parameters',
-                                                                 'dense_parameters', 'generations')}
-                                         for s in searches]})
+                     extra={'searches': [{'stage': name, **{k: s.get(k) for k in (
+                         'levels', 'fitness', 'probe_fitness', 'parameters', 'dense_parameters', 'generations')}}
+                                         for name, s in zip(cfg.searches, searches)]})
         print(f'[darwinlm] pruned model: {os.path.abspath(out_model)}\n'
               f'[darwinlm] report: {os.path.abspath(os.path.join(report_dir, "report.md"))}', flush=True)
     dist.barrier()

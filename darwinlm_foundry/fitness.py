@@ -31,6 +31,8 @@ __all__ = [
     'next_token_labels',
     'DenseTargets',
     'DenseLogitCache',
+    'prepare_logits',
+    'SpilledTargets',
 ]
 
 _REDUCTIONS = ('mean', 'sum', 'none')
@@ -242,16 +244,33 @@ class DenseTargets:
         ``sum p log p`` (fp64). Every later :meth:`kl` is then a row-wise dot product and a logsumexp over the
         student's logits instead of two normalisations (the search scores many candidates against the same
         targets). Doubles the memory unless ``release_logits`` (then only the prepared side stays: :meth:`kl`
-        and :meth:`rows` work, :meth:`tensors` is empty); a no-op for the top-k form."""
+        and :meth:`rows` work, :meth:`tensors` is empty); a no-op for the top-k form. Computed a few tokens
+        at a time (:func:`prepare_logits`), so the temporaries stay small."""
         if not self.is_topk and self._prepared is None:
-            log_p = self.logits.float().log_softmax(-1)
-            p = log_p.exp()
-            # p == 0 (a -inf dense logit) contributes 0, not 0 * inf = nan
-            neg_entropy = torch.where(p > 0, p * log_p, torch.zeros_like(p)).sum(-1, dtype=torch.float64)
-            self._prepared = (p, neg_entropy)
+            self._prepared = prepare_logits(self.logits)
         if release_logits and self._prepared is not None:
             self.logits = None
         return self
+
+    @classmethod
+    def from_prepared(cls, probs: torch.Tensor, neg_entropy: torch.Tensor) -> 'DenseTargets':
+        """Targets holding only the prepared side (``p`` and ``sum p log p``, see :meth:`prepare`)."""
+        if tuple(probs.shape[:-1]) != tuple(neg_entropy.shape):
+            raise ValueError(f'probs {tuple(probs.shape)} and neg_entropy {tuple(neg_entropy.shape)} disagree')
+        targets = cls()
+        targets._prepared = (probs, neg_entropy)
+        return targets
+
+    @property
+    def is_prepared(self) -> bool:
+        return self._prepared is not None
+
+    def stored_tensors(self) -> dict[str, torch.Tensor]:
+        """What a cache writes: the logits / top-k form, or the prepared side when that is all there is."""
+        tensors = self.tensors()
+        if not tensors and self._prepared is not None:
+            return dict(zip(_PREPARED_FIELDS, self._prepared))
+        return tensors
 
     def rows(self, start: int, stop: int) -> 'DenseTargets':
         """Rows ``start:stop`` (first dimension = sequences), prepared tensors included."""
@@ -299,6 +318,38 @@ def _kl_prepared(p: torch.Tensor, neg_entropy: torch.Tensor, student_logits: tor
     return _reduce(per_token, fmask, token_shape, reduction)
 
 
+_PREPARED_FIELDS = ('probs', 'neg_entropy')
+_PREPARE_CHUNK_TOKENS = 256
+
+
+def prepare_logits(logits: torch.Tensor, out: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+                   chunk_tokens: int = _PREPARE_CHUNK_TOKENS) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prepared dense side of the KL of ``logits`` (``(..., vocab)``, any float dtype): ``p`` (fp32,
+    same shape) and ``sum p log p`` per token (fp64, shape ``(...)``), as :meth:`DenseTargets.prepare` keeps it.
+
+    Row-wise (every token on its own), ``chunk_tokens`` tokens at a time, so the temporaries are a few
+    ``chunk_tokens x vocab`` blocks instead of several copies of the whole sample; the values are those of
+    one pass over the whole tensor. ``out``: preallocated ``(p, neg_entropy)`` to write into (e.g. a slice of a
+    larger sample's targets)."""
+    vocab = logits.shape[-1]
+    token_shape = tuple(logits.shape[:-1])
+    if out is None:
+        out = (torch.empty(logits.shape, dtype=torch.float32, device=logits.device),
+               torch.empty(token_shape, dtype=torch.float64, device=logits.device))
+    p_out, ne_out = out
+    if tuple(p_out.shape) != tuple(logits.shape) or tuple(ne_out.shape) != token_shape:
+        raise ValueError(f'out has shapes {tuple(p_out.shape)}, {tuple(ne_out.shape)}; expected '
+                         f'{tuple(logits.shape)}, {token_shape}')
+    flat, p_flat, ne_flat = logits.reshape(-1, vocab), p_out.view(-1, vocab), ne_out.view(-1)
+    for i in range(0, flat.shape[0], max(1, int(chunk_tokens))):
+        log_p = flat[i:i + chunk_tokens].float().log_softmax(-1)
+        p = log_p.exp()
+        # p == 0 (a -inf dense logit) contributes 0, not 0 * inf = nan
+        ne_flat[i:i + chunk_tokens] = torch.where(p > 0, p * log_p, torch.zeros_like(p)).sum(-1, dtype=torch.float64)
+        p_flat[i:i + chunk_tokens] = p
+    return p_out, ne_out
+
+
 def _key_json(key: Hashable) -> str:
     try:
         return json.dumps(key, sort_keys=True, separators=(',', ':'))
@@ -344,10 +395,18 @@ class DenseLogitCache:
     memory-mapped rather than kept resident. Without one, everything stays in memory. A key reused for
     different tokens is an error (the key must identify the sample). Several processes may share a
     directory: they write identical content under the same names.
+
+    Memory: ``prepared=True`` (full form only) stores just the prepared dense side of the KL
+    (:meth:`DenseTargets.prepare`: ``p`` fp32 and ``sum p log p`` per token) instead of the logits, i.e. what
+    the fitness needs and no more (a cache directory then holds the prepared form too; entries written as
+    logits are prepared when read). ``compute_rows``: call ``compute_fn`` on at most this many sequences at a
+    time and convert each block to the stored form at once, so the logits of a whole sample (e.g. 8 x 512 x
+    49152 fp32 = 0.8 GB) never exist next to their stored form. :meth:`forget` drops an entry no longer needed.
     """
 
     def __init__(self, directory: Optional[str] = None, topk: Optional[int] = None,
-                 memory_limit_bytes: int = 1 << 30, storage_dtype: torch.dtype = torch.float32):
+                 memory_limit_bytes: int = 1 << 30, storage_dtype: torch.dtype = torch.float32,
+                 prepared: bool = False, compute_rows: Optional[int] = None):
         if topk is not None and topk < 1:
             raise ValueError(f'topk must be >= 1 or None (full logits), got {topk}')
         if storage_dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -356,6 +415,10 @@ class DenseLogitCache:
         self.topk = topk
         self.memory_limit_bytes = int(memory_limit_bytes)
         self.storage_dtype = storage_dtype
+        self.prepared = bool(prepared) and topk is None
+        if compute_rows is not None and int(compute_rows) < 1:
+            raise ValueError(f'compute_rows must be >= 1 or None, got {compute_rows}')
+        self.compute_rows = None if compute_rows is None else int(compute_rows)
         self.num_computed = 0  # compute_fn calls, for logging and tests
         self._entries: dict[str, tuple[str, DenseTargets]] = {}  # key json -> (tokens digest, targets)
         self._resident_bytes = 0
@@ -410,6 +473,13 @@ class DenseLogitCache:
         self._entries.clear()
         self._resident_bytes = 0
 
+    def forget(self, key: Hashable) -> None:
+        """Forget the in-memory entry of ``key`` (if any; its copy on disk stays)."""
+        entry = self._entries.pop(_key_json(key), None)
+        if entry is not None:
+            # a memory-mapped entry was never counted; clamp instead of tracking which
+            self._resident_bytes = max(0, self._resident_bytes - entry[1].nbytes)
+
     # -- internals ---------------------------------------------------------------------------------
     @staticmethod
     def _check_digest(key, stored: str, given: str) -> None:
@@ -420,20 +490,49 @@ class DenseLogitCache:
 
     @torch.no_grad()
     def _compute(self, tokens: torch.Tensor, compute_fn) -> DenseTargets:
+        n = tokens.shape[0] if tokens.dim() > 1 else 1
+        rows = self.compute_rows if tokens.dim() > 1 else None
+        if rows is None or rows >= n:
+            return self.convert(self._logits_of(tokens, compute_fn))
+        # block by block into preallocated storage: one block of logits alive at a time
+        out: Optional[dict] = None
+        for i in range(0, n, rows):
+            part = self.convert(self._logits_of(tokens[i:i + rows], compute_fn)).stored_tensors()
+            if out is None:
+                out = {k: torch.empty((n,) + tuple(v.shape[1:]), dtype=v.dtype) for k, v in part.items()}
+            for k, v in part.items():
+                out[k][i:i + rows] = v
+            del part
+        return self._from_stored(out)
+
+    @staticmethod
+    def _logits_of(tokens: torch.Tensor, compute_fn) -> torch.Tensor:
         out = compute_fn(tokens)
         logits = getattr(out, 'logits', out)
         if not isinstance(logits, torch.Tensor) or tuple(logits.shape[:-1]) != tuple(tokens.shape):
             shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
             raise ValueError(f'compute_fn must return logits of shape {tuple(tokens.shape)} + (vocab,), '
                              f'got {shape}')
-        logits = logits.detach()
+        return logits.detach()
+
+    def convert(self, logits: torch.Tensor) -> DenseTargets:
+        """Logits to the stored form: (storage-dtype) logits, top-k triple, or the prepared side."""
         if self.topk is None:
-            return DenseTargets(logits=logits.to(self.storage_dtype).cpu())
+            stored = logits.to(self.storage_dtype).cpu()
+            if self.prepared:
+                return DenseTargets.from_prepared(*prepare_logits(stored))
+            return DenseTargets(logits=stored)
         k = min(self.topk, logits.shape[-1])
         full = logits.float()
         values, indices = full.topk(k, dim=-1)
         return DenseTargets(topk_values=values.to(self.storage_dtype).cpu(), topk_indices=indices.cpu(),
                             logsumexp=torch.logsumexp(full, -1).cpu())
+
+    @staticmethod
+    def _from_stored(tensors: dict) -> DenseTargets:
+        if set(tensors) == set(_PREPARED_FIELDS):
+            return DenseTargets.from_prepared(tensors['probs'], tensors['neg_entropy'])
+        return DenseTargets(**tensors)
 
     def _settings(self) -> dict:
         return {'topk': self.topk, 'storage_dtype': str(self.storage_dtype).replace('torch.', '')}
@@ -441,7 +540,7 @@ class DenseLogitCache:
     def _save(self, key_json: str, digest: str, targets: DenseTargets) -> None:
         stem = self._stem(key_json)
         fields = {}
-        for name, tensor in targets.tensors().items():
+        for name, tensor in targets.stored_tensors().items():
             arr = _to_numpy(tensor)
             _atomic_write_bytes(f'{stem}.{name}.npy', lambda f, arr=arr: np.save(f, arr))
             fields[name] = str(tensor.dtype).replace('torch.', '')
@@ -476,4 +575,80 @@ class DenseLogitCache:
             if dtype_name == 'bfloat16':
                 tensor = tensor.view(torch.bfloat16)
             tensors[name] = tensor
+        if set(tensors) == set(_PREPARED_FIELDS):
+            if not self.prepared:
+                raise ValueError(f'dense-logit cache entry {meta_path} holds prepared targets (probabilities), '
+                                 f'this cache stores logits; use another cache directory')
+            return DenseTargets.from_prepared(tensors['probs'], tensors['neg_entropy'])
+        targets = DenseTargets(**tensors)
+        if self.prepared and not targets.is_topk:
+            targets.prepare(release_logits=True)  # an entry written as logits (by an older version)
+        return targets
+
+
+class SpilledTargets:
+    """Dense targets written to plain files and read back a block of rows at a time (:meth:`rows`).
+
+    For targets needed rarely but over a long time (the search's fixed probe sample, scored once per
+    generation): between uses they cost no memory, and a read is an ordinary file read into a fresh tensor,
+    never a memory map (whose touched pages would count as this process's resident memory for as long as
+    the map lives). ``write(targets, stem)`` stores :meth:`DenseTargets.stored_tensors` as ``<stem>.<field>.bin``;
+    values read back are bit-identical to the ones written.
+    """
+
+    def __init__(self, stem: str, fields: dict):
+        self.stem = stem
+        self.fields = fields  # name -> (torch dtype, shape)
+
+    @classmethod
+    def write(cls, targets: DenseTargets, stem: str) -> 'SpilledTargets':
+        """Write ``targets`` (in memory) to ``<stem>.<field>.bin``."""
+        return cls.write_blocks([targets], stem)
+
+    @classmethod
+    def write_blocks(cls, blocks, stem: str) -> 'SpilledTargets':
+        """Write consecutive row blocks (:class:`DenseTargets` of the same form, e.g. one per micro-batch as the
+        dense model produces them) one after the other: only one block is ever in memory."""
+        fields: dict = {}
+        files: dict = {}
+        try:
+            for block in blocks:
+                for name, tensor in block.stored_tensors().items():
+                    if name not in files:
+                        files[name] = open(f'{stem}.{name}.bin', 'wb')
+                        fields[name] = (tensor.dtype, (0,) + tuple(tensor.shape[1:]))
+                    dtype, shape = fields[name]
+                    if tensor.dtype != dtype or tuple(tensor.shape[1:]) != shape[1:]:
+                        raise ValueError(f'block field {name}: {tensor.dtype} {tuple(tensor.shape)} does not '
+                                         f'continue {dtype} {shape}')
+                    _to_numpy(tensor).tofile(files[name])
+                    fields[name] = (dtype, (shape[0] + tensor.shape[0],) + shape[1:])
+        finally:
+            for f in files.values():
+                f.close()
+        if not fields:
+            raise ValueError('no blocks to write')
+        return cls(stem, fields)
+
+    @property
+    def nbytes(self) -> int:
+        return 0  # nothing resident
+
+    def __len__(self) -> int:
+        return next(iter(self.fields.values()))[1][0]
+
+    def rows(self, start: int, stop: int) -> DenseTargets:
+        """Rows ``start:stop`` (first dimension = sequences) as in-memory :class:`DenseTargets`."""
+        n = len(self)
+        start, stop = max(0, min(start, n)), max(0, min(stop, n))
+        tensors = {}
+        for name, (dtype, shape) in self.fields.items():
+            per_row = int(np.prod(shape[1:], dtype=np.int64))
+            np_dtype = np.dtype(np.int16) if dtype == torch.bfloat16 else torch.empty(0, dtype=dtype).numpy().dtype
+            arr = np.fromfile(f'{self.stem}.{name}.bin', dtype=np_dtype, count=(stop - start) * per_row,
+                              offset=start * per_row * np_dtype.itemsize)
+            tensor = torch.from_numpy(arr).reshape((stop - start,) + tuple(shape[1:]))
+            tensors[name] = tensor.view(torch.bfloat16) if dtype == torch.bfloat16 else tensor
+        if set(tensors) == set(_PREPARED_FIELDS):
+            return DenseTargets.from_prepared(tensors['probs'], tensors['neg_entropy'])
         return DenseTargets(**tensors)

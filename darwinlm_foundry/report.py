@@ -4,7 +4,9 @@
 speed-ups) so any stage can produce it; the markdown is generated from the JSON document, so every number
 in the markdown is the JSON value formatted (``report.json`` is the source of truth).
 
-Plots: ``layers.png`` (heads and MLP width kept per layer) and ``fitness.png`` (fitness over generations).
+Plots: ``layers.png`` (heads and MLP width kept per layer) and ``fitness.png`` (fitness over generations: one
+curve per search stage, from :func:`search_curve`, using the probe fitness -- the parent scored on the same
+fixed sample every generation -- where the search recorded it).
 """
 
 from __future__ import annotations
@@ -13,9 +15,9 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence, Union
 
-__all__ = ['write_report', 'render_markdown', 'fmt_number', 'fmt_params']
+__all__ = ['write_report', 'render_markdown', 'fmt_number', 'fmt_params', 'search_curve']
 
 REPORT_MD, REPORT_JSON, LAYERS_PNG, FITNESS_PNG = 'report.md', 'report.json', 'layers.png', 'fitness.png'
 
@@ -130,7 +132,19 @@ def render_markdown(doc: Mapping[str, Any]) -> str:
         lines.append(f'| {i} | {la} | {fmt_number(h)} | {lm} | {fmt_number(w)} |')
     lines.append('')
     history = doc['fitness_history']
-    if history:
+    curves = doc.get('fitness_curves') or []
+    if curves:
+        # one column per search; rows: every generation any of them has
+        lines += ['## Search', '', f'![fitness over generations]({FITNESS_PNG})', '']
+        lines += [f'- {c["label"]}: {_CURVE_KINDS[c["kind"]]}' for c in curves]
+        lines += ['', '| generation | ' + ' | '.join(f'{c["label"]} {c["kind"]}' for c in curves) + ' |',
+                  '|---:|' + '---:|' * len(curves)]
+        by_curve = [{p['generation']: p['fitness'] for p in c['points']} for c in curves]
+        for g in sorted({g for points in by_curve for g in points}):
+            lines.append(f'| {fmt_number(g)} | ' + ' | '.join(fmt_number(points.get(g), 6) for points in by_curve)
+                         + ' |')
+        lines.append('')
+    elif history:
         lines += ['## Search', '', f'![fitness over generations]({FITNESS_PNG})', '',
                   '| generation | fitness |', '|---:|---:|']
         lines += [f'| {fmt_number(g["generation"])} | {fmt_number(g["fitness"], 6)} |' for g in history]
@@ -157,6 +171,51 @@ def _history(fitness_history) -> list[dict]:
     return out
 
 
+_CURVE_KINDS = {
+    'probe': 'probe fitness: the parent scored on one fixed sample every generation (comparable across '
+             'generations; generation 0 = the start configuration)',
+    'fitness': 'fitness of the winner in the last selection step, each generation on a fresh sample (this search '
+               'recorded no probe fitness)',
+}
+
+
+def search_curve(search: Mapping[str, Any]) -> dict:
+    """The fitness curve of one search from its ``winner.json`` data: ``{kind, points: [{generation,
+    fitness}]}`` with ``generation`` = generations completed. ``kind`` is ``'probe'`` when every generation
+    recorded a probe fitness (then the start's probe fitness is generation 0 when recorded), else
+    ``'fitness'`` (the last-step fitness on fresh samples; ``winner.json`` files from before the probe)."""
+    records = list(search.get('history') or [])
+    if records and all(r.get('probe_fitness') is not None for r in records):
+        points = [{'generation': int(r['generation']) + 1, 'fitness': float(r['probe_fitness'])} for r in records]
+        if search.get('start_probe_fitness') is not None:
+            points.insert(0, {'generation': 0, 'fitness': float(search['start_probe_fitness'])})
+        return {'kind': 'probe', 'points': points}
+    if not records and search.get('start_probe_fitness') is not None:  # 0 generations: the start alone
+        return {'kind': 'probe', 'points': [{'generation': 0, 'fitness': float(search['start_probe_fitness'])}]}
+    if records:
+        points = [{'generation': int(r['generation']) + 1, 'fitness': float(r['fitness'])} for r in records]
+    else:
+        points = [{'generation': i + 1, 'fitness': float(f)} for i, f in enumerate(search.get('fitness_history') or [])]
+    return {'kind': 'fitness', 'points': points}
+
+
+def _curves(fitness_curves) -> list[dict]:
+    """``[{label, kind, points}]`` from ``{label: curve or winner.json data}`` (or a list of labelled curves)."""
+    items = fitness_curves.items() if isinstance(fitness_curves, Mapping) else (
+        (c['label'], c) for c in fitness_curves)
+    out = []
+    for label, curve in items:
+        if 'points' not in curve:
+            curve = search_curve(curve)
+        if curve['kind'] not in _CURVE_KINDS:
+            raise ValueError(f'fitness curve {label!r}: kind must be one of {sorted(_CURVE_KINDS)}, '
+                             f'got {curve["kind"]!r}')
+        out.append({'label': str(label), 'kind': curve['kind'],
+                    'points': [{'generation': int(p['generation']), 'fitness': float(p['fitness'])}
+                               for p in curve['points']]})
+    return out
+
+
 def _plot_layers(layers: Mapping[str, Any], path: Path) -> None:
     import matplotlib
     matplotlib.use('Agg')
@@ -177,15 +236,25 @@ def _plot_layers(layers: Mapping[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def _plot_fitness(history: Sequence[Mapping[str, Any]], path: Path) -> None:
+def _plot_fitness(curves: Sequence[Mapping[str, Any]], path: Path) -> None:
+    """One line per curve (``{label, kind, points}``); probe curves solid, fresh-sample ones dashed."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([h['generation'] for h in history], [h['fitness'] for h in history], marker='.')
+    for curve in curves:
+        points = curve['points']
+        label = curve.get('label')
+        if label is not None and curve.get('kind') == 'fitness' and len(curves) > 1:
+            label += ' (fresh samples)'
+        ax.plot([p['generation'] for p in points], [p['fitness'] for p in points], marker='.', label=label,
+                linestyle='--' if curve.get('kind') == 'fitness' and len(curves) > 1 else '-')
+    if any(c.get('label') is not None for c in curves):
+        ax.legend()
     ax.set_xlabel('generation')
     ax.set_ylabel('fitness (KL to dense, lower is better)')
-    ax.set_title('fitness of the parent over generations')
+    probe = any(c.get('kind') == 'probe' for c in curves)
+    ax.set_title('fitness of the parent over generations' + (' (fixed probe sample)' if probe else ''))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -194,14 +263,20 @@ def _plot_fitness(history: Sequence[Mapping[str, Any]], path: Path) -> None:
 def write_report(out_dir, *, sizes: Mapping[str, int], levels: Mapping[str, Any],
                  fitness_history: Sequence[Any] = (), eval_table: Sequence[Mapping[str, Any]] = (),
                  speedups: Sequence[Mapping[str, Any]] = (), title: str = 'DarwinLM run report',
-                 extra: Optional[Mapping[str, Any]] = None) -> dict[str, Path]:
+                 extra: Optional[Mapping[str, Any]] = None,
+                 fitness_curves: Optional[Union[Mapping[str, Any], Sequence[Mapping[str, Any]]]] = None
+                 ) -> dict[str, Path]:
     """Write ``report.md``, ``report.json``, ``layers.png`` and (with a history) ``fitness.png``.
 
     Args:
         sizes: ``{model name: parameter count}``, e.g. dense / uniform / searched.
         levels: per-layer ``heads`` and ``mlp_width`` kept (lists), optionally ``attn`` / ``mlp`` levels and
             ``dense_heads`` / ``dense_mlp_width`` (see :func:`layers_from_config`).
-        fitness_history: fitness of the parent per generation (numbers or ``{generation, fitness}``).
+        fitness_history: fitness of the parent per generation (numbers or ``{generation, fitness}``): one
+            unlabelled curve (use ``fitness_curves`` for several searches).
+        fitness_curves: one curve per search, ``{label (e.g. the stage name): winner.json data}`` (turned into
+            a curve by :func:`search_curve`: probe fitness where recorded) or ``{label: {kind, points}}``; drawn
+            as one line each in ``fitness.png`` and written to ``report.json`` under ``fitness_curves``.
         eval_table: rows ``{method, params, tasks: {task: accuracy}, avg?}`` in the paper's layout (dense and
             uniform rows first, by convention); ``avg`` defaults to the mean of the row's tasks.
         speedups: rows of any flat keys, e.g. ``{workload, level, ideal, speedup}``.
@@ -212,11 +287,16 @@ def write_report(out_dir, *, sizes: Mapping[str, int], levels: Mapping[str, Any]
     doc = {'title': title, 'sizes': {k: int(v) for k, v in sizes.items()}, 'layers': _layers(levels),
            'fitness_history': _history(fitness_history), 'eval_table': _normalise_eval(eval_table),
            'speedups': [dict(r) for r in speedups], 'extra': dict(extra or {})}
+    if fitness_curves:
+        doc['fitness_curves'] = _curves(fitness_curves)
     paths = {'json': out_dir / REPORT_JSON, 'markdown': out_dir / REPORT_MD, 'layers_png': out_dir / LAYERS_PNG}
     _plot_layers(doc['layers'], paths['layers_png'])
-    if doc['fitness_history']:
+    curves = [c for c in doc.get('fitness_curves', []) if c['points']]
+    if not curves and doc['fitness_history']:
+        curves = [{'label': None, 'kind': 'fitness', 'points': doc['fitness_history']}]
+    if curves:
         paths['fitness_png'] = out_dir / FITNESS_PNG
-        _plot_fitness(doc['fitness_history'], paths['fitness_png'])
+        _plot_fitness(curves, paths['fitness_png'])
     for key, text in (('json', json.dumps(doc, indent=2) + '\n'), ('markdown', render_markdown(doc))):
         tmp = paths[key].with_suffix(paths[key].suffix + '.tmp')
         tmp.write_text(text, encoding='utf-8')

@@ -9,9 +9,22 @@ perplexity). Each step starts every candidate afresh from its database weights, 
 
 Samples are fresh per generation and step and drawn from a seed, the generation and the step only, so a
 killed search resumes bit for bit (the mutation RNG is saved with the state after every generation, see
-:mod:`darwinlm_foundry.search_state`). Dense targets are computed once per sample through
-:class:`~darwinlm_foundry.fitness.DenseLogitCache`; the dense model is built from the database's source
-tensors only to fill the cache and released afterwards unless ``keep_dense_resident``.
+:mod:`darwinlm_foundry.search_state`). Because fresh samples make the selection's fitness jump from one
+generation to the next, the new parent is also scored (as stitched, no fine-tuning) on one fixed probe sample
+after every generation (``probe_tokens``; ``probe_fitness`` in the history, ``winner.json`` and the logs): that
+curve is comparable across generations. It uses no random state of the search.
+
+Memory (bench/search_memory.py on SmolLM2-135M, 49152-token vocabulary; yamls/darwinlm_smollm2.yaml's one-shot
+search: peak RSS 7.5 GB before these measures, 3.0 GB with them, the same winners and fitness bit for bit):
+dense targets are computed once per sample through :class:`~darwinlm_foundry.fitness.DenseLogitCache`, one
+micro-batch of sequences at a time, and kept only in the form the KL reads (``p`` and ``sum p log p``: no
+logits next to them, no whole-sample temporaries); a step's targets are computed when the step starts and
+dropped when it ends (in a scratch file while candidates fine-tune); the probe's live in a scratch file, read
+back a micro-batch at a time. The dense model is built from the database's source tensors only to compute
+targets and released afterwards unless ``keep_dense_resident``; the memory maps of the checkpoint and database
+files are closed after every stitch (their touched pages would otherwise stay resident); a fine-tuned
+candidate's optimizer state, Trainer and freed heap are given back after its fit, so fine-tuning searches no
+longer grow fit after fit (``activation_checkpointing`` lowers a fit's own peak further).
 
 Distributed (``torch.distributed`` initialised, W ranks): every rank runs the same search with the same RNG
 stream, fitness values are summed over ranks (exactly one rank contributes each, so every rank holds the
@@ -33,11 +46,14 @@ Composer is imported lazily (only when a fit runs), so importing this module is 
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import json
 import logging
 import math
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
@@ -91,9 +107,16 @@ class SearchSettings:
     ``micro_batch_size`` at a time (also the fitness batch). Fitness: ``'kl'``, ``'topk_kl'`` (dense top-``topk``
     stored, for 128K vocabularies) or ``'ppl'``. ``max_level``: highest level a unit may take (default: the
     highest level at which level switches keep the parameter count exact, from the database).
+    Probe: ``probe_tokens`` -- after every generation the parent, as stitched (no fine-tuning), is also scored
+    on one fixed probe sample of this many tokens (the same tokens every generation, drawn with a fixed seed;
+    default: the last ``fitness_tokens`` step; 0: no probe) and recorded as ``probe_fitness``: the selection's
+    own fitness is measured on fresh samples every generation and so jumps, the probe fitness is comparable
+    across generations. It never influences the search and is not fingerprinted (a state written before the
+    setting existed resumes), but a resume must keep its size.
     Runtime (not part of the fingerprint): ``output_dir``, ``device``, ``precision``, ``distributed``,
     ``keep_dense_resident``, ``dense_cache_dir`` (memory-map dense targets there; None keeps them in memory),
-    ``progress_bar``.
+    ``progress_bar``, ``activation_checkpointing`` (fine-tuning fits recompute each layer's activations in the
+    backward pass instead of keeping them: the same weights bit for bit, less memory, a slower fit).
     """
 
     target_level: Optional[int] = 5
@@ -119,10 +142,15 @@ class SearchSettings:
     keep_dense_resident: bool = False
     dense_cache_dir: Optional[str] = None
     progress_bar: bool = True
+    probe_tokens: Optional[int] = None
+    activation_checkpointing: bool = False
 
     # Fields that may change between a run and its resume without changing the result.
     RUNTIME_FIELDS = ('output_dir', 'device', 'precision', 'distributed', 'keep_dense_resident', 'dense_cache_dir',
-                      'progress_bar')
+                      'progress_bar', 'activation_checkpointing')
+    # Fields that do not change the search (left out of the fingerprint, so states written before they existed
+    # still resume), but are checked on resume by other means (the probe size is recorded in the state).
+    UNFINGERPRINTED_FIELDS = ('probe_tokens',)
 
     def __post_init__(self):
         for name in ('survivors', 'fitness_tokens', 'train_tokens'):
@@ -137,8 +165,12 @@ class SearchSettings:
             raise ValueError(f'target_level must lie in 0..{MAX_LEVEL}, got {self.target_level}')
         if float(self.extra_levels) < 0:
             raise ValueError(f'extra_levels must be >= 0, got {self.extra_levels}')
-        for name in ('generations',):
-            if int(getattr(self, name)) < 0:
+        if self.probe_tokens is not None:
+            if isinstance(self.probe_tokens, bool) or int(self.probe_tokens) != self.probe_tokens:
+                raise ValueError(f'probe_tokens must be an integer (0: no probe), got {self.probe_tokens!r}')
+            object.__setattr__(self, 'probe_tokens', int(self.probe_tokens))
+        for name in ('generations', 'probe_tokens'):
+            if getattr(self, name) is not None and int(getattr(self, name)) < 0:
                 raise ValueError(f'{name} must be >= 0, got {getattr(self, name)}')
         for name in ('seq_len', 'train_batch_size', 'micro_batch_size'):
             if int(getattr(self, name)) < 1:
@@ -171,8 +203,14 @@ class SearchSettings:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     def result_fields(self) -> dict:
-        """The settings that determine the result (fingerprinted; runtime fields left out)."""
-        return {k: v for k, v in self.to_dict().items() if k not in self.RUNTIME_FIELDS}
+        """The settings that determine the result (fingerprinted; runtime fields and the probe left out)."""
+        return {k: v for k, v in self.to_dict().items()
+                if k not in self.RUNTIME_FIELDS and k not in self.UNFINGERPRINTED_FIELDS}
+
+    @property
+    def probe_size(self) -> int:
+        """Tokens of the fixed probe sample (``probe_tokens``, default the last fitness step; 0: none)."""
+        return int(self.fitness_tokens[-1]) if self.probe_tokens is None else int(self.probe_tokens)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -401,14 +439,25 @@ class SearchResult:
     mode: str = 'single'
     json_path: Optional[str] = None
     text_path: Optional[str] = None
+    probe_fitness: Optional[float] = None
+    start_probe_fitness: Optional[float] = None
 
     def fitness_history(self) -> list:
+        """The winner's last-step fitness per generation (each on that generation's fresh sample)."""
         return [h['fitness'] for h in self.history]
 
+    def probe_fitness_history(self) -> list:
+        """The parent's fitness on the fixed probe sample per generation (None where not recorded)."""
+        return [h.get('probe_fitness') for h in self.history]
+
     def to_dict(self) -> dict:
+        """``fitness``: the winner's last-step fitness (with 0 generations: the start's probe fitness, or
+        None); ``probe_fitness``: the winner's fitness on the fixed probe sample (None without a probe)."""
         return {'levels': self.winner.to_dict(), 'fitness': self.fitness, 'parameters': self.parameters,
                 'dense_parameters': self.dense_parameters, 'generations': self.generations,
-                'fitness_history': self.fitness_history(), 'mode': self.mode}
+                'fitness_history': self.fitness_history(), 'probe_fitness': self.probe_fitness,
+                'start_probe_fitness': self.start_probe_fitness,
+                'probe_fitness_history': self.probe_fitness_history(), 'mode': self.mode}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -456,8 +505,14 @@ class EvolutionarySearch:
         self.device = self._resolve_device()
         self.precision = settings.precision if settings.precision != 'auto' else (
             'amp_bf16' if self.device.type == 'cuda' else 'fp32')
+        # Targets are kept in the form the fitness reads (the prepared dense side, no logits) and computed one
+        # micro-batch of sequences at a time (see DenseLogitCache).
         self.cache = DenseLogitCache(directory=settings.dense_cache_dir,
-                                     topk=settings.topk if settings.fitness == 'topk_kl' else None)
+                                     topk=settings.topk if settings.fitness == 'topk_kl' else None,
+                                     prepared=True, compute_rows=settings.micro_batch_size)
+        self._probe_targets = None  # the probe sample's dense targets, spilled to a file (see probe_fitness)
+        self._scratch: Optional[str] = None  # directory of spilled targets, removed when run() ends
+        self._probe_memo: Optional[tuple] = None  # (config, probe fitness) of the last parent scored
         self._dense_model: Optional[torch.nn.Module] = None
         self._masked_base: Optional[torch.nn.Module] = None
         self._loader = _TokenBatches(settings.micro_batch_size)
@@ -466,7 +521,7 @@ class EvolutionarySearch:
         self.start_parameters = self.spec.parameter_count(self.start)
         self.mode = self._resolve_mode()
         self.stats = {'fits': 0, 'fit_seconds': 0.0, 'trainer_init_seconds': 0.0, 'stitch_seconds': 0.0,
-                      'fitness_seconds': 0.0, 'evaluations': 0}
+                      'fitness_seconds': 0.0, 'evaluations': 0, 'probe_evaluations': 0, 'probe_seconds': 0.0}
         log.info('DarwinLM search: %s mode on %d rank(s), device %s, %s offspring', self.mode, self.world_size,
                  self.device, self.offspring_format)
         if self.mode == 'fsdp' and self.device.type != 'cuda':
@@ -557,6 +612,7 @@ class EvolutionarySearch:
         """The database's source model (stitched at its current levels = the model itself), on the device."""
         if self._dense_model is None:
             self._dense_model = self.db.stitch(self._current_levels(), self.get_tensor).to(self.device).eval()
+            self._release_file_maps()
         return self._dense_model
 
     def _release_dense(self) -> None:
@@ -564,12 +620,28 @@ class EvolutionarySearch:
             self._dense_model = None
             if self.device.type == 'cuda':
                 torch.cuda.empty_cache()
+        self._release_file_maps()
+        _trim_heap()
+
+    def _release_file_maps(self) -> None:
+        """Close the memory-mapped safetensors files of the dense checkpoint and of the database.
+
+        The tensor getter and the database keep their files open (mapped) after the first read; every page a
+        stitch ever touched then stays in this process's resident set (the whole checkpoint, and every level
+        of the database a candidate ever used: up to 0.54 + 0.59 GB for SmolLM2-135M). Reopening costs a file
+        open per stitch. (Private attributes of the getter / database, read defensively: a getter without them is an
+        in-memory one.)"""
+        for owner in (self.get_tensor, self.db):
+            handles = getattr(owner, '_handles', None)
+            if isinstance(handles, dict):
+                handles.clear()
 
     def build_candidate(self, config: LevelConfig) -> torch.nn.Module:
         """The candidate as a model on the CPU: stitched and shrunk (or, for benchmarks, masked)."""
         t0 = time.perf_counter()
         if self.offspring_format == 'shrunk':
             model = self.db.stitch(config, self.get_tensor)
+            self._release_file_maps()
             count = sum(p.numel() for p in model.parameters())
             expected = self.spec.parameter_count(config)
             if count != expected:
@@ -647,10 +719,14 @@ class EvolutionarySearch:
         return key + (self.rank, self.world_size) if self.mode == 'fsdp' else key
 
     def dense_targets(self, key, tokens: torch.Tensor):
+        """The prepared dense targets of sample ``key`` (computed once, a micro-batch at a time)."""
         return self.cache.get_or_compute(key, tokens, lambda t: self._logits(self._dense(), t))
 
     def prefill_dense(self, generation: int) -> None:
-        """Dense targets of every step of ``generation``, with one dense-model load, then release it."""
+        """Dense targets of every step of ``generation``, with one dense-model load, then release it.
+
+        (The search itself computes each step's targets when the step starts and drops them when it ends, so
+        only one step's targets are ever in memory; this is for benchmarks that time evaluations alone.)"""
         if self.settings.fitness == 'ppl':
             return
         for k in range(self.schedule.num_steps):
@@ -706,6 +782,11 @@ class EvolutionarySearch:
 
             from darwinlm_foundry.composer_utils import transient_trainer
 
+            if s.activation_checkpointing and getattr(model, 'supports_gradient_checkpointing', False):
+                # recompute each layer's activations in the backward pass instead of keeping them (eager
+                # attention keeps its probabilities: ~1.4 GB for SmolLM2 at 4 x 512 tokens); same values
+                model.config.use_cache = False
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})
             per_rank_batch = s.train_batch_size if self.mode != 'fsdp' else max(1, s.train_batch_size // self.world_size)
             self._loader.batch_size = per_rank_batch
             self._loader.set_tokens(tokens)
@@ -726,10 +807,13 @@ class EvolutionarySearch:
                 with transient_trainer(model=cmodel, train_dataloader=self._loader, max_duration=f'{steps}ba',
                                        optimizers=optimizer, device=self._composer_device(), precision=self.precision,
                                        device_train_microbatch_size=min(s.micro_batch_size, per_rank_batch),
-                                       seed=seed, progress_bar=False, log_to_console=False, loggers=[], callbacks=[],
+                                       seed=seed, progress_bar=False, log_to_console=False, loggers=[],
+                                       callbacks=[_drop_outputs()],
                                        save_folder=None, train_subset_num_batches=-1, **kwargs) as trainer:
                     t1 = time.perf_counter()
                     trainer.fit()
+                    optimizer.state.clear()  # Adam moments and gradients are not needed to score the model
+                    model.zero_grad(set_to_none=True)
             self.stats['trainer_init_seconds'] += t1 - t0
             self.stats['fit_seconds'] += time.perf_counter() - t0
             self.stats['fits'] += 1
@@ -742,9 +826,15 @@ class EvolutionarySearch:
         fit_tokens = self.fitness_sample(generation, step)
         train_tokens = self.train_sample(generation, step)
         targets = None
+        key = self._fitness_key(generation, step)
         if s.fitness != 'ppl':
-            targets = _prepared(self.dense_targets(self._fitness_key(generation, step), self._rows(fit_tokens)))
-            self._release_dense()
+            if train_tokens is not None and self.cache.directory is None:
+                # fine-tuning steps: the targets wait in a file while each candidate trains (the fit's own
+                # peak is the search's largest), then are read back a micro-batch at a time
+                targets = self._spill_dense_targets(self._rows(fit_tokens), f'step_{generation}_{step}')
+            else:
+                targets = self.dense_targets(key, self._rows(fit_tokens))
+                self._release_dense()
         fit_seed = derive_seed(s.seed, 'fit', generation, step)
         n = len(candidates)
         if self.mode == 'offspring_parallel':
@@ -767,6 +857,13 @@ class EvolutionarySearch:
             sums[i], counts[i] = total, count
             self.stats['evaluations'] += 1
             del model, scored
+            if train_tokens is not None:
+                gc.collect()  # the fit's Trainer is a reference cycle that still holds the candidate
+            _trim_heap()
+        # this step's sample is never scored again (keys name the generation and step)
+        self._drop_spilled(targets)
+        del targets
+        self.cache.forget(key)
         # fsdp: every rank scored its rows of every candidate; otherwise exactly one rank scored each
         # candidate and the others contribute exact zeros. Either way the sums over ranks are the totals.
         both = _sum_over_ranks(torch.cat([sums, counts]))
@@ -805,6 +902,79 @@ class EvolutionarySearch:
         total, count = self._fitness_sums(model, tokens, targets)
         return self._finish(total, count, self.settings.fitness)
 
+    # -- the probe -----------------------------------------------------------------------------------
+    def probe_sample(self) -> Optional[torch.Tensor]:
+        """The fixed probe sample (same tokens every generation; None when ``probe_tokens`` is 0)."""
+        size = self.settings.probe_size
+        if not size:
+            return None
+        return self.data.sample(self._n_seqs(size), self.settings.seq_len,
+                                derive_seed(self.settings.seed, 'probe'))
+
+    def _spill_dense_targets(self, tokens: torch.Tensor, name: str):
+        """Dense targets of ``tokens`` computed one micro-batch at a time, each block written to a scratch file
+        as it comes (:class:`~darwinlm_foundry.fitness.SpilledTargets`: read back a micro-batch at a time,
+        never memory-mapped), so they occupy no memory between reads. The same values as
+        :meth:`dense_targets`."""
+        from darwinlm_foundry.fitness import SpilledTargets
+
+        if self._scratch is None:
+            out = self.settings.dense_cache_dir or self.settings.output_dir
+            os.makedirs(out, exist_ok=True)
+            self._scratch = tempfile.mkdtemp(prefix='.darwinlm_targets_', dir=out)
+        mb = self.settings.micro_batch_size
+        converter = DenseLogitCache(topk=self.cache.topk, prepared=True)  # converts, stores nothing
+        blocks = (converter.convert(self._logits(self._dense(), tokens[i:i + mb])) for i in range(0, len(tokens), mb))
+        try:
+            return SpilledTargets.write_blocks(blocks, os.path.join(self._scratch, name))
+        finally:
+            self._release_dense()
+
+    def _drop_spilled(self, targets) -> None:
+        """Delete the files of spilled targets (no-op for in-memory ones), and the scratch directory once empty."""
+        for name in getattr(targets, 'fields', ()):
+            with contextlib.suppress(OSError):
+                os.remove(f'{targets.stem}.{name}.bin')
+        if self._scratch is not None and self._probe_targets is None and not os.listdir(self._scratch):
+            self._drop_scratch()
+
+    def _drop_scratch(self) -> None:
+        self._probe_targets = None
+        if self._scratch is not None:
+            shutil.rmtree(self._scratch, ignore_errors=True)
+            self._scratch = None
+
+    def probe_fitness(self, config: LevelConfig) -> Optional[float]:
+        """Fitness of ``config`` as stitched (no fine-tuning) on the fixed probe sample; identical on every
+        rank; None without a probe. Deterministic: the same configuration always gets the same value, and
+        no random state of the search is used."""
+        if not self.settings.probe_size:
+            return None
+        if self._probe_memo is not None and self._probe_memo[0] == config:
+            return self._probe_memo[1]
+        t0 = time.perf_counter()
+        sums = torch.zeros(2, dtype=torch.float64)
+        # offspring_parallel: rank 0 scores, the others add zeros; fsdp: every rank scores its rows
+        if self.mode == 'fsdp' or self.rank == 0:
+            tokens = self._rows(self.probe_sample())
+            targets = None
+            if self.settings.fitness != 'ppl':
+                # needed once per generation: kept in a file, not in memory (for SmolLM2's 49152-token
+                # vocabulary 0.8 GB at 4096 tokens, as much as the largest selection step's targets)
+                if self._probe_targets is None:
+                    self._probe_targets = self._spill_dense_targets(tokens, 'probe')
+                targets = self._probe_targets
+            model = self.build_candidate(config).to(self.device)
+            sums[0], sums[1] = self._fitness_sums(model, tokens, targets)
+            del model
+            _trim_heap()
+        sums = _sum_over_ranks(sums)
+        value = self._finish(float(sums[0]), int(sums[1]), self.settings.fitness)
+        self._probe_memo = (config, value)
+        self.stats['probe_evaluations'] += 1
+        self.stats['probe_seconds'] += time.perf_counter() - t0
+        return value
+
     # -- the search --------------------------------------------------------------------------------
     @property
     def state_path(self) -> str:
@@ -822,11 +992,31 @@ class EvolutionarySearch:
         state_dict = _broadcast_object(state_dict)
         return SearchState.from_dict(state_dict)
 
+    def _check_probe(self, state: SearchState) -> None:
+        """Record the probe's size in the state; refuse to resume a state whose probe had another size (its
+        probe fitness values would not be comparable with the new ones)."""
+        size = self.settings.probe_size
+        recorded = state.extra.get('probe')
+        if not size:
+            return
+        if recorded is not None and int(recorded.get('tokens', size)) != size:
+            from darwinlm_foundry.search_state import SearchStateError
+            raise SearchStateError(f'{self.state_path} scores the parent on a probe sample of {recorded["tokens"]} '
+                                   f'tokens, these settings ask for {size}: set probe_tokens: '
+                                   f'{recorded["tokens"]} to resume it (or 0 to stop probing), or delete the '
+                                   f'state to start afresh')
+        if recorded is None:
+            state.extra['probe'] = {'tokens': size, 'seed': derive_seed(self.settings.seed, 'probe')}
+
     def run(self, on_generation: Optional[Callable[[SearchState, GenerationResult], None]] = None) -> SearchResult:
-        """Run or resume the search to ``settings.generations``; write the winner; return it (every rank)."""
+        """Run or resume the search to ``settings.generations``; write the winner; return it (every rank).
+
+        With ``generations: 0`` nothing is searched: the start configuration is the winner (its probe fitness,
+        when a probe is set, is its fitness)."""
         s = self.settings
         state = self._load_state()
         start_gen = state.generation
+        self._check_probe(state)
         bar = None
         if s.progress_bar and self.rank == 0 and s.generations > start_gen:
             from tqdm.auto import tqdm
@@ -836,7 +1026,7 @@ class EvolutionarySearch:
                  self.mode, self.world_size)
 
         def make_evaluate(g):
-            self.prefill_dense(g)
+            # each step computes its dense targets when it starts and drops them when it ends (evaluate)
             return lambda candidates, k: self.evaluate(candidates, g, k)
 
         def hook(st: SearchState, result: GenerationResult):
@@ -846,28 +1036,51 @@ class EvolutionarySearch:
                        'search/params': self.spec.parameter_count(st.parent),
                        'search/sec_per_offspring': rec['seconds'] / max(1, evals),
                        'search/parent_kept': int(result.parent_won)}
+            if rec.get('probe_fitness') is not None:
+                metrics['search/probe_fitness'] = rec['probe_fitness']
             if self.log_fn is not None:
                 self.log_fn(metrics, st.generation)
             if self.levels_fn is not None:
                 self.levels_fn(st.parent, st.generation)
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(fitness=f'{result.fitness:.4g}')
+                bar.set_postfix(fitness=f'{result.fitness:.4g}', **(
+                    {'probe': f'{rec["probe_fitness"]:.4g}'} if rec.get('probe_fitness') is not None else {}))
             self.cache.clear_memory()  # this generation's samples are never needed again
             if on_generation is not None:
                 on_generation(st, result)
 
         try:
+            if start_gen == 0:
+                # generation 0 = the start configuration; its probe fitness is where the comparable curve begins
+                # (and the fitness of a 0-generation search)
+                metrics = {'search/generation': 0, 'search/params': self.spec.parameter_count(state.parent)}
+                if s.probe_size:
+                    if state.extra.get('start_probe_fitness') is None:
+                        state.extra['start_probe_fitness'] = self.probe_fitness(state.parent)
+                    metrics['search/probe_fitness'] = state.extra['start_probe_fitness']
+                if self.log_fn is not None:
+                    self.log_fn(metrics, 0)
+                if self.levels_fn is not None:
+                    self.levels_fn(state.parent, 0)
             run_search(state, s.generations, make_evaluate, self.bounds, self.schedule,
-                       self.state_path if self.rank == 0 else None, on_generation=hook)
+                       self.state_path if self.rank == 0 else None, on_generation=hook,
+                       score_parent=self.probe_fitness if s.probe_size else None)
         finally:
             if bar is not None:
                 bar.close()
             self._dense_model = None
-        result = SearchResult(winner=state.parent, fitness=state.parent_fitness,
+            self._drop_scratch()
+            self._release_file_maps()
+        probe = state.history[-1].get('probe_fitness') if state.history else state.extra.get('start_probe_fitness')
+        fitness = state.parent_fitness
+        if fitness is None and not state.history:
+            fitness = probe  # no generation ran: the start configuration's probe fitness (None without a probe)
+        result = SearchResult(winner=state.parent, fitness=fitness,
                               parameters=self.spec.parameter_count(state.parent),
                               dense_parameters=self.spec.dense_parameter_count(), generations=state.generation,
-                              history=state.history, mode=self.mode)
+                              history=state.history, mode=self.mode, probe_fitness=probe,
+                              start_probe_fitness=state.extra.get('start_probe_fitness'))
         self.write_outputs(result, state)
         return result
 
@@ -880,6 +1093,8 @@ class EvolutionarySearch:
             return
         spec = self.spec
         winner = result.winner
+        keys = ('generation', 'fitness', 'probe_fitness', 'parent_won', 'winner', 'step_fitnesses', 'num_offspring',
+                'seconds')
         payload = {
             **result.to_dict(),
             'start': state.extra.get('start'),
@@ -887,8 +1102,9 @@ class EvolutionarySearch:
             'mlp_columns': [spec.keep('mlp', lvl) for lvl in winner.mlp],
             'level_steps': spec.steps,
             'num_levels': spec.num_levels,
-            'history': [{k: h[k] for k in ('generation', 'fitness', 'parent_won', 'winner', 'step_fitnesses',
-                                           'num_offspring', 'seconds')} for h in state.history],
+            'probe_tokens': self.settings.probe_size,
+            # probe_fitness only in records that have it (states written before the probe existed lack it)
+            'history': [{k: h[k] for k in keys if k in h} for h in state.history],
             'fingerprint': state.fingerprint,
             'settings': self.settings.to_dict(),
             'database': self.db.db_dir,
@@ -901,14 +1117,47 @@ def _digest(tokens: torch.Tensor) -> str:
     return hashlib.sha256(tokens.contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
-_PREPARE_LIMIT_BYTES = 4 << 30
+_LIBC = None
 
 
-def _prepared(targets):
-    """The targets with fp32 log p / p precomputed (every candidate of a step is scored against them) when
-    that fits in :data:`_PREPARE_LIMIT_BYTES`; as they are otherwise (e.g. memory-mapped, huge vocabularies)."""
-    if not targets.is_topk and 8 * targets.logits.numel() <= _PREPARE_LIMIT_BYTES:
-        return targets.prepare()
-    return targets
+def _trim_heap() -> None:
+    """Give freed heap memory back to the OS (glibc's ``malloc_trim``; a no-op elsewhere).
+
+    The many mid-sized tensors of a forward / fine-tuning pass (below glibc's mmap threshold, which rises to
+    32 MB after large frees) come from the heap; freed, they stay in the process (fragmented) and every
+    candidate's fit raised the resident set further. Trimming after each candidate keeps it at one fit's worth.
+    """
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+            _LIBC = ctypes.CDLL('libc.so.6')
+            _LIBC.malloc_trim
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
 
 
+_DROP_OUTPUTS = None
+
+
+def _drop_outputs():
+    """A Composer callback that lets go of the model outputs before the backward pass.
+
+    Composer keeps ``state.outputs`` (the logits: 4 x 512 x 49152 fp32 = 0.4 GB for SmolLM2) until the next
+    batch, for train metrics; the fits have none and the loss is already computed, and autograd does not
+    need the logits themselves (the loss keeps its log-softmax), so they are freed before the backward pass
+    peaks. Changes no value."""
+    global _DROP_OUTPUTS
+    if _DROP_OUTPUTS is None:
+        from composer.core import Callback
+
+        class DropOutputs(Callback):
+
+            def before_backward(self, state, logger):
+                if not state.train_metrics:
+                    state.outputs = None
+
+        _DROP_OUTPUTS = DropOutputs
+    return _DROP_OUTPUTS()

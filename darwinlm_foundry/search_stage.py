@@ -32,8 +32,7 @@ def run_search_stage(cfg, stage_dir, refs, run):
         winner = db.stitch(result.winner.to_dict(), getter)
         save_hf_model(winner, tokenizer, out)
         print(f'[darwinlm] search winner: {result.parameters:,} parameters (dense {result.dense_parameters:,}), '
-              f'fitness {"n/a (0 generations: the start configuration)" if result.fitness is None else f"{result.fitness:.4g}"}'
-              f'; levels {result.winner.to_dict()}')
+              f'{_describe_fitness(result)}; levels {result.winner.to_dict()}', flush=True)
     dist.barrier()
     return {'levels': os.path.abspath(result.json_path), 'model': os.path.abspath(out),
             'database': refs['database']['database'], 'base_model': base_model(refs)}
@@ -43,3 +42,14 @@ def _console_log(metrics, step):
     # every generation: one line a minute or so on a real model is what tells a user the search moves
     print('[darwinlm] search ' + ' '.join(f'{k.split("/")[-1]}={v:.4g}' if isinstance(v, float) else
                                           f'{k.split("/")[-1]}={v}' for k, v in metrics.items()), flush=True)
+
+
+def _describe_fitness(result) -> str:
+    """The winner's fitness for the console: last-step and probe fitness (0 generations: the start's probe)."""
+    if not result.history:
+        probe = 'n/a' if result.probe_fitness is None else f'{result.probe_fitness:.4g}'
+        return f'0 generations (the start configuration), probe fitness {probe}'
+    text = f'fitness {result.fitness:.4g}'
+    if result.probe_fitness is not None:
+        text += f', probe fitness {result.probe_fitness:.4g}'
+    return text

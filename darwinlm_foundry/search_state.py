@@ -36,6 +36,9 @@ STATE_FORMAT = 'darwinlm-search-state'
 STATE_VERSION = 1
 
 
+_NO_PROBE = object()
+
+
 class SearchStateError(RuntimeError):
     """A saved search state cannot be used (corrupt, or from different settings)."""
 
@@ -75,7 +78,8 @@ class SearchState:
     - ``generation``: number of completed generations (the next one to run has this index).
     - ``parent`` / ``parent_fitness``: current parent and its last measured fitness (None before any).
     - ``history``: one JSON-friendly record per completed generation (fitness, winner, per-step fitness,
-      parent kept or not, offspring made, seconds).
+      parent kept or not, offspring made, seconds, and ``probe_fitness`` -- the new parent's fitness on a fixed
+      probe sample -- when the search scores one; records written before the probe existed lack it).
     - ``rng_state``: exact state of the mutation RNG (:func:`~darwinlm_foundry.search_space.rng_state`).
     - ``fingerprint``: :func:`settings_fingerprint` of the settings; ``extra``: free-form JSON data.
     """
@@ -193,9 +197,10 @@ class SearchState:
         return state
 
 
-def _record(generation: int, result: GenerationResult, num_offspring: int, seconds: float) -> dict:
+def _record(generation: int, result: GenerationResult, num_offspring: int, seconds: float,
+            probe_fitness: Any = _NO_PROBE) -> dict:
     summary = result.to_dict()
-    return {
+    record = {
         'generation': generation,
         'fitness': result.fitness,
         'parent_won': result.parent_won,
@@ -205,19 +210,25 @@ def _record(generation: int, result: GenerationResult, num_offspring: int, secon
         'num_offspring': num_offspring,
         'seconds': seconds,
     }
+    if probe_fitness is not _NO_PROBE:
+        record['probe_fitness'] = probe_fitness
+    return record
 
 
 def run_search(state: SearchState, n_generations: int,
                make_evaluate: Callable[[int], Callable[[list, int], Sequence[float]]],
                bounds: LevelBounds, schedule: SelectionSchedule, checkpoint_path: Optional[str],
-               on_generation: Optional[Callable[[SearchState, GenerationResult], None]] = None) -> SearchState:
+               on_generation: Optional[Callable[[SearchState, GenerationResult], None]] = None,
+               score_parent: Optional[Callable[[Any], Optional[float]]] = None) -> SearchState:
     """Run generations until ``state.generation == n_generations`` (a total, so a resume continues).
 
     Per generation ``g``: ``schedule.offspring`` distinct offspring of the parent by mutation with the
     state's RNG; ``run_generation(parent, offspring, schedule, make_evaluate(g))``; the winner becomes the
-    parent; the state (with the advanced RNG) is saved to ``checkpoint_path`` (if not None); then
-    ``on_generation(state, result)`` is called (for logging; an exception there stops the search after the
-    generation was saved). Mutates and returns ``state``.
+    parent; ``score_parent(winner)`` (if given: e.g. its fitness on a fixed probe sample, comparable across
+    generations; it must not draw from the state's RNG) goes into the record as ``probe_fitness``; the state
+    (with the advanced RNG) is saved to ``checkpoint_path`` (if not None); then ``on_generation(state, result)``
+    is called (for logging; an exception there stops the search after the generation was saved). Mutates and
+    returns ``state``.
     """
     if n_generations < state.generation:
         raise ValueError(f'the state has already completed {state.generation} generations, more than the '
@@ -231,9 +242,10 @@ def run_search(state: SearchState, n_generations: int,
         for child in offspring:
             assert_same_size(child, state.parent)
         result = run_generation(state.parent, offspring, schedule, make_evaluate(g))
+        probe = _NO_PROBE if score_parent is None else score_parent(result.winner)
         state.parent = result.winner
         state.parent_fitness = result.fitness
-        state.history.append(_record(g, result, len(offspring), time.perf_counter() - start))
+        state.history.append(_record(g, result, len(offspring), time.perf_counter() - start, probe))
         state.generation = g + 1
         state.rng_state = rng_state(rng)
         if checkpoint_path is not None:

@@ -165,3 +165,57 @@ def test_report_rejects_bad_rows(tmp_path):
         write_report(tmp_path, sizes={}, levels={'heads': [1], 'mlp_width': [2]}, eval_table=[{'tasks': {}}])
     with pytest.raises(ValueError, match='missing'):
         write_report(tmp_path, sizes={}, levels={'heads': [1]})
+
+
+def _winner_json(fitness, probe=None, start_probe=None):
+    """winner.json data as the search writes it (probe=None: a search from before the probe existed)."""
+    history = []
+    for g, f in enumerate(fitness):
+        record = {'generation': g, 'fitness': f, 'parent_won': False, 'winner': {}}
+        if probe is not None:
+            record['probe_fitness'] = probe[g]
+        history.append(record)
+    data = {'fitness': fitness[-1] if fitness else None, 'fitness_history': list(fitness), 'history': history}
+    if probe is not None:
+        data.update(probe_fitness=probe[-1] if probe else start_probe, start_probe_fitness=start_probe)
+    return data
+
+
+def test_report_draws_one_curve_per_search(tmp_path, monkeypatch):
+    """The export stage hands every search stage's winner.json to the report: one line per stage, labelled by
+    the stage, drawn from the probe fitness where recorded (else the fresh-sample fitness)."""
+    import darwinlm_foundry.report as report
+    drawn = []
+    plot = report._plot_fitness
+    monkeypatch.setattr(report, '_plot_fitness', lambda curves, path: (drawn.append(curves), plot(curves, path)))
+    model = _pruned(_dense(64))
+    searches = {
+        'search5': _winner_json([0.9, 0.4, 0.7], probe=[0.8, 0.75, 0.6], start_probe=1.1),  # fresh samples jump
+        'search6': _winner_json([0.5, 0.45]),  # written before the probe existed
+        'uniform5': _winner_json([], probe=[], start_probe=1.1),  # generations: 0
+    }
+    paths = write_report(tmp_path, sizes={'dense': 1}, levels=layers_from_config(model.config),
+                         fitness_curves=searches)
+    doc = json.loads(paths['json'].read_text())
+    curves = {c['label']: c for c in doc['fitness_curves']}
+    assert list(curves) == ['search5', 'search6', 'uniform5']
+    assert curves['search5']['kind'] == 'probe'
+    assert curves['search5']['points'] == [{'generation': 0, 'fitness': 1.1}, {'generation': 1, 'fitness': 0.8},
+                                           {'generation': 2, 'fitness': 0.75}, {'generation': 3, 'fitness': 0.6}]
+    assert curves['search6'] == {'label': 'search6', 'kind': 'fitness', 'points': [
+        {'generation': 1, 'fitness': 0.5}, {'generation': 2, 'fitness': 0.45}]}
+    assert curves['uniform5']['points'] == [{'generation': 0, 'fitness': 1.1}]
+    # one line per search in the plot, with the data above
+    assert len(drawn) == 1 and [c['label'] for c in drawn[0]] == ['search5', 'search6', 'uniform5']
+    assert [c['points'] for c in drawn[0]] == [c['points'] for c in doc['fitness_curves']]
+    assert paths['fitness_png'].read_bytes()[:8] == PNG_MAGIC
+    # the markdown table: one column per search, every generation any of them has
+    header, rows = _md_table(paths['markdown'].read_text(), '| generation |')
+    assert header == ['generation', 'search5 probe', 'search6 fitness', 'uniform5 probe']
+    assert rows == [['0', '1.100000', '-', '1.100000'], ['1', '0.800000', '0.500000', '-'],
+                    ['2', '0.750000', '0.450000', '-'], ['3', '0.600000', '-', '-']]
+    # two searches (the export stage's usual case): two lines
+    drawn.clear()
+    paths = write_report(tmp_path / 'two', sizes={}, levels=layers_from_config(model.config),
+                         fitness_curves={k: searches[k] for k in ('search5', 'search6')})
+    assert len(json.loads(paths['json'].read_text())['fitness_curves']) == 2 and len(drawn[0]) == 2

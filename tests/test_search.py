@@ -21,9 +21,11 @@ import transformers
 from conftest import REPO, SHARED_DATA
 
 from darwinlm_foundry.database import build_database, dense_tensor_getter
-from darwinlm_foundry.search import (STATE_FILE, EvolutionarySearch, SearchSettings, TensorTokens,
+from darwinlm_foundry.fitness import DenseLogitCache
+from darwinlm_foundry.search import (STATE_FILE, WINNER_JSON, EvolutionarySearch, SearchSettings, TensorTokens,
                                      composer_rank_local)
 from darwinlm_foundry.search_space import LevelConfig, uniform
+from darwinlm_foundry.search_state import SearchStateError
 
 VOCAB = 512
 SEQ = 64
@@ -98,8 +100,8 @@ def _engine(settings, pretrained, database, tokens, **kw):
     return EvolutionarySearch(settings, database, dense_tensor_getter(pretrained), TensorTokens(tokens[64:]), **kw)
 
 
-def _strip(history):
-    return [{k: v for k, v in h.items() if k != 'seconds'} for h in history]
+def _strip(history, drop=('seconds',)):
+    return [{k: v for k, v in h.items() if k not in drop} for h in history]
 
 
 @pytest.fixture(scope='module')
@@ -175,6 +177,131 @@ def test_outputs_written(runs):
     assert os.path.exists(os.path.join(engine.settings.output_dir, STATE_FILE))
 
 
+def test_probe_fitness_is_the_parent_rescored_on_fixed_tokens(runs, pretrained, database, tokens, tmp_path):
+    """Every generation re-scores the parent on the same probe tokens: reproducible, equal to a direct re-score,
+    recorded in the state history and winner.json, and the comparable curve of the search."""
+    engine, result, _ = runs['one_shot']
+    probes = result.probe_fitness_history()
+    assert len(probes) == 4 and all(isinstance(p, float) for p in probes)
+    probe_tokens = engine.probe_sample()
+    assert probe_tokens.shape == (1024 // SEQ, SEQ)  # default size: the last fitness_tokens step
+    assert torch.equal(probe_tokens, engine.probe_sample())  # the same tokens every time
+    # a fresh engine re-scores parents directly (through the ordinary fitness path): the same floats
+    fresh = _engine(_settings(tmp_path / 'fresh'), pretrained, database, tokens)
+    assert fresh.config_fitness(result.winner, probe_tokens) == result.probe_fitness == probes[-1]
+    first = LevelConfig.from_dict(result.history[0]['winner'])
+    assert fresh.config_fitness(first, probe_tokens) == probes[0]
+    assert fresh.config_fitness(uniform(2, 5), probe_tokens) == result.start_probe_fitness
+    for h, prev in zip(result.history[1:], probes):
+        if h['parent_won']:  # the same parent: the same probe fitness (fresh-sample fitness differs)
+            assert h['probe_fitness'] == prev
+    # the state and winner.json record it next to the fresh-sample fitness
+    state = json.loads(open(os.path.join(engine.settings.output_dir, STATE_FILE)).read())
+    assert [h['probe_fitness'] for h in state['history']] == probes
+    assert state['extra']['probe']['tokens'] == 1024
+    assert state['extra']['start_probe_fitness'] == result.start_probe_fitness
+    data = json.loads(open(result.json_path).read())
+    assert [h['probe_fitness'] for h in data['history']] == data['probe_fitness_history'] == probes
+    assert [h['fitness'] for h in data['history']] == data['fitness_history'] == result.fitness_history()
+    assert data['probe_fitness'] == probes[-1] and data['probe_tokens'] == 1024
+    assert engine.stats['evaluations'] == 4 * (6 + 3 + 1)  # the probe is not counted as a selection evaluation
+    assert 1 <= engine.stats['probe_evaluations'] <= 5
+    assert not [p for p in os.listdir(engine.settings.output_dir) if p.startswith('.probe')]  # scratch removed
+    # probe_tokens: 0 switches it off, nothing else changes (same fingerprint: the state above would resume)
+    off = _settings(tmp_path / 'off', probe_tokens=0)
+    assert off.probe_size == 0 and off.result_fields() == engine.settings.result_fields()
+    with pytest.raises(ValueError, match='probe_tokens'):
+        _settings(tmp_path, probe_tokens=-1)
+
+
+class _ReferenceSearch(EvolutionarySearch):
+    """The engine's fitness path as it was before the memory work: the dense logits of a whole sample kept,
+    all steps' targets prefilled at the start of a generation, prepared in one piece (log_softmax, exp, p log p
+    over the whole tensor), file maps kept open."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.cache = DenseLogitCache()  # full logits, computed in one call
+
+    def _release_file_maps(self):
+        pass
+
+    def dense_targets(self, key, tokens):
+        targets = self.cache.get_or_compute(key, tokens, lambda t: self._logits(self._dense(), t))
+        if not targets.is_prepared:
+            log_p = targets.logits.float().log_softmax(-1)
+            p = log_p.exp()
+            targets._prepared = (p, torch.where(p > 0, p * log_p, torch.zeros_like(p)).sum(-1, dtype=torch.float64))
+        return targets
+
+    def _spill_dense_targets(self, tokens, name):  # fine-tuning steps: in memory as well
+        return self.dense_targets(('spill', name), tokens)
+
+    def evaluate(self, candidates, generation, step):
+        if step == 0:
+            self.prefill_dense(generation)
+        return super().evaluate(candidates, generation, step)
+
+
+@pytest.mark.parametrize('mode', ['one_shot', 'training_aware'])
+def test_memory_lean_fitness_equals_the_reference_path(mode, runs, pretrained, database, tokens, tmp_path):
+    """Targets computed a micro-batch at a time in prepared form, one step's at a time (in a file while
+    candidates train), released file maps, freed optimizer state, trimmed heap: the same candidates win with
+    bit-identical fitness as with whole-sample logits prepared in one piece. Fine-tuning fits with activation
+    checkpointing (the reference run here) give the same fitness bit for bit too."""
+    _, lean, _ = runs[mode]
+    train = (512, 1024) if mode == 'training_aware' else (0, 0)
+    models = []
+    ref = _ReferenceSearch(_settings(tmp_path, train, probe_tokens=0, activation_checkpointing=bool(train[0])),
+                           database, dense_tensor_getter(pretrained), TensorTokens(tokens[64:]),
+                           candidate_hook=lambda config, model: models.append(model)).run()
+    assert all(m.model.gradient_checkpointing == bool(train[0]) for m in models)
+    del models
+    assert ref.winner == lean.winner and ref.fitness == lean.fitness
+    assert _strip(ref.history) == _strip(lean.history, drop=('seconds', 'probe_fitness'))
+    assert ref.probe_fitness is None and 'probe_fitness' not in ref.history[0]
+
+
+def test_zero_generations_is_the_uniform_baseline(pretrained, database, tokens, tmp_path, monkeypatch, capsys):
+    """generations: 0 through the search stage: the start configuration wins, winner.json carries its probe
+    fitness, the stage writes the stitched start model; nothing is searched."""
+    from darwinlm_foundry import search as search_module
+    from darwinlm_foundry.search_stage import run_search_stage
+    from omegaconf import OmegaConf
+
+    model_dir = tmp_path / 'dense'
+    pretrained.save_pretrained(model_dir, safe_serialization=True)
+    transformers.LlamaTokenizerFast(vocab_file=str(SHARED_DATA / 'llama2_tokenizer' / 'tokenizer.model'),
+                                    legacy=True).save_pretrained(model_dir)
+    # the stage reads <shards>/search; serve the test tokens instead of MDS shards
+    monkeypatch.setattr(search_module, 'ShardTokens', lambda split: TensorTokens(tokens[64:]))
+    cfg = OmegaConf.create({'search': {'target_level': 5, 'generations': 0, 'seq_len': SEQ, 'progress_bar': False,
+                                       'fitness_tokens': [512, 1024], 'train_tokens': [0, 0], 'survivors': [3, 1],
+                                       'offspring': 6, 'micro_batch_size': 8},
+                            'start': None})
+    refs = {'model': {'model': str(model_dir)}, 'database': {'database': database.db_dir},
+            'data': {'shards': str(tmp_path / 'shards')}}
+    out = run_search_stage(cfg, str(tmp_path / 'stage'), refs, SimpleNamespace(seed=3))
+    printed = capsys.readouterr().out
+    data = json.loads(open(out['levels']).read())
+    start = uniform(2, 5)
+    assert LevelConfig.from_dict(data['levels']) == start and data['generations'] == 0
+    assert data['history'] == [] and data['fitness_history'] == []
+    engine = _engine(_settings(tmp_path / 'check', generations=0), pretrained, database, tokens)
+    direct = engine.config_fitness(start, engine.probe_sample())
+    assert data['fitness'] == data['probe_fitness'] == data['start_probe_fitness'] == direct
+    assert '[darwinlm] search generation=0' in printed and 'probe_fitness=' in printed
+    assert '0 generations (the start configuration), probe fitness' in printed
+    stitched = transformers.AutoModelForCausalLM.from_pretrained(out['model'], trust_remote_code=True)
+    assert stitched.config.levels == start.to_dict()
+    assert sum(p.numel() for p in stitched.parameters()) == database.level_spec.parameter_count(start)
+    # without a probe: the start configuration with no fitness at all
+    result = _engine(_settings(tmp_path / 'none', generations=0, probe_tokens=0), pretrained, database,
+                     tokens).run()
+    assert result.winner == start and result.fitness is None and result.probe_fitness is None
+    assert json.loads(open(tmp_path / 'none' / WINNER_JSON).read())['fitness'] is None
+
+
 class _Stop(Exception):
     pass
 
@@ -199,6 +326,37 @@ def test_kill_and_resume_equals_uninterrupted(runs, pretrained, database, tokens
     # other settings must not resume this state
     with pytest.raises(RuntimeError, match='different settings'):
         _engine(_settings(tmp_path, (512, 1024), lr=2e-4), pretrained, database, tokens).run()
+
+
+def test_state_from_before_the_probe_resumes(runs, pretrained, database, tokens, tmp_path):
+    """A search_state.json written before the probe existed (no probe in its records or extra) resumes to the
+    same result; the new generations get a probe fitness. Another probe size does not resume."""
+    _, full, _ = runs['one_shot']
+    settings = _settings(tmp_path)
+
+    def stop_after_two(state, result):
+        if state.generation == 2:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        _engine(settings, pretrained, database, tokens).run(on_generation=stop_after_two)
+    path = tmp_path / STATE_FILE
+    saved = json.loads(path.read_text())
+    for record in saved['history']:
+        del record['probe_fitness']
+    del saved['extra']['probe'], saved['extra']['start_probe_fitness']
+    path.write_text(json.dumps(saved))
+    with pytest.raises(SearchStateError, match='probe_tokens: 1024'):
+        with_probe = json.loads(path.read_text())
+        with_probe['extra']['probe'] = {'tokens': 1024}
+        path.write_text(json.dumps(with_probe))
+        _engine(_settings(tmp_path, probe_tokens=512), pretrained, database, tokens).run()
+    path.write_text(json.dumps(saved))
+    resumed = _engine(settings, pretrained, database, tokens).run()
+    assert resumed.winner == full.winner
+    assert _strip(resumed.history, ('seconds', 'probe_fitness')) == _strip(full.history, ('seconds', 'probe_fitness'))
+    assert resumed.probe_fitness_history() == [None, None] + full.probe_fitness_history()[2:]
+    assert resumed.start_probe_fitness is None
 
 
 def test_rank_local_view_restores_composer_dist():
@@ -328,13 +486,40 @@ def test_callback_searches_applies_and_posttrains(search_only, pretrained, datab
     logged = [m for _, m in recorder.metrics if 'search/fitness' in m]
     assert [m['search/generation'] for m in logged] == [1, 2]
     assert all(m['search/params'] == result.parameters and m['search/sec_per_offspring'] > 0 for m in logged)
+    # every generation, with the probe fitness; step 0 is the start configuration
+    probes = [(step, m['search/probe_fitness']) for step, m in recorder.metrics if 'search/probe_fitness' in m]
+    assert probes == [(0, result.start_probe_fitness)] + list(enumerate(result.probe_fitness_history(), 1))
+    assert [step for step, m in recorder.metrics if 'search/level/attn_00' in m] == [0, 1, 2]
     assert recorder.tables and recorder.hparams['search/winner_params'] == result.parameters
+    assert recorder.hparams['search/winner_probe_fitness'] == result.probe_fitness
     del rng_before
     before = {k: v.clone() for k, v in winner.state_dict().items()}
     trainer.fit()
     changed = any(not torch.equal(before[k], v) for k, v in winner.state_dict().items())
     assert int(trainer.state.timestamp.batch) == (0 if search_only else 2)
     assert changed == (not search_only)
+    trainer.close()
+
+
+def test_callback_with_zero_generations_applies_the_start(pretrained, database, tokens, tmp_path):
+    """generations: 0 through the callback: the start configuration is logged as step 0 and swapped in."""
+    import importlib
+    cb_mod = importlib.import_module('darwinlm_foundry.callbacks.evolutionary_search')
+    settings = _settings(tmp_path / 'out', generations=0).to_dict()
+    callback = cb_mod.DarwinLMSearch(database=database.db_dir, data=TensorTokens(tokens[64:]), apply=True,
+                                     search_only=True, **settings)
+    recorder = _Recorder.make()
+    batches = [{'input_ids': tokens[64:68], 'labels': tokens[64:68]}]
+    trainer = _trainer(copy.deepcopy(pretrained), callback, recorder, batches)
+    result = callback.result
+    assert result.generations == 0 and result.winner == uniform(2, 5) and result.history == []
+    assert result.fitness == result.probe_fitness == result.start_probe_fitness is not None
+    assert [(step, m['search/probe_fitness']) for step, m in recorder.metrics if 'search/probe_fitness' in m] == [
+        (0, result.fitness)]
+    assert recorder.hparams['search/winner_fitness'] == result.fitness
+    assert trainer.state.model.model.config.levels == uniform(2, 5).to_dict()
+    trainer.fit()
+    assert int(trainer.state.timestamp.batch) == 0
     trainer.close()
 
 

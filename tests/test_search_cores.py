@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from darwinlm_foundry.fitness import (DenseLogitCache, kl_divergence, next_token_labels, perplexity, token_nll,
-                                      topk_kl)
+from darwinlm_foundry.fitness import (DenseLogitCache, DenseTargets, SpilledTargets, kl_divergence,
+                                      next_token_labels, perplexity, prepare_logits, token_nll, topk_kl)
 from darwinlm_foundry.search_space import (GROUPS, LevelBounds, LevelConfig, admits_switch,
                                            assert_same_size, make_offspring, make_rng, mutate, num_switches,
                                            rng_from_state, rng_state, spread_extra_levels, total_levels, uniform)
@@ -463,6 +463,85 @@ def test_dense_logit_cache_on_disk(tmp_path, topk, dtype):
         DenseLogitCache(str(tmp_path), topk=3 if topk is None else None).get_or_compute('sample-0', tokens, model)
 
 
+def one_piece_prepare(logits):
+    """The prepared dense side computed over the whole tensor at once (what DenseTargets.prepare used to do)."""
+    log_p = logits.float().log_softmax(-1)
+    p = log_p.exp()
+    return p, torch.where(p > 0, p * log_p, torch.zeros_like(p)).sum(-1, dtype=torch.float64)
+
+
+@pytest.mark.parametrize('shape,chunk', [((3, 5, 23), 1), ((2, 64, 512), 256), ((4, 37, 511), 7), ((2, 3, 50), 10_000)])
+def test_prepare_logits_is_bit_identical_to_one_piece(shape, chunk):
+    g = torch.Generator().manual_seed(sum(shape))
+    logits = torch.randn(*shape, generator=g) * 4
+    logits[0, 1, 3] = float('-inf')
+    p, ne = prepare_logits(logits, chunk_tokens=chunk)
+    ref_p, ref_ne = one_piece_prepare(logits)
+    assert p.dtype == torch.float32 and ne.dtype == torch.float64
+    assert torch.equal(p, ref_p) and torch.equal(ne, ref_ne)
+    # into slices of preallocated storage, block by block (how the cache fills a sample)
+    out = (torch.empty_like(p), torch.empty_like(ne))
+    for i in range(shape[0]):
+        prepare_logits(logits[i:i + 1], out=(out[0][i:i + 1], out[1][i:i + 1]), chunk_tokens=chunk)
+    assert torch.equal(out[0], ref_p) and torch.equal(out[1], ref_ne)
+    assert torch.equal(DenseTargets(logits=logits).prepare()._prepared[0], ref_p)
+
+
+def test_prepared_cache_computes_block_by_block_and_forgets():
+    model = CountingModel()
+    tokens = torch.randint(0, 32, (5, 4), generator=torch.Generator().manual_seed(4))
+    blocks = []
+    cache = DenseLogitCache(prepared=True, compute_rows=2)
+    targets = cache.get_or_compute('s', tokens, lambda t: (blocks.append(len(t)), model(t))[1])
+    assert blocks == [2, 2, 1] and cache.num_computed == 1
+    assert targets.is_prepared and targets.logits is None and targets.tensors() == {}
+    ref = DenseTargets(logits=model.table[tokens]).prepare()
+    assert all(torch.equal(a, b) for a, b in zip(targets._prepared, ref._prepared))
+    assert targets.nbytes == 5 * 4 * (32 * 4 + 8) == cache.resident_bytes  # no logits next to them
+    student = torch.randn(5, 4, 32, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(targets.rows(1, 4).kl(student[1:4], reduction='sum'),
+                       ref.rows(1, 4).kl(student[1:4], reduction='sum'))
+    cache.forget('s')
+    assert 's' not in cache and cache.resident_bytes == 0
+    cache.get_or_compute('s', tokens, model)
+    assert cache.num_computed == 2
+
+
+def test_prepared_cache_on_disk_and_older_logit_entries(tmp_path):
+    model = CountingModel()
+    tokens = torch.randint(0, 32, (3, 4), generator=torch.Generator().manual_seed(6))
+    ref = DenseTargets(logits=model.table[tokens]).prepare()
+    a = DenseLogitCache(str(tmp_path / 'p'), prepared=True, compute_rows=1).get_or_compute('k', tokens, model)
+    b = DenseLogitCache(str(tmp_path / 'p'), prepared=True).get_or_compute('k', tokens, model)
+    assert model.calls == 3 and all(torch.equal(x, y) for x, y in zip(b._prepared, ref._prepared))
+    assert all(torch.equal(x, y) for x, y in zip(a._prepared, ref._prepared))
+    with pytest.raises(ValueError, match='prepared targets'):
+        DenseLogitCache(str(tmp_path / 'p')).get_or_compute('k', tokens, model)
+    # a cache directory written with logits (before prepared caches existed) is read and prepared
+    DenseLogitCache(str(tmp_path / 'l')).get_or_compute('k', tokens, model)
+    c = DenseLogitCache(str(tmp_path / 'l'), prepared=True).get_or_compute('k', tokens, model)
+    assert model.calls == 4 and c.logits is None
+    assert all(torch.equal(x, y) for x, y in zip(c._prepared, ref._prepared))
+
+
+@pytest.mark.parametrize('form', ['prepared', 'topk'])
+def test_spilled_targets_read_back_rows(tmp_path, form):
+    model = CountingModel()
+    tokens = torch.randint(0, 32, (5, 4), generator=torch.Generator().manual_seed(7))
+    cache = DenseLogitCache(prepared=True) if form == 'prepared' else DenseLogitCache(topk=5,
+                                                                                     storage_dtype=torch.bfloat16)
+    whole = cache.convert(model(tokens))
+    spilled = SpilledTargets.write_blocks((cache.convert(model(tokens[i:i + 2])) for i in range(0, 5, 2)),
+                                          str(tmp_path / 'probe'))
+    assert len(spilled) == 5 and spilled.nbytes == 0
+    student = torch.randn(5, 4, 32, generator=torch.Generator().manual_seed(8))
+    for start, stop in ((0, 2), (1, 4), (3, 5), (4, 9)):
+        part, ref = spilled.rows(start, stop), whole.rows(start, stop)
+        assert part.stored_tensors().keys() == ref.stored_tensors().keys()
+        assert all(torch.equal(part.stored_tensors()[k], v) for k, v in ref.stored_tensors().items())
+        assert torch.equal(part.kl(student[start:stop], reduction='sum'), ref.kl(student[start:stop], reduction='sum'))
+
+
 # ==================================================================================================
 # Search state and the search loop
 # ==================================================================================================
@@ -580,3 +659,36 @@ def test_synthetic_search_improves_on_uniform():
         order = np.argsort(WEIGHTS[g])
         levels = np.array(state.parent.group(g))
         assert levels[order[:2]].mean() > levels[order[-2:]].mean()
+
+
+def test_parent_probe_is_recorded_without_touching_the_search(tmp_path):
+    """score_parent's value goes into every record as probe_fitness; the search itself (RNG, winners,
+    fitness) is the same as without it, and a kill + resume reproduces the probed run."""
+    bounds = LevelBounds.full(NUM_LAYERS)
+    scored = []
+
+    def probe(config):
+        scored.append(config)
+        return true_cost(config)
+
+    plain = run_search(new_state(), 5, make_evaluate, bounds, SCHEDULE, None)
+    probed = run_search(new_state(), 5, make_evaluate, bounds, SCHEDULE, None, score_parent=probe)
+    assert [h['probe_fitness'] for h in probed.history] == [true_cost(LevelConfig.from_dict(h['winner']))
+                                                           for h in probed.history]
+    assert [LevelConfig.from_dict(h['winner']) for h in probed.history] == scored
+    strip = [{k: v for k, v in h.items() if k not in ('seconds', 'probe_fitness')} for h in probed.history]
+    assert strip == [{k: v for k, v in h.items() if k != 'seconds'} for h in plain.history]
+    assert probed.rng_state == plain.rng_state and 'probe_fitness' not in plain.history[0]
+
+    path = str(tmp_path / 'state.json')
+
+    def kill_after_2(state, result):
+        if state.generation == 2:
+            raise Killed
+
+    with pytest.raises(Killed):
+        run_search(new_state(), 5, make_evaluate, bounds, SCHEDULE, path, on_generation=kill_after_2,
+                   score_parent=probe)
+    resumed = run_search(SearchState.load(path, None), 5, make_evaluate, bounds, SCHEDULE, path, score_parent=probe)
+    assert [{k: v for k, v in h.items() if k != 'seconds'} for h in resumed.history] == \
+        [{k: v for k, v in h.items() if k != 'seconds'} for h in probed.history]
