@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
-from conftest import REPO, SHARED_DATA
+from conftest import REPO, SHARED_DATA, tiny_model
 
 from darwinlm_foundry import evaluation as ev
 from darwinlm_foundry.shrinking import shrink_model
@@ -96,6 +96,73 @@ def test_icl_gauntlet_on_pruned_model(pruned_dir, tokenizer):
     assert result.gauntlet_average == pytest.approx(expected)
     assert result.mean_accuracy == pytest.approx(sum(result.tasks.values()) / len(result.tasks))
     assert result.skipped == []
+
+
+def _context_sensitive_tiny():
+    """conftest's tiny Llama with 10x the default init scale: its choice scores depend on the context and the
+    positions (at the default scale a random model scores choices nearly context-free, so an error in how the
+    fast path feeds the context would not change its accuracies)."""
+    return tiny_model('llama_gqa', vocab_size=32000, max_position_embeddings=1024, initializer_range=0.2,
+                      attn_implementation='sdpa')
+
+
+@pytest.fixture(scope='module')
+def sensitive_dir(tmp_path_factory, tokenizer):
+    path = tmp_path_factory.mktemp('sensitive')
+    _context_sensitive_tiny().save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_fast_icl_eval_equals_padded_reference(sensitive_dir, tokenizer, capsys):
+    """The fast path (unpadded length-sorted batches, shared prefixes run once, logits only where scored) gives
+    exactly foundry's padded accuracies: every local task type (multiple choice, schema, language modelling),
+    0 to 25 shots, with 25-shot contexts trimmed to max_seq_len (choices then share no prefix)."""
+    kwargs = dict(limit=8, device='cpu', max_seq_len=256, device_eval_batch_size=8)
+    threads = torch.get_num_threads()
+    padded = ev.run_icl_eval(sensitive_dir, tokenizer, ICL_DIR, ev.LOCAL_TASKS, fast=False, progress=False, **kwargs)
+    assert capsys.readouterr().out == ''
+    fast = ev.run_icl_eval(sensitive_dir, tokenizer, ICL_DIR, ev.LOCAL_TASKS, **kwargs)
+    assert torch.get_num_threads() == threads  # restored after the eval
+    assert set(fast.tasks) == {t.key for t in ev.LOCAL_TASKS}
+    assert fast.tasks == padded.tasks  # exact: same examples, same metric, logits equal up to rounding
+    assert fast.gauntlet == padded.gauntlet and fast.mean_accuracy == padded.mean_accuracy
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith('[darwinlm] ICL task')]
+    assert len(lines) == len(ev.LOCAL_TASKS) and all('accuracy' in line for line in lines)
+
+
+@pytest.mark.parametrize('make_model', [_tiny_pruned, _context_sensitive_tiny], ids=['darwinlm_pruned', 'llama'])
+def test_score_icl_batch_logits_equal_the_padded_forward(tokenizer, make_model):
+    """Per scored position, the fast scorer's logits are the full padded forward's (tolerance: rounding), and
+    the fast batches are cut after their longest sequence."""
+    from composer.utils import dist
+    if not dist.is_initialized():
+        dist.initialize_dist('cpu')
+    model = make_model().eval()
+    max_seq_len, limit = 256, 4
+    tasks = [t for t in ev.LOCAL_TASKS
+             if t.label in ('arc_easy', 'winogrande', 'arc_challenge', 'lambada_openai_small')]
+    padded, *_ = ev.build_icl_eval(tokenizer, ICL_DIR, tasks, limit=limit, max_seq_len=max_seq_len, fast=False,
+                                   device_eval_batch_size=8)
+    fast, *_ = ev.build_icl_eval(tokenizer, ICL_DIR, tasks, limit=limit, max_seq_len=max_seq_len,
+                                 device_eval_batch_size=8)
+    for ref_ev, fast_ev in zip(padded, fast):
+        batches = [b for _, b in zip(range(ref_ev.subset_num_batches), ref_ev.dataloader.dataloader)]
+        n_fast = sum(b['input_ids'].shape[0] for b in fast_ev.dataloader.dataloader)
+        assert n_fast == sum(b['input_ids'].shape[0] for b in batches)  # the same `limit` examples
+        for batch in batches:
+            assert batch['input_ids'].shape[1] == max_seq_len  # foundry pads every sequence
+            with torch.no_grad():
+                ref = model(input_ids=batch['input_ids'], attention_mask=batch['attention_mask']).logits
+            cut = fast_ev.dataloader.batch_transforms(dict(batch))
+            assert cut['input_ids'].shape[1] == max(int(c[-1]) + 1 for c in batch['continuation_indices'])
+            got = ev.score_icl_batch(model, cut)
+            for row, cont in enumerate(batch['continuation_indices']):
+                torch.testing.assert_close(got[row, cont - 1], ref[row, cont - 1], rtol=1e-5, atol=1e-5)
+        if ref_ev.label.startswith('arc_easy'):  # short 0-shot questions: far below max_seq_len
+            widths = [fast_ev.dataloader.batch_transforms(b)['input_ids'].shape[1]
+                      for b in fast_ev.dataloader.dataloader]
+            assert max(widths) < max_seq_len // 4
 
 
 # ------------------------------------------------------------------------------------ lm-eval harness
