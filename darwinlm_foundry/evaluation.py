@@ -307,12 +307,13 @@ def _accepts_logits_to_keep(lm) -> bool:
 
 
 def _shared_prefixes(ids, mask, groups, first) -> tuple[list, list]:
-    """Split a batch's rows into groups that share a prefix: ``(groups, prefix length per group)``.
+    """Split a batch's rows into groups that share a prefix: ``(rows per group, prefix length per group)``.
 
     A question's rows (``groups``: foundry's ``choice_groupings``) share the tokens and mask entries they all
     have before the first position any of them scores: a multiple-choice context, the common start of schema
-    contexts. A question whose rows share nothing (contexts cut at different points by foundry's trimming)
-    is split into one group per row, each its own context.
+    contexts. A question whose rows share nothing (contexts cut at different points by foundry's trimming
+    to ``max_seq_len``: the cut depends on the answer's length) is split into the rows with identical
+    contexts (answers of equal length), each set with its whole context as prefix.
     """
     out_groups, prefixes = [], []
     for start, end in groups:
@@ -321,12 +322,17 @@ def _shared_prefixes(ids, mask, groups, first) -> tuple[list, list]:
         same = ((rows_ids == rows_ids[0]) & (rows_mask == rows_mask[0])).all(0)
         differs = (~same).nonzero()
         shared = int(differs[0]) if len(differs) else limit
-        if shared == 0 and end - start > 1:
-            out_groups += [(r, r + 1) for r in range(start, end)]
-            prefixes += [first[r] for r in range(start, end)]
-        else:
-            out_groups.append((start, end))
+        if shared > 0 or end - start == 1:
+            out_groups.append(list(range(start, end)))
             prefixes.append(shared)
+            continue
+        contexts: dict = {}
+        for r in range(start, end):
+            key = (tuple(ids[r, :first[r]].tolist()), tuple(mask[r, :first[r]].tolist()))
+            contexts.setdefault(key, []).append(r)
+        for rows in contexts.values():
+            out_groups.append(rows)
+            prefixes.append(first[rows[0]])
     return out_groups, prefixes
 
 
@@ -336,7 +342,7 @@ def score_icl_batch(lm, batch: dict) -> torch.Tensor:
 
     Returns a ``(batch, seq, vocab)`` tensor in which only the positions the metric indexes -- row ``r`` at
     ``continuation_indices[r] - 1`` -- are set (the rest is left uninitialised and never read). Two forward
-    passes per batch: (1) each question's prefix shared by all its choices (:func:`_shared_prefixes`; the
+    passes per batch: (1) each question's prefix shared by its choices (:func:`_shared_prefixes`; the
     context of an LM-task row) into a KV cache, once per question, and (2) every row from its prefix to its
     last scored position, on that cache, with vocabulary logits only at scored positions. Attention masks
     and positions are those of the full sequences (padding columns masked, positions given explicitly), so
@@ -353,9 +359,9 @@ def score_icl_batch(lm, batch: dict) -> torch.Tensor:
                                         [(r, r + 1) for r in range(n_rows)], first)
     group_of = torch.empty(n_rows, dtype=torch.long)
     shared = [0] * n_rows
-    for g, (start, end) in enumerate(groups):
-        group_of[start:end] = g
-        shared[start:end] = [prefixes[g]] * (end - start)
+    for g, rows in enumerate(groups):
+        for r in rows:
+            group_of[r], shared[r] = g, prefixes[g]
     keep_arg = _accepts_logits_to_keep(lm)
 
     # (1) one row per group: its shared prefix, right-padded (masked; causal, so it changes nothing before it)
@@ -363,9 +369,9 @@ def score_icl_batch(lm, batch: dict) -> torch.Tensor:
     if max(prefixes) > 0:
         p_ids = ids.new_zeros(len(groups), max(prefixes))
         p_mask = torch.zeros_like(p_ids)
-        for g, (start, _) in enumerate(groups):
-            p_ids[g, :prefixes[g]] = ids[start, :prefixes[g]]
-            p_mask[g, :prefixes[g]] = mask[start, :prefixes[g]]
+        for g, rows in enumerate(groups):
+            p_ids[g, :prefixes[g]] = ids[rows[0], :prefixes[g]]
+            p_mask[g, :prefixes[g]] = mask[rows[0], :prefixes[g]]
         cache = DynamicCache()
         extra = {'logits_to_keep': torch.empty(0, dtype=torch.long, device=dev)} if keep_arg else {}
         lm(input_ids=p_ids, attention_mask=p_mask, past_key_values=cache, use_cache=True, **extra)
