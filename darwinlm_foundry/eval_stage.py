@@ -24,7 +24,7 @@ def run_eval_stage(cfg, stage_dir, refs, run, outputs):
     out_path = os.path.join(stage_dir, 'eval.json')
     run_on_rank_zero('evaluate', dict(paths=paths, dense=dense, shards=refs['data']['shards'],
                                       heldout_sequences=cfg.heldout_sequences, icl=cfg.icl, stage_dir=stage_dir,
-                                      out_path=out_path, by_source=cfg.heldout_by_source))
+                                      out_path=out_path, by_source=cfg.heldout_by_source, lm_eval=cfg.lm_eval))
     return {'report': os.path.abspath(out_path)}
 
 
@@ -42,7 +42,8 @@ def _heldout_by_source(shards: str, tokenizer, n: int) -> dict:
     return out
 
 
-def evaluate_models(paths, dense, shards, heldout_sequences, icl, stage_dir, out_path, by_source=False):
+def evaluate_models(paths, dense, shards, heldout_sequences, icl, stage_dir, out_path, by_source=False,
+                    lm_eval=None):
     """The eval stage's work, in one process: writes ``out_path`` (JSON rows, one per model)."""
     from transformers import AutoTokenizer
 
@@ -75,6 +76,13 @@ def evaluate_models(paths, dense, shards, heldout_sequences, icl, stage_dir, out
             row['tasks'] = result.tasks
             row['mean_accuracy'] = result.mean_accuracy  # the paper's 'avg'
             row['gauntlet_average'] = result.gauntlet_average
+        if lm_eval is not None:
+            from darwinlm_foundry.evaluation import run_lm_eval
+            args = dict(lm_eval)
+            row['lm_eval'] = run_lm_eval(paths[label], data_dir=args.pop('data_dir', None) or str(EMBEDDED_ICL),
+                                         work_dir=os.path.join(stage_dir, f'lm_eval_{label}'), **args)
+            print(f'[darwinlm] eval {label} lm-eval: ' + ', '.join(
+                f'{task} {m.get("acc", float("nan")):.3f}' for task, m in row['lm_eval'].items()), flush=True)
         rows.append(row)
         print(f'[darwinlm] eval {label}: {row["params"]:,} params, held-out ppl {row["heldout_ppl"]:.2f}, '
               f'KL {row["heldout_kl"]:.4f}' + (f', ICL {row["tasks"]}' if 'tasks' in row else ''), flush=True)
@@ -111,6 +119,8 @@ def run_export_stage(cfg, stage_dir, refs, run, outputs):
             for row in evaluation['rows']:
                 sizes[row['method']] = row['params']
                 tasks = dict(row.get('tasks') or {})
+                tasks.update({f'lm_eval:{task}': m['acc'] for task, m in (row.get('lm_eval') or {}).items()
+                              if 'acc' in m})
                 tasks.update(heldout_ppl=row['heldout_ppl'], heldout_kl=row['heldout_kl'])
                 # avg: mean ICL accuracy, as in the paper (nan without ICL tasks; never the perplexity)
                 eval_rows.append({'method': row['method'], 'params': row['params'], 'tasks': tasks,

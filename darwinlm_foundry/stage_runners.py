@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any, Dict, Optional
 
 from darwinlm_foundry.config_schema import from_mapping
@@ -190,6 +191,7 @@ def run_train(cfg, stage_dir, refs, run, outputs):
             raise RuntimeError(f'train stage: foundry exported no Hugging Face checkpoint at {exported}')
         shutil.rmtree(final, ignore_errors=True)
         shutil.copytree(exported, f'{final}.tmp', dirs_exist_ok=True)
+        _add_remote_code(f'{final}.tmp')
         os.replace(f'{final}.tmp', final)
     _barrier()
     return {'model': os.path.abspath(final), 'base_model': base_model(refs)}
@@ -217,6 +219,19 @@ def _final_checkpoint(save_folder: str, max_duration) -> Optional[str]:
         if re.fullmatch(rf'ep\d+-ba{match.group(1)}-rank0\.pt', name):
             return os.path.join(save_folder, name)
     return None
+
+
+def _add_remote_code(model_dir: str) -> None:
+    """Copy the DarwinLM modelling files its ``auto_map`` names into ``model_dir`` where they are missing.
+
+    foundry's HF checkpointer writes the config's ``auto_map`` but not always the code it points at, and stock
+    transformers (lm-eval's HFLM, a user's ``trust_remote_code``) then cannot load the directory."""
+    config = json.loads(Path(model_dir, 'config.json').read_text())
+    source = Path(__file__).parent / 'modeling'
+    for ref in (config.get('auto_map') or {}).values():
+        name = f'{ref.split(".")[0]}.py'
+        if (source / name).exists() and not Path(model_dir, name).exists():
+            shutil.copy2(source / name, Path(model_dir, name))
 
 
 def _export_checkpoint(checkpoint: str, model_dir: str, out_dir: str):

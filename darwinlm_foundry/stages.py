@@ -114,6 +114,17 @@ class EvalStage:
     heldout_sequences: int = 64
     heldout_by_source: bool = False  # also held-out ppl / KL per source file (domain), up to heldout_sequences each
     icl: Optional[Dict[str, Any]] = None
+    # lm-evaluation-harness (HFLM) on each model directory over the local task files: keys tasks (lm-eval names,
+    # e.g. [local_arc_easy, local_piqa]; default every local task), limit, batch_size, data_dir
+    lm_eval: Optional[Dict[str, Any]] = None
+
+    def __post_init__(self):
+        unknown = set(self.lm_eval or {}) - LM_EVAL_KEYS
+        if unknown:
+            raise ValueError(f'eval: unknown lm_eval keys {sorted(unknown)}; valid: {sorted(LM_EVAL_KEYS)}')
+
+
+LM_EVAL_KEYS = {'tasks', 'limit', 'batch_size', 'data_dir'}
 
 
 @dataclass

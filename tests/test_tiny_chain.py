@@ -26,7 +26,8 @@ def smallest(cfg, run_dir):
                                       train_tokens=[256])
     for name in ('train5', 'train6'):
         stages[name]['train'].update(max_duration='2ba', save_interval='2ba')
-    stages['eval'].update(heldout_sequences=4, icl={'limit': 2, 'device_eval_batch_size': 2, 'max_seq_len': 128})
+    stages['eval'].update(heldout_sequences=4, icl={'limit': 2, 'device_eval_batch_size': 2, 'max_seq_len': 128},
+                          lm_eval={'tasks': ['local_arc_easy'], 'limit': 2, 'batch_size': 2})
     return cfg
 
 
@@ -63,6 +64,9 @@ def test_tiny_chain_end_to_end_then_skipped(tmp_path):
     params = {row['method']: row['params'] for row in evaluation['rows']}
     assert params['level6_trained'] < params['level5_trained'] < params['dense']
     assert all(len(row['tasks']) >= 6 for row in evaluation['rows'])
+    # lm-eval (HFLM) loaded every model directory, pruned ones through their remote code
+    assert all(set(row['lm_eval']) == {'local_arc_easy'} and row['lm_eval']['local_arc_easy']['acc'] in (0, .5, 1)
+               for row in evaluation['rows'])
     # held-out perplexity per domain (source file), on documents of the held-out split only
     assert 'redpajama_c4-rp1' in evaluation['heldout_sources']
     assert all(set(row['heldout_by_source']) == set(evaluation['heldout_sources']) for row in evaluation['rows'])
