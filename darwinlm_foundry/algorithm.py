@@ -17,27 +17,8 @@ from composer.core import Algorithm, Event, State
 from composer.loggers import Logger
 from composer.utils import dist
 
+from darwinlm_foundry.calibration import CalibrationConfig  # noqa: F401 (re-exported)
 from darwinlm_foundry.config_schema import from_mapping
-
-
-@dataclass
-class CalibrationConfig:
-    """Where the database's calibration sequences come from (a local MDS split written by data.convert_to_mds)."""
-
-    shards: str
-    split: str = 'calibration'
-    num_sequences: int = 2048
-    seq_len: int = 4096
-    batch_size: int = 8
-    seed: int = 0
-    dampening: float = 0.01
-    mlp_multiple: int = 32
-    num_levels: Optional[int] = None  # default: 10, fewer for models with < 10 heads (levels.auto_num_levels)
-    device: Optional[str] = None  # default: cuda when available
-
-    def __post_init__(self):
-        if self.num_sequences < 1 or self.seq_len < 2 or self.batch_size < 1:
-            raise ValueError('num_sequences, seq_len and batch_size must be positive')
 
 
 def calibration_batches(cfg: CalibrationConfig, rank: int = 0, world_size: int = 1):

@@ -31,7 +31,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
-from darwinlm_foundry.config_schema import from_mapping
+from darwinlm_foundry.config_schema import check_keys, from_mapping
 
 MANIFEST = 'stages.json'
 
@@ -118,14 +118,6 @@ class EvalStage:
     # e.g. [local_arc_easy, local_piqa]; default every local task), limit, batch_size, data_dir
     lm_eval: Optional[Dict[str, Any]] = None
 
-    def __post_init__(self):
-        unknown = set(self.lm_eval or {}) - LM_EVAL_KEYS
-        if unknown:
-            raise ValueError(f'eval: unknown lm_eval keys {sorted(unknown)}; valid: {sorted(LM_EVAL_KEYS)}')
-
-
-LM_EVAL_KEYS = {'tasks', 'limit', 'batch_size', 'data_dir'}
-
 
 @dataclass
 class ExportStage:
@@ -172,7 +164,11 @@ def parse_run(cfg: Dict[str, Any]) -> (RunConfig, List[Stage]):
             raise ValueError(f'{where}: stage name {name!r} is used twice.')
         if kind not in STAGE_TYPES:
             raise ValueError(f'{where}: `kind` must be one of {sorted(STAGE_TYPES)}, got {kind!r}.')
-        config = from_mapping(STAGE_TYPES[kind], raw, where)
+        try:
+            config = from_mapping(STAGE_TYPES[kind], raw, f'stages[{i}]')
+            check_sections(kind, config, f'stages[{i}]')
+        except ValueError as err:
+            raise ValueError(f'{err} (stage {name!r}, kind {kind})') from None
         if kind == 'data' and config.tokenizer in names and 'model' not in OUTPUTS[names[config.tokenizer]]:
             raise ValueError(f'{where}: `tokenizer: {config.tokenizer}` names a {names[config.tokenizer]} stage, '
                              'which produces no model (and so no tokenizer).')
@@ -193,6 +189,72 @@ def parse_run(cfg: Dict[str, Any]) -> (RunConfig, List[Stage]):
         names[name] = kind
         stages.append(Stage(name, kind, config))
     return run, stages
+
+
+# Nested sections: the dataclass or function each is handed to, so every key is checked before any stage runs.
+ICL_KEYS = {'data_dir', 'limit', 'device_eval_batch_size', 'max_seq_len', 'device', 'precision', 'fast', 'progress',
+            'num_threads'}  # run_icl_eval's keyword arguments (+ data_dir)
+LM_EVAL_KEYS = {'tasks', 'limit', 'batch_size', 'data_dir', 'device', 'dtype'}  # run_lm_eval's
+SPLIT_KEYS = {'calibration', 'search', 'heldout', 'train'}
+PRETRAIN_RUNTIME_KEYS = {'device', 'verbose'}
+
+
+def check_sections(kind: str, config, where: str) -> None:
+    """Check a stage's nested sections (``search:``, ``calibration:``, ``settings:``, ``train:``, ``icl:``,
+    ``lm_eval:``, ``splits:``) key by key and type by type, with placeholders for the paths that only exist once
+    the earlier stages ran. Raises ValueError naming the full key path."""
+    if kind == 'data':
+        check_keys(config.splits, SPLIT_KEYS, f'{where}.splits')
+    elif kind == 'pretrain':
+        from darwinlm_foundry.pretrain import TinyLlamaSettings
+        settings = {k: v for k, v in config.settings.items() if k not in PRETRAIN_RUNTIME_KEYS}
+        from_mapping(TinyLlamaSettings, settings, f'{where}.settings')
+    elif kind == 'database':
+        from darwinlm_foundry.calibration import CalibrationConfig
+        if 'shards' in config.calibration:
+            raise ValueError(f'{where}.calibration.shards: set by the `data` stage, not here')
+        from_mapping(CalibrationConfig, {'shards': '<data stage>', **config.calibration}, f'{where}.calibration')
+    elif kind == 'search':
+        from darwinlm_foundry.search import SearchSettings
+        settings = dict(config.search)
+        for key in ('output_dir', 'start_config'):
+            if key in settings:
+                raise ValueError(f'{where}.search.{key}: set by the chain (stage folder / `start:`), not here')
+        if config.start is not None:  # gradual: the start stage's levels replace the uniform target
+            settings.update(start_config='<start stage>', target_level=None)
+        from_mapping(SearchSettings, settings, f'{where}.search')
+    elif kind == 'train':
+        keys = foundry_train_keys()
+        if keys:
+            check_keys(config.train, keys, f'{where}.train')
+    elif kind == 'eval':
+        if config.dense is not None and config.dense not in config.models:
+            raise ValueError(f'{where}.dense: {config.dense!r} is not one of the models {sorted(config.models)} '
+                             '(name the label of the dense model in `models:`, not its stage)')
+        for section, valid in (('icl', ICL_KEYS), ('lm_eval', LM_EVAL_KEYS)):
+            value = getattr(config, section)
+            if value is not None:
+                check_keys(value, valid, f'{where}.{section}')
+
+
+def foundry_train_keys() -> set:
+    """The top-level keys of llm-foundry's ``TrainConfig``, read from its source without importing llm-foundry
+    (that import takes ~25 s; validation should take seconds). Empty when the source cannot be read."""
+    import ast
+    import importlib.util
+    spec = importlib.util.find_spec('llmfoundry')
+    if spec is None or not spec.submodule_search_locations:
+        return set()
+    path = os.path.join(list(spec.submodule_search_locations)[0], 'utils', 'config_utils.py')
+    try:
+        tree = ast.parse(open(path).read())
+    except OSError:
+        return set()
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name == 'TrainConfig':
+            return {item.target.id for item in node.body
+                    if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name)}
+    return set()
 
 
 OUTPUTS = {'data': {'shards'}, 'pretrain': {'model'}, 'model': {'model'}, 'database': {'database', 'model'},
@@ -259,7 +321,9 @@ def run_chain(cfg: Dict[str, Any], log: Callable[[str], None] = print) -> Dict:
     """Run (or resume) every stage of a run config; returns each stage's outputs."""
     from darwinlm_foundry import stage_runners
 
+    from darwinlm_foundry.preflight import preflight
     run, stages = parse_run(cfg)
+    preflight(run, stages)  # before any compute: missing inputs, unsupported models, impossible levels
     dist = _dist()
     if dist.get_world_size() > 1 and not dist.is_initialized():
         dist.initialize_dist('cuda' if _cuda() else 'cpu')
@@ -346,11 +410,27 @@ def load_run_yaml(path: str, overrides: Optional[List[str]] = None) -> Dict[str,
 def main(argv: Optional[List[str]] = None) -> Dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ('-h', '--help'):
-        print('usage: composer train.py <run.yaml> [key=value ...]\n'
+        print('usage: composer train.py <run.yaml> [key=value ...] [--validate]\n'
+              '       --validate: check the whole chain (keys, types, references, inputs) and stop\n'
               '       (a plain llm-foundry train YAML, without `stages:`, runs foundry\'s train loop as is)')
         return {}
+    validate = '--validate' in argv
+    argv = [a for a in argv if a != '--validate']
     path, overrides = argv[0], argv[1:]
     cfg = load_run_yaml(path, overrides)
+    if validate:  # keys, types, references and the inputs that exist already; no weights or data loaded
+        if 'stages' not in cfg:
+            raise SystemExit(f'{path}: --validate checks DarwinLM chains (a YAML with `stages:`)')
+        from darwinlm_foundry.preflight import preflight
+        try:
+            run, stages = parse_run(cfg)
+            checked = preflight(run, stages)
+        except (ValueError, OSError) as err:
+            raise SystemExit(f'[darwinlm] {path} is not valid: {err}') from None
+        for line in checked:
+            print(f'[darwinlm] ok {line}')
+        print(f'[darwinlm] {path}: {len(stages)} stages valid ({", ".join(s.name for s in stages)})')
+        return {}
     if 'stages' not in cfg:
         from darwinlm_foundry.stage_runners import foundry_train
         foundry_train(cfg)
