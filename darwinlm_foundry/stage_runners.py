@@ -236,6 +236,8 @@ def _add_remote_code(model_dir: str) -> None:
 
 def _export_checkpoint(checkpoint: str, model_dir: str, out_dir: str):
     import torch
+    # this run's own Composer checkpoint (written by the train stage; it holds RNG / optimizer objects that
+    # weights_only=True refuses), never a file from outside the run
     state = torch.load(checkpoint, map_location='cpu', weights_only=False)['state']['model']
     model = load_hf_model(model_dir)
     weights = {k[len('model.'):]: v for k, v in state.items() if k.startswith('model.')}

@@ -146,3 +146,25 @@ def test_validate_flag_checks_a_whole_chain_and_stops(tmp_path):
     out = subprocess.run([sys.executable, str(REPO / 'train.py'), str(bad), '--validate'], capture_output=True,
                          text=True, cwd=tmp_path, timeout=300)
     assert out.returncode != 0 and "stages[3].search.generatoins: unknown key (did you mean 'generations'?)" in out.stderr
+
+
+def test_no_pickle_loads_of_untrusted_files():
+    """Every load in the package is safetensors / JSON / numpy without pickle / torch.load(weights_only=True);
+    the one exception reads the Composer checkpoint this run's own train stage wrote (RNG and optimizer state
+    that weights_only refuses), and says so next to the call."""
+    import re
+    allowed = {('stage_runners.py', 'own Composer checkpoint')}
+    found = []
+    for path in sorted((REPO / 'darwinlm_foundry').rglob('*.py')):
+        lines = path.read_text().splitlines()
+        for i, line in enumerate(lines):
+            code = line.split('#')[0]
+            if re.search(r'\bimport (c?pickle|dill|joblib)\b|\bpickle\.loads?\(', code):
+                found.append(f'{path.name}:{i + 1}: {line.strip()}')
+            if 'allow_pickle=True' in code:
+                found.append(f'{path.name}:{i + 1}: {line.strip()}')
+            if re.search(r'\btorch\.load\(', code) and 'weights_only=True' not in code:
+                context = ' '.join(lines[max(0, i - 3):i + 1])
+                if not any(path.name == name and reason in context for name, reason in allowed):
+                    found.append(f'{path.name}:{i + 1}: {line.strip()}')
+    assert not found, found
