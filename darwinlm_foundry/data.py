@@ -688,6 +688,13 @@ def check_shards(path_or_uri: str | os.PathLike, split: str | None = None, *, se
             if not any(n and os.path.isfile(os.path.join(where, n)) for n in names):
                 raise FileNotFoundError(f'shard {names[0]} listed in {where}/index.json is missing; the split '
                                         'is incomplete, re-run convert_to_mds')
+            for part in (s.get('raw_data'), s.get('zip_data')):  # a truncated copy reads as garbage later
+                path = os.path.join(where, part['basename']) if part and part.get('basename') else None
+                if path and os.path.isfile(path) and part.get('bytes') is not None \
+                        and os.path.getsize(path) != int(part['bytes']):
+                    raise ValueError(f'shard {path} has {os.path.getsize(path)} bytes but {where}/index.json '
+                                     f'says {part["bytes"]}: truncated or overwritten; copy it again or re-run '
+                                     'convert_to_mds')
     manifest_seq_len = None
     if not remote and split:
         mpath = Path(raw) / MANIFEST_NAME

@@ -238,7 +238,11 @@ def test_errors_before_compute(tmp_path, tok, subset):
     with pytest.raises(FileNotFoundError, match='does not exist'):
         data.check_shards(root, 'search')  # a split that was never written
     index = json.loads((root / 'heldout' / 'index.json').read_text())
-    (root / 'heldout' / index['shards'][0]['raw_data']['basename']).unlink()
+    shard = root / 'heldout' / index['shards'][0]['raw_data']['basename']
+    shard.write_bytes(shard.read_bytes()[:-7])  # truncated (an interrupted copy)
+    with pytest.raises(ValueError, match='truncated or overwritten'):
+        data.check_shards(root, 'heldout')
+    shard.unlink()
     with pytest.raises(FileNotFoundError, match='missing'):
         data.check_shards(root, 'heldout')
     (root / 'heldout' / 'index.json').write_text(json.dumps({'version': 2, 'shards': []}))

@@ -1,7 +1,9 @@
 """The shipped tiny chain end to end (smallest settings) under Composer's launcher, then re-run: all skipped."""
 
+import importlib.util
 import json
 import os
+import random
 import subprocess
 
 import pytest
@@ -13,25 +15,20 @@ from test_train_resume import COMPOSER
 from darwinlm_foundry.stages import load_run_yaml
 
 
-def smallest(cfg, run_dir):
-    """yamls/darwinlm_tiny.yaml with every budget cut to the bone (same stages, same keys)."""
-    cfg['run_dir'] = str(run_dir)
-    stages = {s['name']: s for s in cfg['stages']}
-    stages['data']['splits'] = {'calibration': 0.08, 'search': 0.08, 'heldout': 0.08, 'train': 0.2}
-    stages['dense']['settings'].update(hidden=80, intermediate=320, steps=8, warmup=2, batch_size=4, eval_seqs=4, eval_every=4)
-    for name in ('database5', 'database6'):
-        stages[name]['calibration'].update(num_sequences=8, batch_size=8)
-    for name in ('search5', 'search6'):
-        stages[name]['search'].update(generations=2, offspring=2, survivors=[1], fitness_tokens=[256],
-                                      train_tokens=[256])
-    for name in ('train5', 'train6'):
-        stages[name]['train'].update(max_duration='2ba', save_interval='2ba')
-    stages['eval'].update(heldout_sequences=4, icl={'limit': 2, 'device_eval_batch_size': 2, 'max_seq_len': 128},
-                          lm_eval={'tasks': ['local_arc_easy'], 'limit': 2, 'batch_size': 2})
-    return cfg
+def _bench(name):
+    """A bench script's functions (the kill loop and the chain's smallest budgets live there, used by both)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / 'bench' / f'{name}.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-@pytest.mark.timeout(1500)
+KILL = _bench('kill_resume')
+smallest = KILL.smallest_tiny_chain
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2700)
 def test_tiny_chain_end_to_end_then_skipped(tmp_path):
     cfg = smallest(load_run_yaml(str(REPO / 'yamls' / 'darwinlm_tiny.yaml')), tmp_path / 'run')
     path = tmp_path / 'tiny.yaml'
@@ -83,6 +80,17 @@ def test_tiny_chain_end_to_end_then_skipped(tmp_path):
     for name in names:
         assert f'stage {name} ({manifest_kind(cfg, name)}): finished earlier, skipped' in second
     assert ': running' not in second
+
+    # kill -9 once in every stage kind (a random moment, 0.2-2 s into the stage), re-run the same command each
+    # time: the finished run equals the uninterrupted one (database bytes, winners, weights, metrics)
+    cfg['run_dir'] = str(tmp_path / 'killed')
+    killed_yaml = tmp_path / 'killed.yaml'
+    killed_yaml.write_text(yaml.safe_dump(cfg))
+    done = KILL.run_with_kills(killed_yaml, tmp_path, KILL.KINDS, random.Random(0), max_delay=2.0,
+                               log=tmp_path / 'killed.log')
+    landed = [kind for kind, _, killed in done if killed]
+    assert len(landed) >= len(KILL.KINDS) - 1, done  # a very short stage (export) may end before its kill
+    assert KILL.compare_runs(tmp_path / 'run', tmp_path / 'killed') == []
 
 
 def manifest_kind(cfg, name):

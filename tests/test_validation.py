@@ -168,3 +168,27 @@ def test_no_pickle_loads_of_untrusted_files():
                 if not any(path.name == name and reason in context for name, reason in allowed):
                     found.append(f'{path.name}:{i + 1}: {line.strip()}')
     assert not found, found
+
+
+def test_disk_full_while_recording_a_stage_keeps_the_last_good_manifest(tmp_path, monkeypatch):
+    """ENOSPC in the middle of writing stages.json: the previous manifest stays intact and readable (the write
+    goes to a temporary file that replaces it only when complete), so a re-run trusts nothing half-written."""
+    import errno
+
+    from darwinlm_foundry import stages as chain
+    manifest = chain.RunManifest(str(tmp_path))
+    manifest.record('data', 'f1', {'shards': '/x'}, 1.0)
+    before = (tmp_path / chain.MANIFEST).read_bytes()
+    real_dump = json.dump
+
+    def dump_then_fail(obj, f, **kw):
+        f.write(json.dumps(obj, **kw)[:20])
+        raise OSError(errno.ENOSPC, 'No space left on device')
+
+    monkeypatch.setattr(chain.json, 'dump', dump_then_fail)
+    with pytest.raises(OSError, match='No space left'):
+        manifest.record('database5', 'f2', {'database': '/y'}, 2.0)
+    monkeypatch.setattr(chain.json, 'dump', real_dump)
+    assert (tmp_path / chain.MANIFEST).read_bytes() == before
+    again = chain.RunManifest(str(tmp_path))
+    assert again.finished('data', 'f1') == {'shards': '/x'} and again.finished('database5', 'f2') is None

@@ -1,0 +1,207 @@
+"""Kill -9 at random points of the chain, re-run the same command, compare with an uninterrupted run.
+
+    python bench/kill_resume.py [--kills 6] [--nproc 1] [--seed 0] [--out runs/kill_resume]
+
+Runs the shipped tiny chain (``yamls/darwinlm_tiny.yaml`` at the smallest budgets of ``smallest_tiny_chain``)
+once without interruption, then again in a second run directory killing the whole process group (``kill -9``)
+``--kills`` times, each at a random moment of a stage picked in turn from every stage kind (data, pretrain,
+database, search, train, eval, export), re-running the same command after each kill until it finishes. The two
+runs must agree: database files byte for byte, the same search winners, the trained and exported weights and
+the final metrics within float noise. LAST line: ``kills=N resumed=N identical=N`` (``resumed``: kills after
+which the re-run finished; ``identical``: of those, runs whose outputs matched the uninterrupted run: the
+comparison is made once at the end, so identical is N or 0).
+
+``tests/test_tiny_chain.py`` runs one kill per stage kind through :func:`run_with_kills`.
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+COMPOSER = shutil.which('composer', path=os.path.dirname(sys.executable)) or shutil.which('composer')
+KINDS = ('data', 'pretrain', 'database', 'search', 'train', 'eval', 'export')
+
+
+def smallest_tiny_chain(cfg: dict, run_dir) -> dict:
+    """yamls/darwinlm_tiny.yaml (as loaded by ``load_run_yaml``) with every budget cut to the bone: the same
+    stages and keys, minutes on 2 cores."""
+    cfg['run_dir'] = str(run_dir)
+    stages = {s['name']: s for s in cfg['stages']}
+    stages['data']['splits'] = {'calibration': 0.08, 'search': 0.08, 'heldout': 0.08, 'train': 0.2}
+    stages['dense']['settings'].update(hidden=80, intermediate=320, steps=8, warmup=2, batch_size=4, eval_seqs=4,
+                                       eval_every=4)
+    for name in ('database5', 'database6'):
+        stages[name]['calibration'].update(num_sequences=8, batch_size=8)
+    for name in ('search5', 'search6'):
+        stages[name]['search'].update(generations=2, offspring=2, survivors=[1], fitness_tokens=[256],
+                                      train_tokens=[256])
+    for name in ('train5', 'train6'):
+        stages[name]['train'].update(max_duration='2ba', save_interval='2ba')
+    stages['eval'].update(heldout_sequences=4, icl={'limit': 2, 'device_eval_batch_size': 2, 'max_seq_len': 128},
+                          lm_eval={'tasks': ['local_arc_easy'], 'limit': 2, 'batch_size': 2})
+    return cfg
+
+
+def write_tiny_chain(run_dir, yaml_path) -> dict:
+    import yaml
+
+    from darwinlm_foundry.stages import load_run_yaml
+    cfg = smallest_tiny_chain(load_run_yaml(str(REPO / 'yamls' / 'darwinlm_tiny.yaml')), run_dir)
+    Path(yaml_path).write_text(yaml.safe_dump(cfg))
+    return cfg
+
+
+def _command(yaml_path, nproc: int):
+    return [COMPOSER, '-n', str(nproc), str(REPO / 'train.py'), str(yaml_path)]
+
+
+def run_to_end(yaml_path, cwd, nproc: int = 1, log=None, timeout: float = 1800) -> str:
+    env = dict(os.environ, PYTHONUNBUFFERED='1')
+    out = subprocess.run(_command(yaml_path, nproc), cwd=cwd, env=env, capture_output=True, text=True,
+                         timeout=timeout)
+    text = out.stdout + out.stderr
+    if log is not None:
+        with open(log, 'a') as f:
+            f.write(text)
+    if out.returncode != 0:
+        raise RuntimeError(f'chain failed (exit {out.returncode}):\n{text[-4000:]}')
+    return text
+
+
+def run_and_kill(yaml_path, cwd, kind: str, delay: float, nproc: int = 1, log=None, timeout: float = 1800) -> bool:
+    """Start the chain, and ``delay`` seconds after a stage of ``kind`` starts running, kill -9 its whole
+    process group. Returns whether the kill landed (False: the chain finished, or no stage of that kind ran)."""
+    env = dict(os.environ, PYTHONUNBUFFERED='1')
+    proc = subprocess.Popen(_command(yaml_path, nproc), cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    started = threading.Event()
+    pattern = re.compile(rf'stage \S+ \({kind}\): running')
+    lines = []
+
+    def read():
+        for line in proc.stdout:
+            lines.append(line)
+            if pattern.search(line):
+                started.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    deadline = time.time() + timeout
+    while not started.is_set() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    killed = False
+    if started.is_set():
+        time.sleep(delay)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            killed = True
+    proc.wait(timeout=max(1.0, deadline - time.time()))
+    reader.join(timeout=10)
+    if log is not None:
+        with open(log, 'a') as f:
+            f.write(''.join(lines) + f'\n===== kill during {kind} after {delay:.2f}s: {killed}\n')
+    if not killed and proc.returncode != 0:
+        raise RuntimeError(f'chain failed before the kill (exit {proc.returncode}):\n{"".join(lines)[-4000:]}')
+    return killed
+
+
+def run_with_kills(yaml_path, cwd, kinds, rng: random.Random, nproc: int = 1, max_delay: float = 3.0,
+                   log=None) -> list:
+    """One kill per entry of ``kinds`` (at a random delay into a stage of that kind), each followed by the
+    re-run that carries on; then the run to the end. Returns ``[(kind, delay, killed)]``."""
+    done = []
+    for kind in kinds:
+        delay = rng.uniform(0.2, max_delay)
+        done.append((kind, delay, run_and_kill(yaml_path, cwd, kind, delay, nproc=nproc, log=log)))
+    run_to_end(yaml_path, cwd, nproc=nproc, log=log)
+    return done
+
+
+def _sha(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def compare_runs(run_a, run_b, atol: float = 1e-5) -> list:
+    """Differences between two finished runs of the same chain (empty when they agree)."""
+    import torch
+    from safetensors.torch import load_file
+    diffs = []
+    man_a = json.loads(Path(run_a, 'stages.json').read_text())['stages']
+    man_b = json.loads(Path(run_b, 'stages.json').read_text())['stages']
+    if list(man_a) != list(man_b):
+        return [f'stages differ: {list(man_a)} vs {list(man_b)}']
+    for name, rec in man_a.items():
+        out_a, out_b = rec['outputs'], man_b[name]['outputs']
+        if name.startswith('database'):
+            files = sorted(p.relative_to(out_a['database']) for p in Path(out_a['database']).rglob('*') if p.is_file())
+            for rel in files:
+                b = Path(out_b['database'], rel)
+                if not b.exists() or _sha(Path(out_a['database'], rel)) != _sha(b):
+                    diffs.append(f'{name}: {rel} differs')
+        if 'levels' in out_a:
+            la = json.loads(Path(out_a['levels']).read_text())['levels']
+            lb = json.loads(Path(out_b['levels']).read_text())['levels']
+            if la != lb:
+                diffs.append(f'{name}: winner {la} vs {lb}')
+        if 'model' in out_a and os.path.isdir(out_a['model']):
+            for f in sorted(Path(out_a['model']).glob('*.safetensors')):
+                wa, wb = load_file(str(f)), load_file(str(Path(out_b['model'], f.name)))
+                for key, t in wa.items():
+                    if key not in wb or not torch.allclose(t, wb[key], atol=atol, rtol=1e-4):
+                        diffs.append(f'{name}: weight {key} differs')
+                        break
+        if name == 'eval':
+            ra = {r['method']: r for r in json.loads(Path(out_a['report']).read_text())['rows']}
+            rb = {r['method']: r for r in json.loads(Path(out_b['report']).read_text())['rows']}
+            for method, row in ra.items():
+                if abs(row['heldout_ppl'] - rb[method]['heldout_ppl']) > 1e-4 * row['heldout_ppl']:
+                    diffs.append(f'eval: {method} ppl {row["heldout_ppl"]} vs {rb[method]["heldout_ppl"]}')
+                if row.get('tasks') != rb[method].get('tasks'):
+                    diffs.append(f'eval: {method} ICL {row.get("tasks")} vs {rb[method].get("tasks")}')
+    return diffs
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    ap.add_argument('--kills', type=int, default=len(KINDS), help='kills in all, spread over the stage kinds')
+    ap.add_argument('--nproc', type=int, default=1, help='processes under composer -n (2: gloo on CPU)')
+    ap.add_argument('--seed', type=int, default=0)
+    ap.add_argument('--max-delay', type=float, default=3.0, help='latest kill, seconds after a stage starts')
+    ap.add_argument('--out', default=str(REPO / 'runs' / 'kill_resume'))
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    rng = random.Random(args.seed)
+    write_tiny_chain(out / 'reference', out / 'reference.yaml')
+    write_tiny_chain(out / 'killed', out / 'killed.yaml')
+    t0 = time.time()
+    run_to_end(out / 'reference.yaml', out, nproc=args.nproc, log=out / 'reference.log')
+    print(f'[kill_resume] uninterrupted run: {time.time() - t0:.0f} s', flush=True)
+    kinds = [KINDS[i % len(KINDS)] for i in range(args.kills)]
+    t0 = time.time()
+    done = run_with_kills(out / 'killed.yaml', out, kinds, rng, nproc=args.nproc, max_delay=args.max_delay,
+                          log=out / 'killed.log')
+    for kind, delay, killed in done:
+        print(f'[kill_resume] kill during {kind} after {delay:.2f} s: {"landed" if killed else "missed (stage ended)"}')
+    diffs = compare_runs(out / 'reference', out / 'killed')
+    for d in diffs:
+        print(f'[kill_resume] DIFF {d}')
+    kills = sum(k for _, _, k in done)
+    print(f'[kill_resume] killed run incl. re-runs: {time.time() - t0:.0f} s')
+    print(f'kills={kills} resumed={kills} identical={kills if not diffs else 0}')
+
+
+if __name__ == '__main__':
+    main()
