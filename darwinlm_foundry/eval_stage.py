@@ -70,8 +70,15 @@ def evaluate_models(paths, dense, shards, heldout_sequences, icl, stage_dir, out
         if icl is not None:
             icl_args = dict(icl)
             data_dir = icl_args.pop('data_dir', None) or str(EMBEDDED_ICL)
+            tasks = available_tasks(data_dir, LOCAL_TASKS)
+            chosen = icl_args.pop('tasks', None)  # labels; default: every local task file found
+            if chosen is not None:
+                unknown = sorted(set(chosen) - {t.label for t in tasks})
+                if unknown:
+                    raise ValueError(f'eval: icl.tasks {unknown} not available; have {[t.label for t in tasks]}')
+                tasks = [t for t in tasks if t.label in chosen]
             tokenizer = AutoTokenizer.from_pretrained(paths[label])
-            result = run_icl_eval(paths[label], tokenizer, data_dir, available_tasks(data_dir, LOCAL_TASKS),
+            result = run_icl_eval(paths[label], tokenizer, data_dir, tasks,
                                   work_dir=os.path.join(stage_dir, f'icl_{label}'), **icl_args)
             row['tasks'] = result.tasks
             row['mean_accuracy'] = result.mean_accuracy  # the paper's 'avg'

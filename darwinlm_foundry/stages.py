@@ -192,8 +192,9 @@ def parse_run(cfg: Dict[str, Any]) -> (RunConfig, List[Stage]):
 
 
 # Nested sections: the dataclass or function each is handed to, so every key is checked before any stage runs.
-ICL_KEYS = {'data_dir', 'limit', 'device_eval_batch_size', 'max_seq_len', 'device', 'precision', 'fast', 'progress',
-            'num_threads'}  # run_icl_eval's keyword arguments (+ data_dir)
+# run_icl_eval's keyword arguments, plus data_dir and tasks (labels to run)
+ICL_KEYS = {'data_dir', 'tasks', 'limit', 'device_eval_batch_size', 'max_seq_len', 'device', 'precision', 'fast',
+            'progress', 'num_threads'}
 LM_EVAL_KEYS = {'tasks', 'limit', 'batch_size', 'data_dir', 'device', 'dtype'}  # run_lm_eval's
 SPLIT_KEYS = {'calibration', 'search', 'heldout', 'train'}
 PRETRAIN_RUNTIME_KEYS = {'device', 'verbose'}
