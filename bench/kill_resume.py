@@ -132,6 +132,20 @@ def _sha(path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+_RUN_SPECIFIC = ('model_name', 'calibration_source', 'calibration', 'created_at', 'completed_at')
+
+
+def _database_record(path) -> dict:
+    """A database manifest without what names its own run (paths, times); unit files by sha256, in any order."""
+    doc = json.loads(Path(path).read_text())
+    calibration = {k: v for k, v in doc.get('calibration', {}).items() if k != 'source'}
+    doc = {k: v for k, v in doc.items() if k not in _RUN_SPECIFIC}
+    doc['units_done'] = sorted(doc.get('units_done', []))
+    if isinstance(doc.get('config'), dict):
+        doc['config'] = {k: v for k, v in doc['config'].items() if k != '_name_or_path'}
+    return {**doc, 'calibration': calibration}
+
+
 def compare_runs(run_a, run_b, atol: float = 1e-5) -> list:
     """Differences between two finished runs of the same chain (empty when they agree)."""
     import torch
@@ -147,7 +161,11 @@ def compare_runs(run_a, run_b, atol: float = 1e-5) -> list:
             files = sorted(p.relative_to(out_a['database']) for p in Path(out_a['database']).rglob('*') if p.is_file())
             for rel in files:
                 b = Path(out_b['database'], rel)
-                if not b.exists() or _sha(Path(out_a['database'], rel)) != _sha(b):
+                if str(rel) == 'manifest.json':  # names its run's own paths and times: compare the rest
+                    if b.exists() and _database_record(Path(out_a['database'], rel)) == _database_record(b):
+                        continue
+                    diffs.append(f'{name}: manifest.json differs beyond paths and times')
+                elif not b.exists() or _sha(Path(out_a['database'], rel)) != _sha(b):
                     diffs.append(f'{name}: {rel} differs')
         if 'levels' in out_a:
             la = json.loads(Path(out_a['levels']).read_text())['levels']
