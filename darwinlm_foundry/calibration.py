@@ -26,8 +26,9 @@ import torch
 from darwinlm_foundry.obs_solver import ObsLevel, structured_obs
 from darwinlm_foundry.units import Unit
 
-__all__ = ['CalibrationConfig', 'HessianStat', 'CalibrationBatch', 'iter_layer_hessians', 'collect_hessians', 'solve_units',
-           'unit_output_weight', 'identity_reduce']
+__all__ = ['CalibrationConfig', 'HessianStat', 'CalibrationBatch', 'iter_layer_hessians', 'collect_hessians',
+           'solve_units', 'unit_output_weight', 'identity_reduce']
+
 
 @dataclass
 class CalibrationConfig:

