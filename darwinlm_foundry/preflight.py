@@ -57,8 +57,9 @@ def check_model_source(path: str, gguf_file: Optional[str] = None, package: Opti
     if p.is_dir() and (p / 'config.json').exists():
         shapes = json.loads((p / 'config.json').read_text())
         if not any((p / name).exists() for name in _WEIGHT_FILES):
-            raise FileNotFoundError(f'{where}.path: {path} has a config.json but no weights ({" / ".join(_WEIGHT_FILES)}'
-                                    '); save the model with save_pretrained, or point at the right directory.')
+            raise FileNotFoundError(f'{where}.path: {path} has a config.json but no weights '
+                                    f'({" / ".join(_WEIGHT_FILES)}); save the model with save_pretrained, or point '
+                                    'at the right directory.')
     elif p.is_dir() or p.suffix == '.gguf':
         ggufs = [p] if p.suffix == '.gguf' else sorted(p.glob(gguf_file or '*.gguf'))
         if not ggufs:

@@ -86,7 +86,8 @@ CASES = [
     ('too many levels for the heads', (('stages', 2, 'calibration', 'num_levels'), 10),
      r"calibration\.num_levels: 10 levels need at least 10 heads.*has 9 heads"),
     ('model path missing', (('stages', 0, 'path'), '/nonexistent/model.gguf'), r"does not exist"),
-    ('data source missing', (('stages', 1, 'source'), '/nonexistent/fineweb'), r"source: /nonexistent/fineweb does not"),
+    ('data source missing', (('stages', 1, 'source'), '/nonexistent/fineweb'),
+     r"source: /nonexistent/fineweb does not"),
 ]
 
 
@@ -145,7 +146,8 @@ def test_validate_flag_checks_a_whole_chain_and_stops(tmp_path):
     bad.write_text(yaml.safe_dump(cfg))
     out = subprocess.run([sys.executable, str(REPO / 'train.py'), str(bad), '--validate'], capture_output=True,
                          text=True, cwd=tmp_path, timeout=300)
-    assert out.returncode != 0 and "stages[3].search.generatoins: unknown key (did you mean 'generations'?)" in out.stderr
+    message = "stages[3].search.generatoins: unknown key (did you mean 'generations'?)"
+    assert out.returncode != 0 and message in out.stderr
 
 
 def test_no_pickle_loads_of_untrusted_files():
