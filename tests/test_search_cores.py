@@ -214,7 +214,7 @@ def test_schedule_defaults_and_validation():
     for kwargs in bad:
         with pytest.raises(ValueError):
             SelectionSchedule(**kwargs)
-    with pytest.raises(ValueError, match=r"\['surviver'\]"):
+    with pytest.raises(ValueError, match=r"surviver: unknown key \(did you mean 'survivors'\?\)"):
         SelectionSchedule.from_dict({'surviver': [1]})
 
 
