@@ -1,6 +1,6 @@
 """darwinlm-foundry: DarwinLM structured pruning as an llm-foundry / Composer plugin."""
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 INSTALL_REQUIRES = [
     'llm-foundry==0.22.0',
@@ -26,7 +26,7 @@ setup(
     long_description_content_type='text/markdown',
     python_requires='>=3.10',
     # callbacks/ lives at the top of the repo (design card) but installs as a subpackage.
-    packages=['darwinlm_foundry', 'darwinlm_foundry.modeling', 'darwinlm_foundry.utils', 'darwinlm_foundry.callbacks'],
+    packages=find_packages(include=['darwinlm_foundry', 'darwinlm_foundry.*']) + ['darwinlm_foundry.callbacks'],
     package_dir={
         'darwinlm_foundry': 'darwinlm_foundry',
         'darwinlm_foundry.callbacks': 'callbacks',
@@ -37,10 +37,10 @@ setup(
     extras_require={'test': ['pytest>=7', 'pytest-timeout']},
     entry_points={
         'llmfoundry_models': [
-            'darwinlm = darwinlm_foundry.composer_model:ComposerDarwinLM',
+            'darwinlm = darwinlm_foundry.modeling.composer_model:ComposerDarwinLM',
         ],
         'llmfoundry_algorithms': [
-            'darwinlm_prune = darwinlm_foundry.algorithm:DarwinLMPrune',
+            'darwinlm_prune = darwinlm_foundry.algorithms.darwinlm_prune:DarwinLMPrune',
         ],
         'llmfoundry_callbacks': [
             'darwinlm_search = darwinlm_foundry.callbacks.evolutionary_search:DarwinLMSearch',

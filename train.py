@@ -6,7 +6,7 @@ a plain llm-foundry train YAML runs foundry's train loop (with our algorithms/ca
 
 import sys
 
-from darwinlm_foundry.stages import main
+from darwinlm_foundry.stages.chain import main
 
 if __name__ == '__main__':
     main(sys.argv[1:])

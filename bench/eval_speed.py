@@ -1,6 +1,6 @@
 """Benchmark: foundry ICL evaluation of one model, padded (foundry's batches as built) vs the fast path.
 
-``darwinlm_foundry.evaluation.run_icl_eval`` on a real checkpoint (default: SmolLM2-135M converted to HF at
+``darwinlm_foundry.eval.icl.run_icl_eval`` on a real checkpoint (default: SmolLM2-135M converted to HF at
 /tmp/smol/hf), the package's local task files (arc_easy, logi_qa, piqa, boolq, winogrande, arc_challenge),
 ``--limit`` examples per task, 0-shot (``--shots task``: the shots of ``LOCAL_TASKS``, i.e. what the eval
 stage runs: 5-shot winogrande, 25-shot arc_challenge), ``max_seq_len`` 512 and 8 sequences per batch as in the
@@ -38,8 +38,8 @@ import time
 
 def _positions(tokenizer, tasks, limit, max_seq_len, batch_size) -> tuple[int, int]:
     """Sequence positions the model runs over per model: (padded, fast batches before prefix sharing)."""
-    from darwinlm_foundry.eval_stage import EMBEDDED_ICL
-    from darwinlm_foundry.evaluation import build_icl_eval
+    from darwinlm_foundry.stages.eval import EMBEDDED_ICL
+    from darwinlm_foundry.eval.icl import build_icl_eval
     padded = cut = 0
     with tempfile.TemporaryDirectory() as work_dir:
         evaluators, *_ = build_icl_eval(tokenizer, EMBEDDED_ICL, tasks, limit=limit, max_seq_len=max_seq_len,
@@ -53,8 +53,8 @@ def _positions(tokenizer, tasks, limit, max_seq_len, batch_size) -> tuple[int, i
 
 def _setup_seconds(model_dir, tokenizer, tasks, limit, max_seq_len, batch_size) -> float:
     """Seconds of a padded run that do not grow with the examples: model load and foundry's evaluators."""
-    from darwinlm_foundry.eval_stage import EMBEDDED_ICL
-    from darwinlm_foundry.evaluation import build_icl_eval, load_darwinlm_composer_model
+    from darwinlm_foundry.stages.eval import EMBEDDED_ICL
+    from darwinlm_foundry.eval.icl import build_icl_eval, load_darwinlm_composer_model
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as work_dir:
         load_darwinlm_composer_model(model_dir, tokenizer)
@@ -84,9 +84,9 @@ def main() -> None:
 
     import composer  # noqa: F401  (imported before timing: the first import takes seconds)
     import llmfoundry  # noqa: F401
-    from darwinlm_foundry.eval_stage import EMBEDDED_ICL
-    from darwinlm_foundry.evaluation import LOCAL_TASKS, available_tasks, run_icl_eval
-    from darwinlm_foundry.log_utils import quiet
+    from darwinlm_foundry.stages.eval import EMBEDDED_ICL
+    from darwinlm_foundry.eval.icl import LOCAL_TASKS, available_tasks, run_icl_eval
+    from darwinlm_foundry.utils.logging import quiet
 
     datasets.disable_progress_bars()
     tokenizer = AutoTokenizer.from_pretrained(args.model)

@@ -20,15 +20,12 @@ The last line is: ``speedup=<x.xx> identical=<True|False> db_bytes_ratio=<x.xxx>
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 from dataclasses import dataclass
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from darwinlm_foundry.obs_solver import ObsLevel, structured_obs, structured_obs_naive  # noqa: E402
+from darwinlm_foundry.obs.solver import ObsLevel, structured_obs, structured_obs_naive
 
 LEVELS = 10  # levels 0..10, level 10 = unit removed
 
@@ -90,7 +87,7 @@ def measured_db_bytes_ratio(hidden: int, heads: int, intermediate: int, seq_len:
 
     import transformers
 
-    from darwinlm_foundry.database import build_database
+    from darwinlm_foundry.obs.database import build_database
     torch.manual_seed(0)
     config = transformers.LlamaConfig(vocab_size=256, hidden_size=hidden, intermediate_size=intermediate,
                                       num_hidden_layers=1, num_attention_heads=heads, num_key_value_heads=heads,

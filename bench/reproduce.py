@@ -35,7 +35,7 @@ Arms (the same parameter budget at level 5; level 6 for the gradual comparison),
 
 (4: per-unit levels minimising the summed layer-wise OBS error at the same total level, exact DP, no end-to-end
 fitness. 5: the layers whose output is most like their input go to the top level (attention removed, MLP at
-its smallest level), ``darwinlm_foundry.baselines``.) The seed changes the search's random stream and samples,
+its smallest level), ``darwinlm_foundry.search.baselines``.) The seed changes the search's random stream and samples,
 the TAS fine-tunes and the post-training data order. Quick mode builds ONE database (calibration draw 0) shared
 by every seed, so arms 2-5 are deterministic and computed once (``shared_database``; ``--full`` builds one per
 seed). Held-out perplexity and KL(dense || model) per arm, overall and per domain, mean ± std over seeds;
@@ -245,13 +245,13 @@ def choose_split_seed(files: list[Path], splits: dict, tries: int = 100) -> tupl
     """The first conversion seed under which every source file has a held-out document and, when it has two
     or more, also one outside held-out (so every domain can be scored and none is only held out).
 
-    Uses the converter's own document hash and split bounds (private helpers of ``darwinlm_foundry.data``);
+    Uses the converter's own document hash and split bounds (private helpers of ``darwinlm_foundry.data.shards``);
     the held-out split is read back after the conversion (``split_texts_by_source``), so the report names the
     domains really scored whatever this predicts. JSON-lines sources only; otherwise seed 0.
     """
     import numpy as np
 
-    from darwinlm_foundry import data as D
+    from darwinlm_foundry.data import shards as D
     doc_key, thresholds = getattr(D, '_doc_key', None), getattr(D, '_split_thresholds', None)
     if doc_key is None or thresholds is None or not all(re.search(r'\.jsonl?(\.gz)?$', f.name) for f in files):
         return 0, 'seed 0 (the rule needs JSON-lines sources and the converter\'s document hash)'
@@ -281,7 +281,7 @@ class DomainScorer:
     (``evaluation.HeldoutReference``). Overall: every domain's sequences together (token-weighted)."""
 
     def __init__(self, dense, domains: dict[str, torch.Tensor]):
-        from darwinlm_foundry.evaluation import HeldoutReference
+        from darwinlm_foundry.eval.icl import HeldoutReference
         self.refs = {d: HeldoutReference(dense, t, batch_size=4) for d, t in domains.items()}
 
     def score(self, model) -> dict:
@@ -328,7 +328,7 @@ def load_pruned(path: str):
 
 
 def export(ctx: Context, model, path: Path, note: str, levels=None) -> str:
-    from darwinlm_foundry.export import export_pruned
+    from darwinlm_foundry.eval.export import export_pruned
     export_pruned(model, path, tokenizer=ctx.tokenizer, base_model=PACKAGE, levels=levels, overwrite=True,
                   data_note=f'text converted in {ctx.shards}; {note}',
                   title=f'DarwinLM reproduction: {path.name}')
@@ -336,14 +336,14 @@ def export(ctx: Context, model, path: Path, note: str, levels=None) -> str:
 
 
 def calibration_batches(ctx: Context, n: int, draw: int) -> list:
-    from darwinlm_foundry.data import sample_sequences
+    from darwinlm_foundry.data.shards import sample_sequences
     tokens = sample_sequences(ctx.shards / 'calibration', n, ctx.budget.seq_len, seed=draw)
     return [tokens[i:i + 8] for i in range(0, len(tokens), 8)]
 
 
 def database(ctx: Context, key: str, model, db_dir: Path, draw: int, source: str):
     """The sparsity database of ``model`` (a ledger step when built; resumes an interrupted build)."""
-    from darwinlm_foundry.database import SparsityDatabase, build_database
+    from darwinlm_foundry.obs.database import SparsityDatabase, build_database
     built = {}
 
     def build():
@@ -357,8 +357,8 @@ def database(ctx: Context, key: str, model, db_dir: Path, draw: int, source: str
 
 def search(ctx: Context, db, source_dir: str, out_dir: Path, seed: int, *, tas: bool, level: Optional[int],
            generations: int, start: Optional[str] = None) -> dict:
-    from darwinlm_foundry.database import dense_tensor_getter
-    from darwinlm_foundry.search import EvolutionarySearch, SearchSettings, ShardTokens
+    from darwinlm_foundry.obs.database import dense_tensor_getter
+    from darwinlm_foundry.search.engine import EvolutionarySearch, SearchSettings, ShardTokens
     b = ctx.budget
     settings = SearchSettings(
         target_level=level, start_config=start, extra_levels=1 if start else 0, generations=generations,
@@ -379,7 +379,7 @@ def search(ctx: Context, db, source_dir: str, out_dir: Path, seed: int, *, tas: 
 
 
 def posttrain(ctx: Context, model_dir: str, out_dir: Path, seed: int, steps: int, note: str) -> str:
-    from darwinlm_foundry.pretrain import fit_causal_lm
+    from darwinlm_foundry.data.demo_pretrain import fit_causal_lm
     b = ctx.budget
     model = load_pruned(model_dir).train()
     fit_causal_lm(model, ctx.shards, tokenizer=ctx.tokenizer, steps=steps, batch_size=b.posttrain_batch,
@@ -402,13 +402,13 @@ def _scored(ctx: Context, key: str, build: Callable[[], str], info: dict) -> dic
 
 def run_draw(ctx: Context, draw: int) -> dict:
     """One calibration draw: the dense database, the baselines' local signals and the baselines (arms 2-5)."""
-    from darwinlm_foundry.baselines import (allocate_min_error, block_influence, layer_drop_config,
+    from darwinlm_foundry.search.baselines import (allocate_min_error, block_influence, layer_drop_config,
                                             magnitude_kept, unit_errors)
-    from darwinlm_foundry.calibration import collect_hessians
-    from darwinlm_foundry.database import dense_tensor_getter
-    from darwinlm_foundry.search_space import uniform
-    from darwinlm_foundry.shrinking import shrink_model
-    from darwinlm_foundry.units import Unit
+    from darwinlm_foundry.obs.calibration import collect_hessians
+    from darwinlm_foundry.obs.database import dense_tensor_getter
+    from darwinlm_foundry.search.space import uniform
+    from darwinlm_foundry.structure.shrinking import shrink_model
+    from darwinlm_foundry.structure.units import Unit
 
     b, led = ctx.budget, ctx.ledger
     key = f'draw{draw}'
@@ -456,7 +456,7 @@ def run_draw(ctx: Context, draw: int) -> dict:
 
 def run_seed(ctx: Context, seed: int, draw: int) -> dict:
     """The searched arms 6-9 of one seed, on the database of calibration draw ``draw``."""
-    from darwinlm_foundry.database import SparsityDatabase, dense_tensor_getter
+    from darwinlm_foundry.obs.database import SparsityDatabase, dense_tensor_getter
     b, led = ctx.budget, ctx.ledger
     key = f'seed{seed}'
     work = ctx.out / 'work' / key
@@ -515,9 +515,9 @@ def run_seed(ctx: Context, seed: int, draw: int) -> dict:
 # ----------------------------------------------------------------------------------------------- ICL
 def icl(ctx: Context, draws: dict, seeds: dict) -> dict:
     """foundry ICL accuracy (``run_icl_eval``) with chance and binomial standard error per task."""
-    from darwinlm_foundry.eval_stage import EMBEDDED_ICL
-    from darwinlm_foundry.evaluation import LOCAL_TASKS, available_tasks, run_icl_eval
-    from darwinlm_foundry.log_utils import quiet
+    from darwinlm_foundry.stages.eval import EMBEDDED_ICL
+    from darwinlm_foundry.eval.icl import LOCAL_TASKS, available_tasks, run_icl_eval
+    from darwinlm_foundry.utils.logging import quiet
     b = ctx.budget
     tasks = available_tasks(EMBEDDED_ICL, [t for t in LOCAL_TASKS if t.label in b.icl_tasks])
     counts = {t.key: min(b.icl_limit, sum(1 for line in open(EMBEDDED_ICL / t.file_name) if line.strip()))
@@ -796,9 +796,9 @@ def main(argv=None) -> dict:
 
     from transformers import AutoTokenizer
 
-    from darwinlm_foundry.data import (convert_to_mds, embedded_text_files, pack_documents, source_name,
+    from darwinlm_foundry.data.shards import (convert_to_mds, embedded_text_files, pack_documents, source_name,
                                        split_texts_by_source)
-    from darwinlm_foundry.log_utils import quiet
+    from darwinlm_foundry.utils.logging import quiet
 
     dense_dir, model_info = resolve_model(args.model, Path(args.model_cache or out / 'model_cache'), budget.layers, out)
     tokenizer = AutoTokenizer.from_pretrained(dense_dir)

@@ -47,8 +47,8 @@ def child(args) -> None:
     import torch
     from transformers import AutoTokenizer
 
-    from darwinlm_foundry.database import SparsityDatabase, dense_tensor_getter
-    from darwinlm_foundry.search import EvolutionarySearch, SearchSettings, ShardTokens
+    from darwinlm_foundry.obs.database import SparsityDatabase, dense_tensor_getter
+    from darwinlm_foundry.search.engine import EvolutionarySearch, SearchSettings, ShardTokens
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -19,17 +19,15 @@ throughput, so no pretraining is needed. Dense targets are computed once before 
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from darwinlm_foundry.database import build_database, dense_tensor_getter  # noqa: E402
-from darwinlm_foundry.search import EvolutionarySearch, SearchSettings, TensorTokens  # noqa: E402
-from darwinlm_foundry.search_space import make_offspring, make_rng, uniform  # noqa: E402
+from darwinlm_foundry.obs.database import build_database, dense_tensor_getter
+from darwinlm_foundry.search.engine import EvolutionarySearch, SearchSettings, TensorTokens
+from darwinlm_foundry.search.space import make_offspring, make_rng, uniform
+from darwinlm_foundry.utils.params import count_parameters
 
 
 def _model(args):
@@ -89,7 +87,7 @@ def main():
     work = tempfile.mkdtemp(prefix='darwinlm_search_bench_')
     db = build_database(model, [tokens[i:i + 4] for i in range(0, 16, 4)], os.path.join(work, 'db'),
                         calibration_source='random tokens (throughput only)')
-    print(f'model: {sum(p.numel() for p in model.parameters()):,} parameters, level {args.level}: '
+    print(f'model: {count_parameters(model):,} parameters, level {args.level}: '
           f'{db.level_spec.parameter_count(args.level):,}; database built in {time.perf_counter() - t0:.1f} s',
           flush=True)
 
@@ -113,7 +111,7 @@ def main():
 
 
 def _bounds(db):
-    from darwinlm_foundry.search_space import LevelBounds
+    from darwinlm_foundry.search.space import LevelBounds
     return LevelBounds.full(db.level_spec.num_layers, max_level=min(db.level_spec.max_exact_level(k)
                                                                     for k in ('attn', 'mlp')))
 

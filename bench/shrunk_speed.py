@@ -4,7 +4,7 @@ research code's masked (zeroed) model, beside the ideal speed-up (the matmul FLO
 Model: a random Llama-like decoder scaled to a small CPU (hidden 1280 = 20 heads x 64, grouped-query
 attention with 4 K/V heads, MLP 3520, 2 layers, vocab 32000). Twenty query heads and 3520 = 10 x 352 MLP
 columns make every level exact: level L keeps (10 - L)/10 of the heads and of the MLP columns (MLP steps of
-352 = 11 x 32 columns), i.e. :class:`darwinlm_foundry.levels.LevelSpec` of this config. Uniform levels 3, 5
+352 = 11 x 32 columns), i.e. :class:`darwinlm_foundry.structure.levels.LevelSpec` of this config. Uniform levels 3, 5
 and 6 are benchmarked; kept heads / columns are a seeded random subset per layer (so GQA groups are uneven,
 as after a real OBS pass) and K/V stay whole (GQA). The width is what matters for the ratio (per-token
 elementwise work grows with the hidden size, matmuls with its square); the depth only scales the run time,
@@ -33,18 +33,16 @@ batch 16, fp32 on CPU.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import time
 from dataclasses import dataclass
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from darwinlm_foundry.levels import LevelSpec  # noqa: E402
-from darwinlm_foundry.shrinking import mask_model, shrink_model  # noqa: E402
-from darwinlm_foundry.units import Unit  # noqa: E402
+from darwinlm_foundry.structure.levels import LevelSpec
+from darwinlm_foundry.structure.shrinking import mask_model, shrink_model
+from darwinlm_foundry.structure.units import Unit
+from darwinlm_foundry.utils.params import count_parameters
 
 LEVELS = (3, 5, 6)
 TARGET_LEVEL = 5
@@ -244,14 +242,14 @@ def main(argv=None):
         kept = uniform_kept(config, level)
         models[f'shrunk{level}'] = shrink_model(dense, kept).eval()
         models[f'masked{level}'] = mask_model(dense, kept).eval()
-    n_dense = sum(p.numel() for p in dense.parameters())
+    n_dense = count_parameters(dense)
     print(f'dense: {config.num_hidden_layers} layers, hidden {config.hidden_size}, {config.num_attention_heads} heads '
           f'x {config.head_dim} (K/V {config.num_key_value_heads}), MLP {config.intermediate_size}, '
           f'{n_dense / 1e6:.1f}M params; threads {args.threads}; seq {args.seq}; new tokens {args.new_tokens}; '
           f'median of {args.repeats} after 1 warm-up')
     for level in LEVELS:
         m = models[f'shrunk{level}']
-        n = sum(p.numel() for p in m.parameters())
+        n = count_parameters(m)
         print(f'level {level}: heads {len(m.config.layer_heads[0])}, MLP {m.config.layer_intermediate_sizes[0]}, '
               f'{n / 1e6:.1f}M params ({n / n_dense:.3f} of dense)')
 

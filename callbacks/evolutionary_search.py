@@ -26,8 +26,9 @@ import torch
 from composer.core import Callback, State
 from composer.loggers import Logger
 
-from darwinlm_foundry.search import EvolutionarySearch, SearchResult, SearchSettings, ShardTokens, TokenSource
-from darwinlm_foundry.search_space import LevelConfig
+from darwinlm_foundry.search.engine import EvolutionarySearch, SearchResult, SearchSettings, ShardTokens, TokenSource
+from darwinlm_foundry.search.space import LevelConfig
+from darwinlm_foundry.utils.params import count_parameters
 
 __all__ = ['DarwinLMSearch']
 
@@ -39,13 +40,13 @@ class DarwinLMSearch(Callback):
 
     **When it runs:** once, at ``Event.INIT`` of the Trainer, i.e. after the model and optimizer are built and
     before DDP/FSDP wrapping, checkpoint loading and the first batch. The search (see
-    :class:`~darwinlm_foundry.search.EvolutionarySearch`) resumes from ``<output_dir>/search_state.json``
+    :class:`~darwinlm_foundry.search.engine.EvolutionarySearch`) resumes from ``<output_dir>/search_state.json``
     when it exists with matching settings; a finished search is just reloaded. Every rank runs it together
     (offspring spread over ranks, or FSDP-sharded fits, as ``distributed`` says).
 
     **What it changes:** it writes ``winner.json`` / ``winner.txt`` (and the search state) to ``output_dir``.
     With ``apply=True`` it replaces the trained HF module by the winner, stitched from the database as a
-    physically shrunk ``DarwinLMForCausalLM`` (:func:`darwinlm_foundry.surgery.swap_hf_model`, optimizer
+    physically shrunk ``DarwinLMForCausalLM`` (:func:`darwinlm_foundry.structure.surgery.swap_hf_model`, optimizer
     param groups re-pointed by name), so the rest of the fit post-trains the winner. With
     ``search_only=True`` it stops training at ``Event.FIT_START`` (nothing is trained). Global RNG states are
     restored after the search, so the post-training run sees the same randomness as without it.
@@ -93,11 +94,11 @@ class DarwinLMSearch(Callback):
     Args:
         database: directory of the sparsity database of the model being trained (or of ``dense``).
         data: a local MDS split to draw fine-tuning / fitness samples from (e.g. ``<shards>/search``), or a
-            :class:`~darwinlm_foundry.search.TokenSource` when built in Python.
+            :class:`~darwinlm_foundry.search.engine.TokenSource` when built in Python.
         apply: swap the winner into the trained model (default True).
         search_only: stop the fit right after the search (default False).
         dense: checkpoint directory of the database's source model; default: the model being trained.
-        **search: :class:`~darwinlm_foundry.search.SearchSettings` fields (unknown names are rejected).
+        **search: :class:`~darwinlm_foundry.search.engine.SearchSettings` fields (unknown names are rejected).
     """
 
     def __init__(self, database: str, data: Union[str, TokenSource], apply: bool = True, search_only: bool = False,
@@ -112,7 +113,7 @@ class DarwinLMSearch(Callback):
 
     # -- events ------------------------------------------------------------------------------------
     def init(self, state: State, logger: Logger) -> None:
-        from darwinlm_foundry.database import SparsityDatabase, dense_tensor_getter
+        from darwinlm_foundry.obs.database import SparsityDatabase, dense_tensor_getter
 
         composer_model = state.model
         hf_model = getattr(composer_model, 'model', None)
@@ -146,12 +147,12 @@ class DarwinLMSearch(Callback):
         log.info('darwinlm_search: winner %s (%d of %d parameters), written to %s', result.winner.to_dict(),
                  result.parameters, result.dense_parameters, result.json_path)
         if self.apply:
-            from darwinlm_foundry.surgery import swap_hf_model
+            from darwinlm_foundry.structure.surgery import swap_hf_model
             winner = db.stitch(result.winner, getter)
             del getter, engine  # the getter holds the dense tensors
             swap_hf_model(composer_model, winner, state.optimizers)
             log.info('darwinlm_search: the trained model is now the winner (%d parameters)',
-                     sum(p.numel() for p in winner.parameters()))
+                     count_parameters(winner))
 
     def fit_start(self, state: State, logger: Logger) -> None:
         if self.search_only:

