@@ -245,14 +245,15 @@ def choose_split_seed(files: list[Path], splits: dict, tries: int = 100) -> tupl
     """The first conversion seed under which every source file has a held-out document and, when it has two
     or more, also one outside held-out (so every domain can be scored and none is only held out).
 
-    Uses the converter's own document hash and split bounds (private helpers of ``darwinlm_foundry.data.shards``);
+    Uses the converter's own document hash and split bounds (private helpers of ``darwinlm_foundry.data``);
     the held-out split is read back after the conversion (``split_texts_by_source``), so the report names the
     domains really scored whatever this predicts. JSON-lines sources only; otherwise seed 0.
     """
     import numpy as np
 
     from darwinlm_foundry.data import shards as D
-    doc_key, thresholds = getattr(D, '_doc_key', None), getattr(D, '_split_thresholds', None)
+    from darwinlm_foundry.data import sources
+    doc_key, thresholds = getattr(sources, '_doc_key', None), getattr(D, '_split_thresholds', None)
     if doc_key is None or thresholds is None or not all(re.search(r'\.jsonl?(\.gz)?$', f.name) for f in files):
         return 0, 'seed 0 (the rule needs JSON-lines sources and the converter\'s document hash)'
     texts = [_read_texts(f) for f in files]
@@ -281,7 +282,7 @@ class DomainScorer:
     (``evaluation.HeldoutReference``). Overall: every domain's sequences together (token-weighted)."""
 
     def __init__(self, dense, domains: dict[str, torch.Tensor]):
-        from darwinlm_foundry.eval.icl import HeldoutReference
+        from darwinlm_foundry.eval.heldout import HeldoutReference
         self.refs = {d: HeldoutReference(dense, t, batch_size=4) for d, t in domains.items()}
 
     def score(self, model) -> dict:
@@ -336,7 +337,7 @@ def export(ctx: Context, model, path: Path, note: str, levels=None) -> str:
 
 
 def calibration_batches(ctx: Context, n: int, draw: int) -> list:
-    from darwinlm_foundry.data.shards import sample_sequences
+    from darwinlm_foundry.data.loaders import sample_sequences
     tokens = sample_sequences(ctx.shards / 'calibration', n, ctx.budget.seq_len, seed=draw)
     return [tokens[i:i + 8] for i in range(0, len(tokens), 8)]
 
@@ -796,8 +797,8 @@ def main(argv=None) -> dict:
 
     from transformers import AutoTokenizer
 
-    from darwinlm_foundry.data.shards import (convert_to_mds, embedded_text_files, pack_documents, source_name,
-                                       split_texts_by_source)
+    from darwinlm_foundry.data.shards import convert_to_mds, pack_documents, split_texts_by_source
+    from darwinlm_foundry.data.sources import embedded_text_files, source_name
     from darwinlm_foundry.utils.logging import quiet
 
     dense_dir, model_info = resolve_model(args.model, Path(args.model_cache or out / 'model_cache'), budget.layers, out)

@@ -58,7 +58,7 @@ def family(request):
 
 @pytest.fixture(scope='session')
 def llama2_tokenizer():
-    from darwinlm_foundry.data.shards import embedded_tokenizer
+    from darwinlm_foundry.data.sources import embedded_tokenizer
     return embedded_tokenizer()
 
 

@@ -24,7 +24,7 @@ from darwinlm_foundry.utils.params import count_parameters
 
 def calibration_batches(cfg: CalibrationConfig, rank: int = 0, world_size: int = 1):
     """This rank's share of the calibration sequences, as batches of token ids."""
-    from darwinlm_foundry.data.shards import sample_sequences
+    from darwinlm_foundry.data.loaders import sample_sequences
     tokens = sample_sequences(f'{cfg.shards.rstrip("/")}/{cfg.split}', cfg.num_sequences, cfg.seq_len, seed=cfg.seed)
     mine = tokens[rank::world_size]
     return [mine[i:i + cfg.batch_size] for i in range(0, len(mine), cfg.batch_size)]

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from darwinlm_foundry.utils.logging import quiet
-from darwinlm_foundry.data.shards import check_shards, read_manifest, sample_sequences, text_dataloader_cfg
+from darwinlm_foundry.data.loaders import check_shards, sample_sequences, text_dataloader_cfg
+from darwinlm_foundry.data.shards import read_manifest
 from darwinlm_foundry.utils.params import count_parameters
 
 __all__ = ['PRETRAIN_RECORD', 'PretrainResult', 'TinyLlamaSettings', 'fit_causal_lm', 'heldout_perplexity',
@@ -121,7 +122,7 @@ def fit_causal_lm(model, shards_dir: str | os.PathLike, *, tokenizer, steps: int
         from composer.optim import CosineAnnealingWithWarmupScheduler, DecoupledAdamW
 
         from darwinlm_foundry.utils.composer import transient_trainer
-        from darwinlm_foundry.data.shards import build_text_loader, stop_streaming
+        from darwinlm_foundry.data.loaders import build_text_loader, stop_streaming
 
         loader = build_text_loader(text_dataloader_cfg(shards_dir, split, seq_len, shuffle=True, shuffle_seed=seed),
                                    tokenizer, batch_size)
@@ -213,7 +214,7 @@ def pretrain_tiny(out_dir: str | os.PathLike, *, shards_dir: str | os.PathLike, 
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from darwinlm_foundry.data.shards import embedded_tokenizer
+    from darwinlm_foundry.data.sources import embedded_tokenizer
 
     tok = tokenizer if tokenizer is not None else embedded_tokenizer()
     try:

@@ -1,6 +1,4 @@
-"""Evaluation of pruned models: llm-foundry ICL eval + gauntlet, lm-evaluation-harness, held-out ppl / KL.
-
-Three entry points, each reusing the owning tool rather than reimplementing it:
+"""In-context-learning evaluation of pruned models: llm-foundry's ICL evaluators and gauntlet.
 
 * :func:`run_icl_eval` — llm-foundry's ICL evaluators (``build_icl_evaluators``), its ``EvalGauntlet``
   aggregation and Composer's ``Trainer.eval`` on a Composer model (the ``darwinlm`` foundry model over a
@@ -11,21 +9,16 @@ Three entry points, each reusing the owning tool rather than reimplementing it:
   are skipped with a logged note. :func:`icl_tasks_config` / :func:`eval_gauntlet_config` give the same config
   as plain dicts, e.g. for the ``icl_tasks:`` / ``eval_gauntlet:`` sections of a training YAML (in-training
   ICL eval); ``yamls/eval_gauntlet_local.yaml`` is that fragment for the local task files.
-* :func:`run_lm_eval` — lm-evaluation-harness (``HFLM``, ``trust_remote_code=True``) on an exported HF
-  directory: the paper's lm-eval tasks and shots when their datasets are reachable (cached; never downloaded
-  here), or task YAMLs written by :func:`write_lm_eval_tasks` over the local JSONL files.
-* :func:`heldout_metrics` — perplexity and KL(dense || model) of several models side by side on held-out
-  token sequences; :class:`HeldoutReference` the same numbers for many models scored one after another
-  against a dense side computed once.
 
-Composer / llm-foundry / lm-eval are imported inside the functions that need them.
+lm-evaluation-harness is :mod:`darwinlm_foundry.eval.lm_eval`; held-out perplexity / KL is
+:mod:`darwinlm_foundry.eval.heldout`. Composer and llm-foundry are imported inside the functions that
+need them.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -33,20 +26,16 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
-
-from darwinlm_foundry.search.fitness import DenseTargets, kl_divergence, next_token_labels, token_nll
-from darwinlm_foundry.utils.params import count_parameters
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     'IclTask', 'PAPER_TASKS', 'LOCAL_TASKS', 'GAUNTLET_CATEGORIES', 'available_tasks', 'icl_tasks_config',
     'eval_gauntlet_config', 'icl_yaml_fragment', 'build_icl_eval', 'run_icl_eval', 'IclEvalResult',
-    'score_icl_batch', 'LmEvalTask', 'PAPER_LM_EVAL_TASKS', 'LOCAL_LM_EVAL_TASKS', 'write_lm_eval_tasks',
-    'run_lm_eval', 'DatasetUnreachableError', 'heldout_metrics', 'HeldoutReference',
+    'score_icl_batch', 'load_darwinlm_composer_model',
 ]
 
 
@@ -248,7 +237,7 @@ def build_icl_eval(tokenizer, data_dir, tasks: Sequence[IclTask] = PAPER_TASKS, 
 #    same function of the same tokens;
 # 2. model (run_icl_eval): score_icl_batch runs each question's prefix shared by all its choices once (KV
 #    cache), then only the choice tokens, and computes logits only where the metric reads them.
-# Only floating-point rounding differs (other matrix shapes); tests/test_evaluation.py and
+# Only floating-point rounding differs (other matrix shapes); tests/eval/test_evaluation.py and
 # bench/eval_speed.py check that the accuracies are identical to the padded path.
 
 def _content_end(continuation_indices) -> int:
@@ -554,249 +543,3 @@ def run_icl_eval(model, tokenizer, data_dir, tasks: Sequence[IclTask] = PAPER_TA
     return IclEvalResult(tasks=accuracies, gauntlet=gauntlet_scores,
                          gauntlet_average=gauntlet_scores['core_average'],
                          mean_accuracy=sum(accuracies.values()) / len(accuracies), skipped=skipped)
-
-
-# ============================================================================ lm-evaluation-harness
-@dataclass(frozen=True)
-class LmEvalTask:
-    """A local lm-eval task over a foundry-format JSONL file: its templates and shots."""
-
-    name: str               # lm-eval task name (``local_<label>``)
-    label: str              # foundry file stem
-    num_fewshot: int
-    doc_to_text: str
-    doc_to_choice: str
-    doc_to_target: str
-    metrics: tuple = ('acc', 'acc_norm')
-
-
-# The paper's lm-eval tasks and shots (run only where their datasets are reachable).
-PAPER_LM_EVAL_TASKS: dict[str, int] = {'arc_easy': 0, 'logiqa': 0, 'piqa': 0, 'sciq': 0, 'boolq': 0, 'mmlu': 5,
-                                       'winogrande': 5, 'hellaswag': 10, 'arc_challenge': 25}
-# foundry rows -> lm-eval templates. Multiple choice: query + "Answer:", choices, gold index. Winogrande is
-# lm-eval's "multiple inputs" form: the choices are the two contexts, the target the shared continuation and
-# doc_to_text the gold context index.
-_MC = dict(doc_to_text='{{query.strip()}}\nAnswer:', doc_to_choice='{{choices}}', doc_to_target='gold')
-LOCAL_LM_EVAL_TASKS: tuple[LmEvalTask, ...] = (
-    LmEvalTask('local_arc_easy', 'arc_easy', 0, **_MC),
-    LmEvalTask('local_arc_challenge', 'arc_challenge', 25, **_MC),
-    LmEvalTask('local_piqa', 'piqa', 0, **_MC),
-    LmEvalTask('local_boolq', 'boolq', 0, **_MC, metrics=('acc',)),
-    LmEvalTask('local_logi_qa', 'logi_qa', 0, **_MC),
-    LmEvalTask('local_winogrande', 'winogrande', 5, doc_to_text='gold', doc_to_choice='{{context_options}}',
-               doc_to_target='{{continuation}}', metrics=('acc',)),
-)
-
-
-class DatasetUnreachableError(RuntimeError):
-    """An lm-eval task's dataset is neither cached nor local (the harness may not download it here)."""
-
-
-def _yaml_quote(text: str) -> str:
-    return json.dumps(text)  # a JSON string is a valid YAML double-quoted scalar
-
-
-def write_lm_eval_tasks(data_dir, out_dir, tasks: Sequence[LmEvalTask] = LOCAL_LM_EVAL_TASKS) -> list[str]:
-    """Write one lm-eval task YAML per task whose JSONL exists in ``data_dir`` (``dataset_path: json``, the
-    file as its test split, few-shot examples drawn from the same split); returns the task names written."""
-    data_dir, out_dir = Path(data_dir).resolve(), Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    names = []
-    for task in tasks:
-        path = data_dir / f'{task.label}.jsonl'
-        if not path.is_file():
-            log.warning('lm-eval task %s skipped: %s not found', task.name, path)
-            continue
-        metric_lines = ''.join(f'  - metric: {m}\n    aggregation: mean\n    higher_is_better: true\n'
-                               for m in task.metrics)
-        (out_dir / f'{task.name}.yaml').write_text(
-            f'task: {task.name}\n'
-            'dataset_path: json\n'
-            f'dataset_kwargs:\n  data_files:\n    test: {_yaml_quote(str(path))}\n'
-            'test_split: test\n'
-            'fewshot_split: test\n'
-            'output_type: multiple_choice\n'
-            f'num_fewshot: {task.num_fewshot}\n'
-            f'doc_to_text: {_yaml_quote(task.doc_to_text)}\n'
-            f'doc_to_choice: {_yaml_quote(task.doc_to_choice)}\n'
-            f'doc_to_target: {_yaml_quote(task.doc_to_target)}\n'
-            f'metric_list:\n{metric_lines}'
-            'metadata:\n  version: 1.0\n', encoding='utf-8')
-        names.append(task.name)
-    if not names:
-        raise FileNotFoundError(f'no local lm-eval task file found in {data_dir}')
-    return names
-
-
-@contextmanager
-def _offline():
-    """Forbid the HF hub and datasets from touching the network inside the block."""
-    keys = ('HF_DATASETS_OFFLINE', 'HF_HUB_OFFLINE', 'TRANSFORMERS_OFFLINE')
-    old = {k: os.environ.get(k) for k in keys}
-    os.environ.update({k: '1' for k in keys})
-    try:
-        import datasets.config
-        import huggingface_hub.constants
-        saved = (datasets.config.HF_DATASETS_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE)
-        datasets.config.HF_DATASETS_OFFLINE = True  # read at import time: patch the live flags too
-        huggingface_hub.constants.HF_HUB_OFFLINE = True
-        try:
-            yield
-        finally:
-            datasets.config.HF_DATASETS_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE = saved
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-def _check_reachable(task_manager, names: Sequence[str]) -> None:
-    """Build each task (loads its dataset, offline); raise DatasetUnreachableError naming those that fail."""
-    from lm_eval.tasks import get_task_dict
-    failed = {}
-    for name in names:
-        try:
-            get_task_dict([name], task_manager)
-        except Exception as err:  # datasets raises several types for "not cached and offline"
-            failed[name] = f'{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ""}'
-    if failed:
-        detail = '; '.join(f'{k} ({v})' for k, v in failed.items())
-        raise DatasetUnreachableError(
-            f'lm-eval datasets unreachable offline: {detail}. Pre-download them into the HF datasets cache on a '
-            f'machine with network access (HF_DATASETS_CACHE), or evaluate on local files with '
-            f'run_lm_eval(..., data_dir=<dir of foundry JSONL task files>).')
-
-
-def run_lm_eval(model_dir, *, data_dir=None, tasks: Optional[Sequence[str]] = None, limit: Optional[int] = None,
-                batch_size: int = 8, device: str = 'cpu', dtype: str = 'float32',
-                work_dir=None) -> dict[str, dict[str, float]]:
-    """lm-evaluation-harness on an exported HF directory (loaded with ``trust_remote_code=True``).
-
-    Without ``data_dir``: the paper's tasks (:data:`PAPER_LM_EVAL_TASKS`, or the names in ``tasks``) at their
-    shot counts; their datasets must be reachable offline, else :class:`DatasetUnreachableError` says which
-    and what to do. With ``data_dir``: the local task YAMLs written by :func:`write_lm_eval_tasks` over its
-    JSONL files (``tasks`` selects by lm-eval name, e.g. ``['local_arc_easy']``). ``limit``: documents per
-    task. The network is never used. Returns ``{task: {metric: value}}`` (lm-eval's metric names without the
-    ``,none`` filter suffix).
-    """
-    from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
-
-    own_dir = work_dir is None
-    work_dir = Path(work_dir or tempfile.mkdtemp(prefix='darwinlm_lmeval_'))
-    results = {}
-    try:
-        with _offline():
-            if data_dir is not None:
-                names = write_lm_eval_tasks(data_dir, work_dir / 'tasks')
-                if tasks is not None:
-                    missing = set(tasks) - set(names)
-                    if missing:
-                        raise ValueError(f'local lm-eval tasks {sorted(missing)} not available; have {names}')
-                    names = list(tasks)
-                manager = TaskManager(include_path=str(work_dir / 'tasks'), include_defaults=False)
-                groups = {None: names}  # shots come from each task YAML
-            else:
-                names = list(tasks) if tasks is not None else list(PAPER_LM_EVAL_TASKS)
-                manager = TaskManager()
-                unknown = [n for n in names if n not in manager.all_tasks]
-                if unknown:
-                    raise ValueError(f'unknown lm-eval tasks {unknown}')
-                _check_reachable(manager, names)
-                groups = {}
-                for n in names:
-                    groups.setdefault(PAPER_LM_EVAL_TASKS.get(n, 0), []).append(n)
-            lm = HFLM(pretrained=str(model_dir), tokenizer=str(model_dir), trust_remote_code=True,
-                      device=device, dtype=dtype, batch_size=batch_size)
-            for shots, group in groups.items():
-                out = simple_evaluate(model=lm, tasks=group, num_fewshot=shots, limit=limit,
-                                      task_manager=manager, log_samples=False, bootstrap_iters=0,
-                                      verbosity='WARNING')
-                for task, metrics in out['results'].items():
-                    results[task] = {k.split(',')[0]: float(v) for k, v in metrics.items()
-                                     if ',' in k and isinstance(v, (int, float)) and 'stderr' not in k}
-    finally:
-        if own_dir:
-            shutil.rmtree(work_dir, ignore_errors=True)
-    return results
-
-
-# ============================================================================ held-out ppl / KL
-@torch.no_grad()
-def heldout_metrics(models: Mapping[str, torch.nn.Module], dense_name: str, tokens: torch.Tensor,
-                    batch_size: int = 8) -> dict[str, dict[str, float]]:
-    """Perplexity and KL(dense || model) of each model on held-out ``tokens`` (LongTensor ``n x L``).
-
-    Every position but the last predicts the next token; ppl = exp(mean NLL over those), KL is the mean over
-    the same positions of KL(p_dense || p_model) (0 for the dense model itself). Models run one batch at a
-    time on their own device; the dense logits of a batch are computed once and shared.
-    Returns ``{name: {'ppl': ..., 'nll': ..., 'kl': ...}}``.
-    """
-    if dense_name not in models:
-        raise ValueError(f'dense model {dense_name!r} is not among the models {list(models)}')
-    _check_heldout_tokens(tokens)
-    sums = {name: {'nll': 0.0, 'kl': 0.0} for name in models}
-    count = 0
-    mask = torch.ones(tokens.shape[1], dtype=torch.bool)
-    mask[-1] = False  # the last position has no next token
-    for start in range(0, tokens.shape[0], batch_size):
-        batch = tokens[start:start + batch_size]
-        labels = next_token_labels(batch)
-        bmask = mask.expand_as(batch)
-        logits = {}
-        for name, model in models.items():
-            device = next(model.parameters()).device
-            logits[name] = model(batch.to(device)).logits.float().cpu()
-        for name in models:
-            sums[name]['nll'] += float(token_nll(logits[name], labels, reduction='sum'))
-            sums[name]['kl'] += float(kl_divergence(logits[dense_name], logits[name], mask=bmask, reduction='sum'))
-        count += int(bmask.sum())
-    out = {}
-    for name, s in sums.items():
-        nll = s['nll'] / count
-        out[name] = {'ppl': math.exp(nll), 'nll': nll, 'kl': s['kl'] / count}
-    return out
-
-
-def _check_heldout_tokens(tokens: torch.Tensor) -> None:
-    if tokens.ndim != 2 or tokens.dtype != torch.long or tokens.shape[1] < 2:
-        raise ValueError(f'tokens must be a LongTensor (n x L) with L >= 2, got {tuple(tokens.shape)} {tokens.dtype}')
-
-
-class HeldoutReference:
-    """:func:`heldout_metrics` for many models scored one after another: the dense side is computed once.
-
-    Keeps the dense next-token probabilities of every held-out position (fp32, ``n x (L-1) x vocab x 4`` bytes:
-    2.8 GB for 22K tokens at Llama-2's 32K vocabulary), so each model then costs one forward pass and no
-    second dense pass. Same definitions and numbers as :func:`heldout_metrics`; use that one when the
-    probabilities do not fit in memory.
-    """
-
-    def __init__(self, dense: torch.nn.Module, tokens: torch.Tensor, batch_size: int = 8):
-        _check_heldout_tokens(tokens)
-        self.tokens, self.batch_size = tokens, batch_size
-        self._targets = []
-        device = next(dense.parameters()).device
-        with torch.no_grad():
-            for start in range(0, len(tokens), batch_size):
-                logits = dense(tokens[start:start + batch_size].to(device)).logits.float().cpu()[:, :-1]
-                self._targets.append(DenseTargets(logits=logits).prepare(release_logits=True))
-
-    @torch.no_grad()
-    def score(self, model: torch.nn.Module) -> dict[str, float]:
-        """``{'ppl', 'nll', 'kl', 'params'}`` of ``model`` on the held-out tokens."""
-        model.eval()
-        device = next(model.parameters()).device
-        nll = kl = 0.0
-        count = 0
-        for targets, start in zip(self._targets, range(0, len(self.tokens), self.batch_size)):
-            batch = self.tokens[start:start + self.batch_size]
-            logits = model(batch.to(device)).logits.float().cpu()[:, :-1]
-            nll += float(token_nll(logits, batch[:, 1:], reduction='sum'))
-            kl += float(targets.kl(logits, reduction='sum'))
-            count += batch[:, 1:].numel()
-        return {'ppl': math.exp(nll / count), 'nll': nll / count, 'kl': kl / count,
-                'params': count_parameters(model)}

@@ -239,7 +239,7 @@ class ShardTokens(TokenSource):
                                     f'the search split written by data.convert_to_mds, e.g. <shards>/search')
 
     def sample(self, n_seqs: int, seq_len: int, seed: int) -> torch.Tensor:
-        from darwinlm_foundry.data.shards import sample_sequences
+        from darwinlm_foundry.data.loaders import sample_sequences
         return sample_sequences(self.split_dir, n_seqs, seq_len, seed=seed)
 
     def describe(self) -> dict:

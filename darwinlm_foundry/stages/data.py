@@ -7,8 +7,9 @@ from darwinlm_foundry.utils.dist import barrier, rank, run_on_rank_zero
 
 
 def run_data(cfg, stage_dir, refs, run, outputs) -> Dict[str, Any]:
-    from darwinlm_foundry.data.shards import (EMBEDDED_SOURCES, check_shards, convert_to_mds, embedded_text_files,
-                                              load_tokenizer)
+    from darwinlm_foundry.data.loaders import check_shards
+    from darwinlm_foundry.data.shards import convert_to_mds
+    from darwinlm_foundry.data.sources import EMBEDDED_SOURCES, embedded_text_files, load_tokenizer
     tokenizer = refs['tokenizer']['model'] if 'tokenizer' in refs else cfg.tokenizer
     if cfg.shards:
         for split in ('calibration', 'search', 'train', 'heldout'):

@@ -11,7 +11,8 @@ EMBEDDED_ICL = Path(__file__).parent.parent / 'assets' / 'icl'
 
 
 def _heldout_tokens(shards: str, n: int):
-    from darwinlm_foundry.data.shards import read_manifest, sample_sequences
+    from darwinlm_foundry.data.loaders import sample_sequences
+    from darwinlm_foundry.data.shards import read_manifest
     seq_len = read_manifest(shards)['seq_len']
     return sample_sequences(os.path.join(shards, 'heldout'), n, seq_len, seed=1234)
 
@@ -48,7 +49,9 @@ def evaluate_models(paths, dense, shards, heldout_sequences, icl, stage_dir, out
     """The eval stage's work, in one process: writes ``out_path`` (JSON rows, one per model)."""
     from transformers import AutoTokenizer
 
-    from darwinlm_foundry.eval.icl import LOCAL_TASKS, available_tasks, heldout_metrics, run_icl_eval, run_lm_eval
+    from darwinlm_foundry.eval.heldout import heldout_metrics
+    from darwinlm_foundry.eval.icl import LOCAL_TASKS, available_tasks, run_icl_eval
+    from darwinlm_foundry.eval.lm_eval import run_lm_eval
     from darwinlm_foundry.utils.checkpoints import load_hf_model
 
     models = {label: load_hf_model(path).float().eval() for label, path in paths.items()}

@@ -13,7 +13,7 @@ import zipfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from darwinlm_foundry.data.shards import EMBEDDED_SOURCES
+from darwinlm_foundry.data.sources import EMBEDDED_SOURCES
 
 _WEIGHT_FILES = ('model.safetensors', 'model.safetensors.index.json', 'pytorch_model.bin',
                  'pytorch_model.bin.index.json')

@@ -22,7 +22,7 @@ def foundry_train(cfg: Dict[str, Any]):
 
 def run_train(cfg, stage_dir, refs, run, outputs):
     """Post-train with foundry's train(): FSDP / loggers / autoresume as the YAML says; exports a HF directory."""
-    from darwinlm_foundry.data.shards import text_dataloader_cfg
+    from darwinlm_foundry.data.loaders import text_dataloader_cfg
     model_dir, shards = refs['model']['model'], refs['data']['shards']
     train_cfg = copy.deepcopy(cfg.train)
     model = train_cfg.setdefault('model', {})

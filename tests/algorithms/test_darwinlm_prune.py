@@ -23,7 +23,7 @@ def composer_setup(llama2_tokenizer):
 
 
 def batches_of(shards, n=4):
-    from darwinlm_foundry.data.shards import sample_sequences
+    from darwinlm_foundry.data.loaders import sample_sequences
     ids = sample_sequences(shards / 'train', 2 * n, 64, seed=1)
     return [{'input_ids': ids[i:i + 2], 'labels': ids[i:i + 2]} for i in range(0, 2 * n, 2)]
 

@@ -1,4 +1,4 @@
-"""Converter, shard checks, samplers, foundry loader and the tiny pretraining stage (darwinlm_foundry.data.shards).
+"""Converter, shard checks, samplers, foundry loader and the tiny pretraining stage (darwinlm_foundry.data).
 
 Real text: a subset of the RedPajama sample the package ships (``darwinlm_foundry/assets/text``). Token counts are re-derived here from the
 source documents with an independent tokenisation, and shard contents are read back with
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from conftest import ASSETS
 
-from darwinlm_foundry.data import shards as data
+from darwinlm_foundry import data
 
 SHARED = Path(__file__).resolve().parents[3] / 'shared' / 'data'
 SAMPLE = SHARED / 'redpajama_sample'  # only to check that the shipped text is the shared sample

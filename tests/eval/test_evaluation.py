@@ -10,7 +10,9 @@ import torch.nn.functional as F
 import transformers
 from conftest import REPO, SHARED_DATA, tiny_model
 
+from darwinlm_foundry.eval import heldout
 from darwinlm_foundry.eval import icl as ev
+from darwinlm_foundry.eval import lm_eval as lme
 from darwinlm_foundry.structure.shrinking import shrink_model
 from darwinlm_foundry.structure.units import Unit
 
@@ -171,17 +173,17 @@ def test_lm_eval_on_exported_model(tmp_path, tokenizer):
     out = export_pruned(_tiny_pruned(), tmp_path / 'export', tokenizer=tokenizer, base_model='tiny-llama-test',
                         data_note='random weights')
     limit = 2
-    results = ev.run_lm_eval(out, data_dir=ICL_DIR, limit=limit, batch_size=4)
-    assert set(results) == {t.name for t in ev.LOCAL_LM_EVAL_TASKS}
+    results = lme.run_lm_eval(out, data_dir=ICL_DIR, limit=limit, batch_size=4)
+    assert set(results) == {t.name for t in lme.LOCAL_LM_EVAL_TASKS}
     for task, metrics in results.items():
         assert 0.0 <= metrics['acc'] <= 1.0 and (metrics['acc'] * limit) % 1 == 0, (task, metrics)
-    with pytest.raises(ev.DatasetUnreachableError, match='unreachable offline'):
-        ev.run_lm_eval(out, tasks=['arc_easy'], limit=1)
+    with pytest.raises(lme.DatasetUnreachableError, match='unreachable offline'):
+        lme.run_lm_eval(out, tasks=['arc_easy'], limit=1)
 
 
 def test_lm_eval_task_yamls(tmp_path):
-    names = ev.write_lm_eval_tasks(ICL_DIR, tmp_path)
-    assert names == [t.name for t in ev.LOCAL_LM_EVAL_TASKS]
+    names = lme.write_lm_eval_tasks(ICL_DIR, tmp_path)
+    assert names == [t.name for t in lme.LOCAL_LM_EVAL_TASKS]
     text = (tmp_path / 'local_winogrande.yaml').read_text()
     assert 'dataset_path: json' in text and str(ICL_DIR.resolve() / 'winogrande.jsonl') in text
     assert 'num_fewshot: 5' in text
@@ -193,7 +195,7 @@ def test_heldout_metrics_brute_force():
     models = {'dense': dense, 'pruned': shrink_model(dense, {Unit(0, 'attn'): [1], Unit(1, 'mlp'): [3, 7]}),
               'other': _tiny_dense(seed=1, vocab=64)}
     tokens = torch.randint(0, 64, (5, 9), generator=torch.Generator().manual_seed(0))
-    got = ev.heldout_metrics(models, 'dense', tokens, batch_size=2)
+    got = heldout.heldout_metrics(models, 'dense', tokens, batch_size=2)
     assert got['dense']['kl'] == 0.0
     with torch.no_grad():
         ref = dense(tokens).logits[:, :-1]
@@ -207,9 +209,9 @@ def test_heldout_metrics_brute_force():
             assert got[name]['kl'] == pytest.approx(kl, rel=1e-4, abs=1e-7)
     assert got['pruned']['kl'] > 0 and got['other']['kl'] > got['pruned']['kl']
     with pytest.raises(ValueError, match='not among'):
-        ev.heldout_metrics(models, 'missing', tokens)
+        heldout.heldout_metrics(models, 'missing', tokens)
     # the cached-dense form gives the same numbers, one model at a time
-    reference = ev.HeldoutReference(dense, tokens, batch_size=2)
+    reference = heldout.HeldoutReference(dense, tokens, batch_size=2)
     for name, model in models.items():
         one = reference.score(model)
         assert one['params'] == sum(p.numel() for p in model.parameters())

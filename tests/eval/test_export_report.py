@@ -19,7 +19,7 @@ PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
 
 @pytest.fixture(scope='module')
 def tokenizer():
-    from darwinlm_foundry.data.shards import embedded_tokenizer
+    from darwinlm_foundry.data.sources import embedded_tokenizer
     return embedded_tokenizer()
 
 
