@@ -38,8 +38,8 @@ import time
 
 def _positions(tokenizer, tasks, limit, max_seq_len, batch_size) -> tuple[int, int]:
     """Sequence positions the model runs over per model: (padded, fast batches before prefix sharing)."""
-    from darwinlm_foundry.stages.eval import EMBEDDED_ICL
     from darwinlm_foundry.eval.icl import build_icl_eval
+    from darwinlm_foundry.stages.eval import EMBEDDED_ICL
     padded = cut = 0
     with tempfile.TemporaryDirectory() as work_dir:
         evaluators, *_ = build_icl_eval(tokenizer, EMBEDDED_ICL, tasks, limit=limit, max_seq_len=max_seq_len,
@@ -53,8 +53,8 @@ def _positions(tokenizer, tasks, limit, max_seq_len, batch_size) -> tuple[int, i
 
 def _setup_seconds(model_dir, tokenizer, tasks, limit, max_seq_len, batch_size) -> float:
     """Seconds of a padded run that do not grow with the examples: model load and foundry's evaluators."""
-    from darwinlm_foundry.stages.eval import EMBEDDED_ICL
     from darwinlm_foundry.eval.icl import build_icl_eval, load_darwinlm_composer_model
+    from darwinlm_foundry.stages.eval import EMBEDDED_ICL
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as work_dir:
         load_darwinlm_composer_model(model_dir, tokenizer)
@@ -84,8 +84,8 @@ def main() -> None:
 
     import composer  # noqa: F401  (imported before timing: the first import takes seconds)
     import llmfoundry  # noqa: F401
-    from darwinlm_foundry.stages.eval import EMBEDDED_ICL
     from darwinlm_foundry.eval.icl import LOCAL_TASKS, available_tasks, run_icl_eval
+    from darwinlm_foundry.stages.eval import EMBEDDED_ICL
     from darwinlm_foundry.utils.logging import quiet
 
     datasets.disable_progress_bars()

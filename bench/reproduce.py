@@ -359,7 +359,9 @@ def database(ctx: Context, key: str, model, db_dir: Path, draw: int, source: str
 def search(ctx: Context, db, source_dir: str, out_dir: Path, seed: int, *, tas: bool, level: Optional[int],
            generations: int, start: Optional[str] = None) -> dict:
     from darwinlm_foundry.obs.database import dense_tensor_getter
-    from darwinlm_foundry.search.engine import EvolutionarySearch, SearchSettings, ShardTokens
+    from darwinlm_foundry.search.engine import EvolutionarySearch
+    from darwinlm_foundry.search.settings import SearchSettings
+    from darwinlm_foundry.search.tokens import ShardTokens
     b = ctx.budget
     settings = SearchSettings(
         target_level=level, start_config=start, extra_levels=1 if start else 0, generations=generations,
@@ -403,10 +405,10 @@ def _scored(ctx: Context, key: str, build: Callable[[], str], info: dict) -> dic
 
 def run_draw(ctx: Context, draw: int) -> dict:
     """One calibration draw: the dense database, the baselines' local signals and the baselines (arms 2-5)."""
-    from darwinlm_foundry.search.baselines import (allocate_min_error, block_influence, layer_drop_config,
-                                            magnitude_kept, unit_errors)
     from darwinlm_foundry.obs.calibration import collect_hessians
     from darwinlm_foundry.obs.database import dense_tensor_getter
+    from darwinlm_foundry.search.baselines import (allocate_min_error, block_influence, layer_drop_config,
+                                            magnitude_kept, unit_errors)
     from darwinlm_foundry.search.space import uniform
     from darwinlm_foundry.structure.shrinking import shrink_model
     from darwinlm_foundry.structure.units import Unit
@@ -516,8 +518,8 @@ def run_seed(ctx: Context, seed: int, draw: int) -> dict:
 # ----------------------------------------------------------------------------------------------- ICL
 def icl(ctx: Context, draws: dict, seeds: dict) -> dict:
     """foundry ICL accuracy (``run_icl_eval``) with chance and binomial standard error per task."""
-    from darwinlm_foundry.stages.eval import EMBEDDED_ICL
     from darwinlm_foundry.eval.icl import LOCAL_TASKS, available_tasks, run_icl_eval
+    from darwinlm_foundry.stages.eval import EMBEDDED_ICL
     from darwinlm_foundry.utils.logging import quiet
     b = ctx.budget
     tasks = available_tasks(EMBEDDED_ICL, [t for t in LOCAL_TASKS if t.label in b.icl_tasks])

@@ -48,7 +48,9 @@ def child(args) -> None:
     from transformers import AutoTokenizer
 
     from darwinlm_foundry.obs.database import SparsityDatabase, dense_tensor_getter
-    from darwinlm_foundry.search.engine import EvolutionarySearch, SearchSettings, ShardTokens
+    from darwinlm_foundry.search.engine import EvolutionarySearch
+    from darwinlm_foundry.search.settings import SearchSettings
+    from darwinlm_foundry.search.tokens import ShardTokens
 
     if args.threads:
         torch.set_num_threads(args.threads)

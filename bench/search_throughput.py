@@ -25,8 +25,10 @@ import time
 import torch
 
 from darwinlm_foundry.obs.database import build_database, dense_tensor_getter
-from darwinlm_foundry.search.engine import EvolutionarySearch, SearchSettings, TensorTokens
+from darwinlm_foundry.search.engine import EvolutionarySearch
+from darwinlm_foundry.search.settings import SearchSettings
 from darwinlm_foundry.search.space import make_offspring, make_rng, uniform
+from darwinlm_foundry.search.tokens import TensorTokens
 from darwinlm_foundry.utils.params import count_parameters
 
 

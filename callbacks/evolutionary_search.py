@@ -26,8 +26,10 @@ import torch
 from composer.core import Callback, State
 from composer.loggers import Logger
 
-from darwinlm_foundry.search.engine import EvolutionarySearch, SearchResult, SearchSettings, ShardTokens, TokenSource
+from darwinlm_foundry.search.engine import EvolutionarySearch, SearchResult
+from darwinlm_foundry.search.settings import SearchSettings
 from darwinlm_foundry.search.space import LevelConfig
+from darwinlm_foundry.search.tokens import ShardTokens, TokenSource
 from darwinlm_foundry.utils.params import count_parameters
 
 __all__ = ['DarwinLMSearch']
@@ -94,11 +96,11 @@ class DarwinLMSearch(Callback):
     Args:
         database: directory of the sparsity database of the model being trained (or of ``dense``).
         data: a local MDS split to draw fine-tuning / fitness samples from (e.g. ``<shards>/search``), or a
-            :class:`~darwinlm_foundry.search.engine.TokenSource` when built in Python.
+            :class:`~darwinlm_foundry.search.tokens.TokenSource` when built in Python.
         apply: swap the winner into the trained model (default True).
         search_only: stop the fit right after the search (default False).
         dense: checkpoint directory of the database's source model; default: the model being trained.
-        **search: :class:`~darwinlm_foundry.search.engine.SearchSettings` fields (unknown names are rejected).
+        **search: :class:`~darwinlm_foundry.search.settings.SearchSettings` fields (unknown names are rejected).
     """
 
     def __init__(self, database: str, data: Union[str, TokenSource], apply: bool = True, search_only: bool = False,

@@ -48,8 +48,8 @@ def test_conversion_is_clean_and_cached(smollm2_dir, tmp_path):
 def test_database_stitch_export_reload_match_masked_logits(smollm2_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from darwinlm_foundry.obs.database import build_database, dense_tensor_getter
     from darwinlm_foundry.eval.export import export_pruned
+    from darwinlm_foundry.obs.database import build_database, dense_tensor_getter
     from darwinlm_foundry.structure.levels import LevelSpec
     from darwinlm_foundry.structure.shrinking import mask_model
 

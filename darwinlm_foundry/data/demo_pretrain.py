@@ -21,9 +21,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from darwinlm_foundry.utils.logging import quiet
 from darwinlm_foundry.data.loaders import check_shards, sample_sequences, text_dataloader_cfg
 from darwinlm_foundry.data.shards import read_manifest
+from darwinlm_foundry.utils.logging import quiet
 from darwinlm_foundry.utils.params import count_parameters
 
 __all__ = ['PRETRAIN_RECORD', 'PretrainResult', 'TinyLlamaSettings', 'fit_causal_lm', 'heldout_perplexity',
@@ -121,8 +121,8 @@ def fit_causal_lm(model, shards_dir: str | os.PathLike, *, tokenizer, steps: int
         from composer.models import HuggingFaceModel
         from composer.optim import CosineAnnealingWithWarmupScheduler, DecoupledAdamW
 
-        from darwinlm_foundry.utils.composer import transient_trainer
         from darwinlm_foundry.data.loaders import build_text_loader, stop_streaming
+        from darwinlm_foundry.utils.composer import transient_trainer
 
         loader = build_text_loader(text_dataloader_cfg(shards_dir, split, seq_len, shuffle=True, shuffle_seed=seed),
                                    tokenizer, batch_size)

@@ -27,8 +27,8 @@ from typing import Callable, Iterable, Mapping, Optional, Union
 import torch
 
 from darwinlm_foundry.obs.calibration import CalibrationBatch, HessianStat, unit_output_weight
-from darwinlm_foundry.structure.levels import KINDS, LevelSpec, normalise_levels
 from darwinlm_foundry.search.space import GROUPS, MAX_LEVEL, LevelConfig
+from darwinlm_foundry.structure.levels import KINDS, LevelSpec, normalise_levels
 from darwinlm_foundry.structure.units import Unit, head_dim, prunable_units
 
 __all__ = ['structure_scores', 'magnitude_kept', 'unit_errors', 'allocate_min_error', 'block_influence',

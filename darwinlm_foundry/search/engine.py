@@ -55,25 +55,23 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Optional, Sequence, Union
 
 import torch
 
-from darwinlm_foundry.utils.config import from_mapping
-from darwinlm_foundry.utils.logging import quiet
 from darwinlm_foundry.search.fitness import DenseLogitCache, next_token_labels, token_nll
-from darwinlm_foundry.search.space import (GROUPS, MAX_LEVEL, LevelBounds, LevelConfig, make_rng,
-                                           spread_extra_levels, uniform)
+from darwinlm_foundry.search.selection import GenerationResult
+from darwinlm_foundry.search.settings import SearchSettings
+from darwinlm_foundry.search.space import GROUPS, LevelBounds, LevelConfig, make_rng, spread_extra_levels, uniform
 from darwinlm_foundry.search.state import SearchState, run_search, settings_fingerprint
-from darwinlm_foundry.search.selection import GenerationResult, SelectionSchedule
+from darwinlm_foundry.search.tokens import ShardTokens, TensorTokens, TokenSource, derive_seed
+from darwinlm_foundry.utils.dist import broadcast_object, composer_rank_local, local_rank, sum_over_ranks, torch_world
 from darwinlm_foundry.utils.io import atomic_write_text
+from darwinlm_foundry.utils.logging import quiet
 from darwinlm_foundry.utils.params import count_parameters
 
-__all__ = [
-    'SearchSettings', 'SearchResult', 'EvolutionarySearch', 'TokenSource', 'ShardTokens', 'TensorTokens',
-    'composer_rank_local', 'derive_seed', 'STATE_FILE', 'WINNER_JSON', 'WINNER_TEXT',
-]
+__all__ = ['SearchResult', 'EvolutionarySearch', 'STATE_FILE', 'WINNER_JSON', 'WINNER_TEXT']
 
 log = logging.getLogger(__name__)
 
@@ -81,278 +79,6 @@ STATE_FILE = 'search_state.json'
 WINNER_JSON = 'winner.json'
 WINNER_TEXT = 'winner.txt'
 
-_FITNESS = ('kl', 'topk_kl', 'ppl')
-_DIST_MODES = ('auto', 'offspring_parallel', 'fsdp')
-_DEVICES = ('auto', 'cpu', 'cuda')
-_PRECISIONS = ('auto', 'fp32', 'amp_bf16')
-
-
-# --------------------------------------------------------------------------------------------------
-# Settings
-# --------------------------------------------------------------------------------------------------
-def _tuple_of_ints(value) -> tuple[int, ...]:
-    if isinstance(value, (int, str)):
-        raise ValueError(f'expected a list of integers, got {value!r}')
-    return tuple(int(v) for v in value)
-
-
-@dataclass(frozen=True)
-class SearchSettings:
-    """Everything that configures one search (validated on construction; :meth:`from_dict` for YAML).
-
-    Start: ``target_level`` (uniform start, e.g. 5) or ``start_config`` (a ``winner.json`` / ``layer: level``
-    text file, e.g. the previous gradual stage's result), then ``extra_levels`` more levels per unit on average
-    in each group spread at random (seeded; gradual mode, e.g. 1 for level 5 -> 6).
-    Selection (paper defaults): ``generations``, ``offspring``, ``survivors``, ``fitness_tokens``,
-    ``train_tokens``, ``lr``. Data: ``seq_len`` tokens per sequence; a fit runs
-    ``ceil(train_tokens / seq_len)`` sequences in optimizer steps of ``train_batch_size`` sequences,
-    ``micro_batch_size`` at a time (also the fitness batch). Fitness: ``'kl'``, ``'topk_kl'`` (dense top-``topk``
-    stored, for 128K vocabularies) or ``'ppl'``. ``max_level``: highest level a unit may take (default: the
-    highest level at which level switches keep the parameter count exact, from the database).
-    Probe: ``probe_tokens`` -- after every generation the parent, as stitched (no fine-tuning), is also scored
-    on one fixed probe sample of this many tokens (the same tokens every generation, drawn with a fixed seed;
-    default: the last ``fitness_tokens`` step; 0: no probe) and recorded as ``probe_fitness``: the selection's
-    own fitness is measured on fresh samples every generation and so jumps, the probe fitness is comparable
-    across generations. It never influences the search and is not fingerprinted (a state written before the
-    setting existed resumes), but a resume must keep its size.
-    Runtime (not part of the fingerprint): ``output_dir``, ``device``, ``precision``, ``distributed``,
-    ``keep_dense_resident``, ``dense_cache_dir`` (memory-map dense targets there; None keeps them in memory),
-    ``progress_bar``, ``activation_checkpointing`` (fine-tuning fits recompute each layer's activations in the
-    backward pass instead of keeping them: the same weights bit for bit, less memory, a slower fit).
-    """
-
-    target_level: Optional[int] = 5
-    start_config: Optional[str] = None
-    extra_levels: float = 0
-    generations: int = 200
-    offspring: int = 16
-    survivors: tuple = (8, 4, 2, 1)
-    fitness_tokens: tuple = (1024, 2048, 4096, 8192)
-    train_tokens: tuple = (10_000, 50_000, 100_000, 200_000)
-    lr: float = 1e-5
-    seq_len: int = 512
-    train_batch_size: int = 8
-    micro_batch_size: int = 4
-    fitness: str = 'kl'
-    topk: Optional[int] = None
-    max_level: Optional[int] = None
-    seed: int = 0
-    output_dir: str = 'darwinlm_search'
-    device: str = 'auto'
-    precision: str = 'auto'
-    distributed: str = 'auto'
-    keep_dense_resident: bool = False
-    dense_cache_dir: Optional[str] = None
-    progress_bar: bool = True
-    probe_tokens: Optional[int] = None
-    activation_checkpointing: bool = False
-
-    # Fields that may change between a run and its resume without changing the result.
-    RUNTIME_FIELDS = ('output_dir', 'device', 'precision', 'distributed', 'keep_dense_resident', 'dense_cache_dir',
-                      'progress_bar', 'activation_checkpointing')
-    # Fields that do not change the search (left out of the fingerprint, so states written before they existed
-    # still resume), but are checked on resume by other means (the probe size is recorded in the state).
-    UNFINGERPRINTED_FIELDS = ('probe_tokens',)
-
-    def __post_init__(self):
-        for name in ('survivors', 'fitness_tokens', 'train_tokens'):
-            try:
-                object.__setattr__(self, name, _tuple_of_ints(getattr(self, name)))
-            except (TypeError, ValueError) as err:
-                raise ValueError(f'{name} must be a list of integers, got {getattr(self, name)!r}') from err
-        if (self.target_level is None) == (self.start_config is None):
-            raise ValueError('give exactly one of target_level (uniform start) and start_config (a file with the '
-                             'starting levels)')
-        if self.target_level is not None and not 0 <= int(self.target_level) <= MAX_LEVEL:
-            raise ValueError(f'target_level must lie in 0..{MAX_LEVEL}, got {self.target_level}')
-        if float(self.extra_levels) < 0:
-            raise ValueError(f'extra_levels must be >= 0, got {self.extra_levels}')
-        if self.probe_tokens is not None:
-            if isinstance(self.probe_tokens, bool) or int(self.probe_tokens) != self.probe_tokens:
-                raise ValueError(f'probe_tokens must be an integer (0: no probe), got {self.probe_tokens!r}')
-            object.__setattr__(self, 'probe_tokens', int(self.probe_tokens))
-        for name in ('generations', 'probe_tokens'):
-            if getattr(self, name) is not None and int(getattr(self, name)) < 0:
-                raise ValueError(f'{name} must be >= 0, got {getattr(self, name)}')
-        for name in ('seq_len', 'train_batch_size', 'micro_batch_size'):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f'{name} must be >= 1, got {getattr(self, name)}')
-        if self.fitness not in _FITNESS:
-            raise ValueError(f'fitness must be one of {_FITNESS}, got {self.fitness!r}')
-        if self.fitness == 'topk_kl' and not (self.topk and int(self.topk) >= 1):
-            raise ValueError("fitness 'topk_kl' needs topk >= 1 (how many dense logits to keep per token)")
-        if self.max_level is not None and not 0 <= int(self.max_level) <= MAX_LEVEL:
-            raise ValueError(f'max_level must lie in 0..{MAX_LEVEL}, got {self.max_level}')
-        if self.device not in _DEVICES:
-            raise ValueError(f'device must be one of {_DEVICES}, got {self.device!r}')
-        if self.precision not in _PRECISIONS:
-            raise ValueError(f'precision must be one of {_PRECISIONS}, got {self.precision!r}')
-        if self.distributed not in _DIST_MODES:
-            raise ValueError(f'distributed must be one of {_DIST_MODES}, got {self.distributed!r}')
-        self.schedule  # validates survivors / tokens / lr / offspring together
-
-    @property
-    def schedule(self) -> SelectionSchedule:
-        return SelectionSchedule(survivors=self.survivors, fitness_tokens=self.fitness_tokens,
-                                 train_tokens=self.train_tokens, lr=self.lr, offspring=self.offspring)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> 'SearchSettings':
-        """From a config mapping (e.g. a YAML block); unknown keys are an error naming them."""
-        return from_mapping(cls, data, 'search settings')
-
-    def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-    def result_fields(self) -> dict:
-        """The settings that determine the result (fingerprinted; runtime fields and the probe left out)."""
-        return {k: v for k, v in self.to_dict().items()
-                if k not in self.RUNTIME_FIELDS and k not in self.UNFINGERPRINTED_FIELDS}
-
-    @property
-    def probe_size(self) -> int:
-        """Tokens of the fixed probe sample (``probe_tokens``, default the last fitness step; 0: none)."""
-        return int(self.fitness_tokens[-1]) if self.probe_tokens is None else int(self.probe_tokens)
-
-
-# --------------------------------------------------------------------------------------------------
-# Token sources
-# --------------------------------------------------------------------------------------------------
-class TokenSource:
-    """Seeded samples of token sequences: ``sample(n_seqs, seq_len, seed) -> LongTensor (n_seqs, seq_len)``."""
-
-    def sample(self, n_seqs: int, seq_len: int, seed: int) -> torch.Tensor:
-        raise NotImplementedError
-
-    def describe(self) -> dict:
-        """A JSON identity of the data (fingerprinted with the settings)."""
-        raise NotImplementedError
-
-
-class ShardTokens(TokenSource):
-    """Samples of a local MDS split (e.g. the converter's ``search`` split) via :func:`data.sample_sequences`."""
-
-    def __init__(self, split_dir: Union[str, os.PathLike]):
-        self.split_dir = os.fspath(split_dir)
-        if not os.path.isfile(os.path.join(self.split_dir, 'index.json')):
-            raise FileNotFoundError(f'{self.split_dir} is not an MDS split (no index.json); point the search at '
-                                    f'the search split written by data.convert_to_mds, e.g. <shards>/search')
-
-    def sample(self, n_seqs: int, seq_len: int, seed: int) -> torch.Tensor:
-        from darwinlm_foundry.data.loaders import sample_sequences
-        return sample_sequences(self.split_dir, n_seqs, seq_len, seed=seed)
-
-    def describe(self) -> dict:
-        with open(os.path.join(self.split_dir, 'index.json'), 'rb') as f:
-            return {'shards': hashlib.sha256(f.read()).hexdigest()}
-
-
-class TensorTokens(TokenSource):
-    """Samples (rows, without replacement, seeded permutation) of an in-memory ``(N, L)`` token tensor."""
-
-    def __init__(self, tokens: torch.Tensor):
-        if tokens.dim() != 2:
-            raise ValueError(f'tokens must be a (sequences, length) tensor, got shape {tuple(tokens.shape)}')
-        self.tokens = tokens.long()
-
-    def sample(self, n_seqs: int, seq_len: int, seed: int) -> torch.Tensor:
-        n, length = self.tokens.shape
-        if n_seqs > n or seq_len > length:
-            raise ValueError(f'asked for {n_seqs} x {seq_len} tokens but the source holds {n} x {length}; lower '
-                             f'the token budgets / seq_len or give more data')
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:n_seqs]
-        return self.tokens[perm, :seq_len].clone()
-
-    def describe(self) -> dict:
-        t = self.tokens.contiguous()
-        return {'tensor': hashlib.sha256(t.numpy().tobytes()).hexdigest(), 'shape': list(t.shape)}
-
-
-def derive_seed(seed: int, *parts: Any) -> int:
-    """A 31-bit seed from ``seed`` and a path of names / numbers (independent streams per purpose)."""
-    text = json.dumps([seed, *parts])
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], 'little') & 0x7FFFFFFF
-
-
-# --------------------------------------------------------------------------------------------------
-# Distributed helpers (torch.distributed directly: Composer's view may be patched, see composer_rank_local)
-# --------------------------------------------------------------------------------------------------
-def _world() -> tuple[int, int]:
-    import torch.distributed as tdist
-    if tdist.is_available() and tdist.is_initialized():
-        return tdist.get_rank(), tdist.get_world_size()
-    return 0, 1
-
-
-def _local_rank() -> int:
-    return int(os.environ.get('LOCAL_RANK', '0'))
-
-
-def _broadcast_object(obj: Any) -> Any:
-    import torch.distributed as tdist
-    if _world()[1] == 1:
-        return obj
-    box = [obj]
-    tdist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _sum_over_ranks(values: torch.Tensor) -> torch.Tensor:
-    """Sum a float64 CPU tensor over ranks (exact when each entry comes from one rank, the others zero)."""
-    import torch.distributed as tdist
-    if _world()[1] == 1:
-        return values
-    backend = tdist.get_backend()
-    t = values.to('cuda') if backend == 'nccl' else values
-    tdist.all_reduce(t)
-    return t.cpu()
-
-
-class _LocalDist:
-    """torch.distributed as Composer sees it inside :func:`composer_rank_local`: not initialised."""
-
-    def __init__(self, real):
-        self._real = real
-
-    def __getattr__(self, name):
-        return getattr(self._real, name)
-
-    @staticmethod
-    def is_initialized() -> bool:
-        return False
-
-
-@contextlib.contextmanager
-def composer_rank_local():
-    """Within this block Composer sees a one-process world although ``torch.distributed`` is initialised.
-
-    Used for the rank-local fits of ``offspring_parallel`` mode: a Composer ``Trainer`` built here does no
-    DDP wrapping, uses no distributed sampler and runs no collective (its seed broadcast, barriers and
-    metric syncs all become single-process no-ops), so ranks can run different numbers of fits on different
-    models. The engine's own collectives use ``torch.distributed`` directly and are unaffected. Pass the
-    device to the Trainer explicitly (``DeviceGPU(device_id=local_rank)``): Composer's default would be
-    ``cuda:0`` on every rank here.
-    """
-    import composer.utils.dist as cdist
-    import torch.distributed as tdist
-
-    if not (tdist.is_available() and tdist.is_initialized()) or isinstance(cdist.dist, _LocalDist):
-        yield
-        return
-    env = {'WORLD_SIZE': '1', 'RANK': '0', 'LOCAL_WORLD_SIZE': '1', 'LOCAL_RANK': '0', 'NODE_RANK': '0'}
-    saved_env = {k: os.environ.get(k) for k in env}
-    saved = cdist.dist
-    cdist.dist = _LocalDist(saved)
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        cdist.dist = saved
-        for k, v in saved_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 # --------------------------------------------------------------------------------------------------
@@ -482,7 +208,7 @@ class EvolutionarySearch:
         self.candidate_hook = candidate_hook
         self.offspring_format = offspring_format
         self.schedule = settings.schedule
-        self.rank, self.world_size = _world()
+        self.rank, self.world_size = torch_world()
         self.device = self._resolve_device()
         self.precision = settings.precision if settings.precision != 'auto' else (
             'amp_bf16' if self.device.type == 'cuda' else 'fp32')
@@ -518,7 +244,7 @@ class EvolutionarySearch:
         if want == 'cuda':
             if not torch.cuda.is_available():
                 raise RuntimeError("device 'cuda' was asked for but CUDA is not available; use device: cpu")
-            return torch.device('cuda', _local_rank() % torch.cuda.device_count())
+            return torch.device('cuda', local_rank() % torch.cuda.device_count())
         return torch.device('cpu')
 
     def _bounds(self) -> LevelBounds:
@@ -847,7 +573,7 @@ class EvolutionarySearch:
         self.cache.forget(key)
         # fsdp: every rank scored its rows of every candidate; otherwise exactly one rank scored each
         # candidate and the others contribute exact zeros. Either way the sums over ranks are the totals.
-        both = _sum_over_ranks(torch.cat([sums, counts]))
+        both = sum_over_ranks(torch.cat([sums, counts]))
         sums, counts = both[:n], both[n:]
         return [self._finish(float(sums[i]), int(counts[i]), s.fitness) for i in range(n)]
 
@@ -949,7 +675,7 @@ class EvolutionarySearch:
             sums[0], sums[1] = self._fitness_sums(model, tokens, targets)
             del model
             _trim_heap()
-        sums = _sum_over_ranks(sums)
+        sums = sum_over_ranks(sums)
         value = self._finish(float(sums[0]), int(sums[1]), self.settings.fitness)
         self._probe_memo = (config, value)
         self.stats['probe_evaluations'] += 1
@@ -970,7 +696,7 @@ class EvolutionarySearch:
                 extra={'start': self.start.to_dict(), 'start_parameters': self.start_parameters}))
             state_dict = state.to_dict()
         # Rank 0 reads; everyone continues from its copy (no shared filesystem needed).
-        state_dict = _broadcast_object(state_dict)
+        state_dict = broadcast_object(state_dict)
         return SearchState.from_dict(state_dict)
 
     def _check_probe(self, state: SearchState) -> None:

@@ -26,9 +26,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
+from darwinlm_foundry.search.selection import GenerationResult, SelectionSchedule, run_generation
 from darwinlm_foundry.search.space import (LevelBounds, LevelConfig, Rng, assert_same_size, make_offspring, make_rng,
                                            rng_from_state, rng_state)
-from darwinlm_foundry.search.selection import GenerationResult, SelectionSchedule, run_generation
 from darwinlm_foundry.utils.io import atomic_write_json
 
 __all__ = ['SearchState', 'SearchStateError', 'settings_fingerprint', 'run_search', 'STATE_FORMAT']

@@ -217,7 +217,7 @@ def check_sections(kind: str, config, where: str) -> None:
             raise ValueError(f'{where}.calibration.shards: set by the `data` stage, not here')
         from_mapping(CalibrationConfig, {'shards': '<data stage>', **config.calibration}, f'{where}.calibration')
     elif kind == 'search':
-        from darwinlm_foundry.search.engine import SearchSettings
+        from darwinlm_foundry.search.settings import SearchSettings
         settings = dict(config.search)
         for key in ('output_dir', 'start_config'):
             if key in settings:

@@ -3,8 +3,8 @@
 import os
 
 from darwinlm_foundry.stages.common import base_model
-from darwinlm_foundry.utils.config import from_mapping
 from darwinlm_foundry.utils.checkpoints import load_hf_model
+from darwinlm_foundry.utils.config import from_mapping
 
 
 def run_database(cfg, stage_dir, refs, run, outputs):

@@ -9,7 +9,9 @@ def run_search_stage(cfg, stage_dir, refs, run):
     from transformers import AutoTokenizer
 
     from darwinlm_foundry.obs.database import SparsityDatabase, dense_tensor_getter
-    from darwinlm_foundry.search.engine import EvolutionarySearch, SearchSettings, ShardTokens
+    from darwinlm_foundry.search.engine import EvolutionarySearch
+    from darwinlm_foundry.search.settings import SearchSettings
+    from darwinlm_foundry.search.tokens import ShardTokens
     from darwinlm_foundry.stages.common import base_model
     from darwinlm_foundry.utils.checkpoints import save_hf_model
 

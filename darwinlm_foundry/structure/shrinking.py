@@ -10,8 +10,8 @@ from typing import Callable, Dict, Mapping, Optional, Sequence
 
 import torch
 
-from darwinlm_foundry.structure.families import family_of, family_traits
 from darwinlm_foundry.modeling import DarwinLMConfig, DarwinLMForCausalLM
+from darwinlm_foundry.structure.families import family_of, family_traits
 from darwinlm_foundry.structure.units import Unit, head_dim, layer_heads, layer_intermediate_size, prunable_units
 
 # Fields of the dense config that describe the dense model's identity, not its shape.

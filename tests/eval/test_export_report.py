@@ -9,8 +9,8 @@ import transformers
 from conftest import load_in_clean_process
 
 from darwinlm_foundry.eval.export import EXPORT_INFO_FILE, export_pruned
-from darwinlm_foundry.structure.levels import LevelSpec
 from darwinlm_foundry.eval.report import layers_from_config, write_report
+from darwinlm_foundry.structure.levels import LevelSpec
 from darwinlm_foundry.structure.shrinking import shrink_model
 from darwinlm_foundry.structure.units import Unit
 

@@ -5,8 +5,8 @@ import torch
 
 from darwinlm_foundry.obs.calibration import (CalibrationBatch, collect_hessians, iter_layer_hessians, solve_units,
                                           unit_output_weight)
-from darwinlm_foundry.structure.levels import LevelSpec
 from darwinlm_foundry.obs.solver import structured_obs
+from darwinlm_foundry.structure.levels import LevelSpec
 from darwinlm_foundry.structure.units import Unit
 from tests.conftest import tiny_model
 

@@ -19,7 +19,8 @@ def main(work: str) -> None:
     dist.initialize_dist('cpu')
 
     from darwinlm_foundry.obs.database import SparsityDatabase, dense_tensor_getter
-    from darwinlm_foundry.search.engine import EvolutionarySearch, SearchSettings
+    from darwinlm_foundry.search.engine import EvolutionarySearch
+    from darwinlm_foundry.search.settings import SearchSettings
 
     with open(os.path.join(work, 'settings.json'), encoding='utf-8') as f:
         settings = SearchSettings.from_dict(json.load(f))

@@ -6,12 +6,12 @@ import random
 import pytest
 import torch
 
-from darwinlm_foundry.search.baselines import (allocate_min_error, block_influence, layer_drop_config, magnitude_kept,
-                                        unit_errors)
 from darwinlm_foundry.obs.calibration import collect_hessians
 from darwinlm_foundry.obs.database import build_database, dense_tensor_getter
-from darwinlm_foundry.structure.levels import LevelSpec
+from darwinlm_foundry.search.baselines import (allocate_min_error, block_influence, layer_drop_config, magnitude_kept,
+                                        unit_errors)
 from darwinlm_foundry.search.space import LevelConfig, total_levels, uniform
+from darwinlm_foundry.structure.levels import LevelSpec
 from darwinlm_foundry.structure.shrinking import shrink_model
 from darwinlm_foundry.structure.units import Unit
 from tests.conftest import tiny_model

@@ -15,11 +15,11 @@ import torch
 
 from darwinlm_foundry.search.fitness import (DenseLogitCache, DenseTargets, SpilledTargets, kl_divergence,
                                       next_token_labels, perplexity, prepare_logits, token_nll, topk_kl)
+from darwinlm_foundry.search.selection import PARENT, SelectionSchedule, rank, run_generation
 from darwinlm_foundry.search.space import (GROUPS, LevelBounds, LevelConfig, admits_switch,
                                            assert_same_size, make_offspring, make_rng, mutate, num_switches,
                                            rng_from_state, rng_state, spread_extra_levels, total_levels, uniform)
 from darwinlm_foundry.search.state import SearchState, SearchStateError, run_search, settings_fingerprint
-from darwinlm_foundry.search.selection import PARENT, SelectionSchedule, rank, run_generation
 
 
 # ==================================================================================================

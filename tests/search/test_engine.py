@@ -22,11 +22,13 @@ import transformers
 from conftest import ASSETS, REPO
 
 from darwinlm_foundry.obs.database import build_database, dense_tensor_getter
+from darwinlm_foundry.search.engine import EvolutionarySearch, STATE_FILE, WINNER_JSON
 from darwinlm_foundry.search.fitness import DenseLogitCache
-from darwinlm_foundry.search.engine import (STATE_FILE, WINNER_JSON, EvolutionarySearch, SearchSettings, TensorTokens,
-                                     composer_rank_local)
+from darwinlm_foundry.search.settings import SearchSettings
 from darwinlm_foundry.search.space import LevelConfig, uniform
 from darwinlm_foundry.search.state import SearchStateError
+from darwinlm_foundry.search.tokens import TensorTokens
+from darwinlm_foundry.utils.dist import composer_rank_local
 
 VOCAB = 512
 SEQ = 64
@@ -266,7 +268,7 @@ def test_memory_lean_fitness_equals_the_reference_path(mode, runs, pretrained, d
 def test_zero_generations_is_the_uniform_baseline(pretrained, database, tokens, tmp_path, monkeypatch, capsys):
     """generations: 0 through the search stage: the start configuration wins, winner.json carries its probe
     fitness, the stage writes the stitched start model; nothing is searched."""
-    from darwinlm_foundry.search import engine as search_module
+    from darwinlm_foundry.search import tokens as search_tokens
     from darwinlm_foundry.stages.search import run_search_stage
     from omegaconf import OmegaConf
 
@@ -275,7 +277,7 @@ def test_zero_generations_is_the_uniform_baseline(pretrained, database, tokens, 
     transformers.LlamaTokenizerFast(vocab_file=str(ASSETS / 'llama2_tokenizer' / 'tokenizer.model'),
                                     legacy=True).save_pretrained(model_dir)
     # the stage reads <shards>/search; serve the test tokens instead of MDS shards
-    monkeypatch.setattr(search_module, 'ShardTokens', lambda split: TensorTokens(tokens[64:]))
+    monkeypatch.setattr(search_tokens, 'ShardTokens', lambda split: TensorTokens(tokens[64:]))
     cfg = OmegaConf.create({'search': {'target_level': 5, 'generations': 0, 'seq_len': SEQ, 'progress_bar': False,
                                        'fitness_tokens': [512, 1024], 'train_tokens': [0, 0], 'survivors': [3, 1],
                                        'offspring': 6, 'micro_batch_size': 8},

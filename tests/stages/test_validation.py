@@ -11,8 +11,8 @@ import sys
 import pytest
 from conftest import REPO
 
-from darwinlm_foundry.stages.preflight import preflight
 from darwinlm_foundry.stages.chain import parse_run
+from darwinlm_foundry.stages.preflight import preflight
 
 
 def _model_dir(path, **config):

@@ -7,8 +7,8 @@ import pytest
 import torch
 import transformers
 
-from darwinlm_foundry.structure.levels import LevelSpec, normalise_levels, parameter_count
 from darwinlm_foundry.search.space import LevelConfig
+from darwinlm_foundry.structure.levels import LevelSpec, normalise_levels, parameter_count
 from darwinlm_foundry.structure.shrinking import parameter_count as shrunk_parameter_count
 from darwinlm_foundry.structure.shrinking import shrink_model, shrunk_config
 from darwinlm_foundry.structure.units import Unit

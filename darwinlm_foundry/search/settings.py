@@ -1,0 +1,142 @@
+"""The search's settings: one typed, frozen record of every knob (unknown keys are an error naming the key)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Mapping, Optional
+
+from darwinlm_foundry.search.selection import SelectionSchedule
+from darwinlm_foundry.search.space import MAX_LEVEL
+from darwinlm_foundry.utils.config import from_mapping
+
+__all__ = ['SearchSettings']
+
+_FITNESS = ('kl', 'topk_kl', 'ppl')
+_DIST_MODES = ('auto', 'offspring_parallel', 'fsdp')
+_DEVICES = ('auto', 'cpu', 'cuda')
+_PRECISIONS = ('auto', 'fp32', 'amp_bf16')
+
+
+def _tuple_of_ints(value) -> tuple[int, ...]:
+    if isinstance(value, (int, str)):
+        raise ValueError(f'expected a list of integers, got {value!r}')
+    return tuple(int(v) for v in value)
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """Everything that configures one search (validated on construction; :meth:`from_dict` for YAML).
+
+    Start: ``target_level`` (uniform start, e.g. 5) or ``start_config`` (a ``winner.json`` / ``layer: level``
+    text file, e.g. the previous gradual stage's result), then ``extra_levels`` more levels per unit on average
+    in each group spread at random (seeded; gradual mode, e.g. 1 for level 5 -> 6).
+    Selection (paper defaults): ``generations``, ``offspring``, ``survivors``, ``fitness_tokens``,
+    ``train_tokens``, ``lr``. Data: ``seq_len`` tokens per sequence; a fit runs
+    ``ceil(train_tokens / seq_len)`` sequences in optimizer steps of ``train_batch_size`` sequences,
+    ``micro_batch_size`` at a time (also the fitness batch). Fitness: ``'kl'``, ``'topk_kl'`` (dense top-``topk``
+    stored, for 128K vocabularies) or ``'ppl'``. ``max_level``: highest level a unit may take (default: the
+    highest level at which level switches keep the parameter count exact, from the database).
+    Probe: ``probe_tokens`` -- after every generation the parent, as stitched (no fine-tuning), is also scored
+    on one fixed probe sample of this many tokens (the same tokens every generation, drawn with a fixed seed;
+    default: the last ``fitness_tokens`` step; 0: no probe) and recorded as ``probe_fitness``: the selection's
+    own fitness is measured on fresh samples every generation and so jumps, the probe fitness is comparable
+    across generations. It never influences the search and is not fingerprinted (a state written before the
+    setting existed resumes), but a resume must keep its size.
+    Runtime (not part of the fingerprint): ``output_dir``, ``device``, ``precision``, ``distributed``,
+    ``keep_dense_resident``, ``dense_cache_dir`` (memory-map dense targets there; None keeps them in memory),
+    ``progress_bar``, ``activation_checkpointing`` (fine-tuning fits recompute each layer's activations in the
+    backward pass instead of keeping them: the same weights bit for bit, less memory, a slower fit).
+    """
+
+    target_level: Optional[int] = 5
+    start_config: Optional[str] = None
+    extra_levels: float = 0
+    generations: int = 200
+    offspring: int = 16
+    survivors: tuple = (8, 4, 2, 1)
+    fitness_tokens: tuple = (1024, 2048, 4096, 8192)
+    train_tokens: tuple = (10_000, 50_000, 100_000, 200_000)
+    lr: float = 1e-5
+    seq_len: int = 512
+    train_batch_size: int = 8
+    micro_batch_size: int = 4
+    fitness: str = 'kl'
+    topk: Optional[int] = None
+    max_level: Optional[int] = None
+    seed: int = 0
+    output_dir: str = 'darwinlm_search'
+    device: str = 'auto'
+    precision: str = 'auto'
+    distributed: str = 'auto'
+    keep_dense_resident: bool = False
+    dense_cache_dir: Optional[str] = None
+    progress_bar: bool = True
+    probe_tokens: Optional[int] = None
+    activation_checkpointing: bool = False
+
+    # Fields that may change between a run and its resume without changing the result.
+    RUNTIME_FIELDS = ('output_dir', 'device', 'precision', 'distributed', 'keep_dense_resident', 'dense_cache_dir',
+                      'progress_bar', 'activation_checkpointing')
+    # Fields that do not change the search (left out of the fingerprint, so states written before they existed
+    # still resume), but are checked on resume by other means (the probe size is recorded in the state).
+    UNFINGERPRINTED_FIELDS = ('probe_tokens',)
+
+    def __post_init__(self):
+        for name in ('survivors', 'fitness_tokens', 'train_tokens'):
+            try:
+                object.__setattr__(self, name, _tuple_of_ints(getattr(self, name)))
+            except (TypeError, ValueError) as err:
+                raise ValueError(f'{name} must be a list of integers, got {getattr(self, name)!r}') from err
+        if (self.target_level is None) == (self.start_config is None):
+            raise ValueError('give exactly one of target_level (uniform start) and start_config (a file with the '
+                             'starting levels)')
+        if self.target_level is not None and not 0 <= int(self.target_level) <= MAX_LEVEL:
+            raise ValueError(f'target_level must lie in 0..{MAX_LEVEL}, got {self.target_level}')
+        if float(self.extra_levels) < 0:
+            raise ValueError(f'extra_levels must be >= 0, got {self.extra_levels}')
+        if self.probe_tokens is not None:
+            if isinstance(self.probe_tokens, bool) or int(self.probe_tokens) != self.probe_tokens:
+                raise ValueError(f'probe_tokens must be an integer (0: no probe), got {self.probe_tokens!r}')
+            object.__setattr__(self, 'probe_tokens', int(self.probe_tokens))
+        for name in ('generations', 'probe_tokens'):
+            if getattr(self, name) is not None and int(getattr(self, name)) < 0:
+                raise ValueError(f'{name} must be >= 0, got {getattr(self, name)}')
+        for name in ('seq_len', 'train_batch_size', 'micro_batch_size'):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f'{name} must be >= 1, got {getattr(self, name)}')
+        if self.fitness not in _FITNESS:
+            raise ValueError(f'fitness must be one of {_FITNESS}, got {self.fitness!r}')
+        if self.fitness == 'topk_kl' and not (self.topk and int(self.topk) >= 1):
+            raise ValueError("fitness 'topk_kl' needs topk >= 1 (how many dense logits to keep per token)")
+        if self.max_level is not None and not 0 <= int(self.max_level) <= MAX_LEVEL:
+            raise ValueError(f'max_level must lie in 0..{MAX_LEVEL}, got {self.max_level}')
+        if self.device not in _DEVICES:
+            raise ValueError(f'device must be one of {_DEVICES}, got {self.device!r}')
+        if self.precision not in _PRECISIONS:
+            raise ValueError(f'precision must be one of {_PRECISIONS}, got {self.precision!r}')
+        if self.distributed not in _DIST_MODES:
+            raise ValueError(f'distributed must be one of {_DIST_MODES}, got {self.distributed!r}')
+        self.schedule  # validates survivors / tokens / lr / offspring together
+
+    @property
+    def schedule(self) -> SelectionSchedule:
+        return SelectionSchedule(survivors=self.survivors, fitness_tokens=self.fitness_tokens,
+                                 train_tokens=self.train_tokens, lr=self.lr, offspring=self.offspring)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> 'SearchSettings':
+        """From a config mapping (e.g. a YAML block); unknown keys are an error naming them."""
+        return from_mapping(cls, data, 'search settings')
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    def result_fields(self) -> dict:
+        """The settings that determine the result (fingerprinted; runtime fields and the probe left out)."""
+        return {k: v for k, v in self.to_dict().items()
+                if k not in self.RUNTIME_FIELDS and k not in self.UNFINGERPRINTED_FIELDS}
+
+    @property
+    def probe_size(self) -> int:
+        """Tokens of the fixed probe sample (``probe_tokens``, default the last fitness step; 0: none)."""
+        return int(self.fitness_tokens[-1]) if self.probe_tokens is None else int(self.probe_tokens)
