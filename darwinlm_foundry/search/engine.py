@@ -45,31 +45,23 @@ Composer is imported lazily (only when a fit runs), so importing this module is 
 
 from __future__ import annotations
 
-import contextlib
-import gc
-import hashlib
 import json
 import logging
-import math
 import os
-import shutil
-import tempfile
-import time
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Optional, Sequence, Union
+from typing import Callable, Mapping, Optional, Union
 
 import torch
 
-from darwinlm_foundry.search.fitness import DenseLogitCache, next_token_labels, token_nll
+from darwinlm_foundry.search.candidates import CandidateScoring, _TokenBatches
+from darwinlm_foundry.search.fitness import DenseLogitCache
 from darwinlm_foundry.search.selection import GenerationResult
 from darwinlm_foundry.search.settings import SearchSettings
 from darwinlm_foundry.search.space import GROUPS, LevelBounds, LevelConfig, make_rng, spread_extra_levels, uniform
 from darwinlm_foundry.search.state import SearchState, run_search, settings_fingerprint
 from darwinlm_foundry.search.tokens import ShardTokens, TensorTokens, TokenSource, derive_seed
-from darwinlm_foundry.utils.dist import broadcast_object, composer_rank_local, local_rank, sum_over_ranks, torch_world
+from darwinlm_foundry.utils.dist import broadcast_object, local_rank, torch_world
 from darwinlm_foundry.utils.io import atomic_write_text
-from darwinlm_foundry.utils.logging import quiet
-from darwinlm_foundry.utils.params import count_parameters
 
 __all__ = ['SearchResult', 'EvolutionarySearch', 'STATE_FILE', 'WINNER_JSON', 'WINNER_TEXT']
 
@@ -78,56 +70,6 @@ log = logging.getLogger(__name__)
 STATE_FILE = 'search_state.json'
 WINNER_JSON = 'winner.json'
 WINNER_TEXT = 'winner.txt'
-
-
-
-# --------------------------------------------------------------------------------------------------
-# Small utilities
-# --------------------------------------------------------------------------------------------------
-def _quiet_composer():
-    """Keep Composer / foundry chatter of the many short fits out of the log."""
-    return quiet('composer', 'llmfoundry', 'streaming')
-
-
-_ENV_REPORT: dict = {}
-
-
-@contextlib.contextmanager
-def _cached_env_report():
-    """Trainer construction asks for Composer's environment report (version, commit hash: a scan of the
-    installed files, ~0.1-0.2 s) every time; it cannot change between fits, so compute it once."""
-    import composer.trainer.trainer as trainer_module
-
-    original = getattr(trainer_module, 'get_composer_env_dict', None)
-    if original is None:
-        yield
-        return
-    if not _ENV_REPORT:
-        _ENV_REPORT.update(original())
-    trainer_module.get_composer_env_dict = lambda: dict(_ENV_REPORT)
-    try:
-        yield
-    finally:
-        trainer_module.get_composer_env_dict = original
-
-
-class _TokenBatches:
-    """Re-iterable LM batches over a token tensor; one object is reused by every fit (tokens swapped per step)."""
-
-    def __init__(self, batch_size: int):
-        self.batch_size = batch_size
-        self.tokens: Optional[torch.Tensor] = None
-
-    def set_tokens(self, tokens: torch.Tensor) -> None:
-        self.tokens = tokens
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.tokens) / self.batch_size)
-
-    def __iter__(self):
-        for i in range(0, len(self.tokens), self.batch_size):
-            ids = self.tokens[i:i + self.batch_size]
-            yield {'input_ids': ids, 'attention_mask': torch.ones_like(ids), 'labels': ids.clone()}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -170,8 +112,12 @@ class SearchResult:
 # --------------------------------------------------------------------------------------------------
 # The engine
 # --------------------------------------------------------------------------------------------------
-class EvolutionarySearch:
+class EvolutionarySearch(CandidateScoring):
     """Runs (or resumes) the search over ``database`` and writes the winner. Same object on every rank.
+
+    This class holds the generation loop (start, resume, selection steps, probe, outputs); making and scoring
+    one candidate (stitch -> shrink -> short Composer fit -> fitness) is
+    :class:`~darwinlm_foundry.search.candidates.CandidateScoring`, which it mixes in.
 
     ``database``: an opened :class:`~darwinlm_foundry.obs.database.SparsityDatabase`. ``dense_get_tensor``: tensors
     of the model the database was built from (:func:`~darwinlm_foundry.obs.database.dense_tensor_getter` over a
@@ -286,14 +232,6 @@ class EvolutionarySearch:
                 'start': self.start.to_dict() if start is not None else None,
                 'offspring_format': self.offspring_format}
 
-    def _candidate_memory_bytes(self) -> int:
-        """Rough bytes one candidate's fit needs: fp32 weights, grads, Adam moments, activations, logits."""
-        s = self.settings
-        params = self.start_parameters
-        hidden, vocab = self.spec.hidden_size, self.spec.vocab_size
-        acts = s.micro_batch_size * s.seq_len * (self.spec.num_layers * hidden * 34 + vocab * 8)
-        return 16 * params + acts
-
     def _resolve_mode(self) -> str:
         if self.world_size == 1:
             return 'single'
@@ -314,373 +252,6 @@ class EvolutionarySearch:
     # -- models ------------------------------------------------------------------------------------
     def _current_levels(self) -> dict:
         return {k: list(v) for k, v in self.spec.current_levels.items()}
-
-    def _dense(self) -> torch.nn.Module:
-        """The database's source model (stitched at its current levels = the model itself), on the device."""
-        if self._dense_model is None:
-            self._dense_model = self.db.stitch(self._current_levels(), self.get_tensor).to(self.device).eval()
-            self._release_file_maps()
-        return self._dense_model
-
-    def _release_dense(self) -> None:
-        if not self.settings.keep_dense_resident:
-            self._dense_model = None
-            if self.device.type == 'cuda':
-                torch.cuda.empty_cache()
-        self._release_file_maps()
-        _trim_heap()
-
-    def _release_file_maps(self) -> None:
-        """Close the memory-mapped safetensors files of the dense checkpoint and of the database.
-
-        The tensor getter and the database keep their files open (mapped) after the first read; every page a
-        stitch ever touched then stays in this process's resident set (the whole checkpoint, and every level
-        of the database a candidate ever used: up to 0.54 + 0.59 GB for SmolLM2-135M). Reopening costs a file
-        open per stitch. (Private attributes of the getter / database, read defensively: a getter without them is an
-        in-memory one.)"""
-        for owner in (self.get_tensor, self.db):
-            handles = getattr(owner, '_handles', None)
-            if isinstance(handles, dict):
-                handles.clear()
-
-    def build_candidate(self, config: LevelConfig) -> torch.nn.Module:
-        """The candidate as a model on the CPU: stitched and shrunk (or, for benchmarks, masked)."""
-        t0 = time.perf_counter()
-        if self.offspring_format == 'shrunk':
-            model = self.db.stitch(config, self.get_tensor)
-            self._release_file_maps()
-            count = count_parameters(model)
-            expected = self.spec.parameter_count(config)
-            if count != expected:
-                raise RuntimeError(f'stitched candidate has {count} parameters, the level spec says {expected}; '
-                                   f'the database and the model disagree')
-        else:
-            from darwinlm_foundry.structure.shrinking import mask_model
-            from darwinlm_foundry.structure.units import Unit
-            if self._masked_base is None:
-                self._masked_base = self.db.stitch(self._current_levels(), self.get_tensor)
-            kept, weights = {}, {}
-            for kind in GROUPS:
-                for layer, level in enumerate(config.group(kind)):
-                    unit = Unit(layer, kind)
-                    if level == self.db.current_level(unit):
-                        continue
-                    kept[unit] = self.db.kept(unit, level).tolist()
-                    if kept[unit]:
-                        weights[unit] = self.db.weight(unit, level)
-            model = mask_model(self._masked_base, kept, weights)
-        self.stats['stitch_seconds'] += time.perf_counter() - t0
-        if self.candidate_hook is not None:
-            self.candidate_hook(config, model)
-        return model
-
-    # -- samples -----------------------------------------------------------------------------------
-    def _n_seqs(self, tokens: int) -> int:
-        return max(1, math.ceil(tokens / self.settings.seq_len))
-
-    def fitness_sample(self, generation: int, step: int) -> torch.Tensor:
-        k_tokens = self.schedule.fitness_tokens[step]
-        return self.data.sample(self._n_seqs(k_tokens), self.settings.seq_len,
-                                derive_seed(self.settings.seed, 'fitness', generation, step))
-
-    def train_sample(self, generation: int, step: int) -> Optional[torch.Tensor]:
-        t_tokens = self.schedule.train_tokens[step]
-        if not t_tokens:
-            return None
-        return self.data.sample(self._n_seqs(t_tokens), self.settings.seq_len,
-                                derive_seed(self.settings.seed, 'train', generation, step))
-
-    def _rows(self, tokens: torch.Tensor) -> torch.Tensor:
-        """This rank's rows in fsdp mode (every rank scores / trains its share), all rows otherwise.
-
-        fsdp mode uses the largest multiple of W rows so that every rank holds as many rows as the others:
-        each forward / step is a collective there, and a rank with one batch more would wait forever.
-        """
-        if self.mode != 'fsdp':
-            return tokens
-        usable = len(tokens) - len(tokens) % self.world_size
-        if usable == 0:
-            raise ValueError(f'fsdp mode splits every sample over {self.world_size} ranks, but a sample has only '
-                             f'{len(tokens)} rows of seq_len {self.settings.seq_len}: raise fitness_tokens / '
-                             'train_tokens to at least world_size x seq_len')
-        return tokens[:usable][self.rank::self.world_size]
-
-    # -- dense targets -----------------------------------------------------------------------------
-    def _autocast(self):
-        if self.precision == 'amp_bf16' and self.device.type == 'cuda':
-            return torch.autocast('cuda', dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
-    @torch.no_grad()
-    def _logits(self, model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-        outs = []
-        mb = self.settings.micro_batch_size
-        with self._autocast():
-            for i in range(0, len(tokens), mb):
-                outs.append(model(input_ids=tokens[i:i + mb].to(self.device)).logits.float())
-        return torch.cat(outs)
-
-    def _fitness_key(self, generation: int, step: int) -> tuple:
-        key = ('fitness', self.settings.seed, generation, step)
-        # fsdp ranks hold different rows of the sample under one key: keep a shared cache directory consistent
-        return key + (self.rank, self.world_size) if self.mode == 'fsdp' else key
-
-    def dense_targets(self, key, tokens: torch.Tensor):
-        """The prepared dense targets of sample ``key`` (computed once, a micro-batch at a time)."""
-        return self.cache.get_or_compute(key, tokens, lambda t: self._logits(self._dense(), t))
-
-    def prefill_dense(self, generation: int) -> None:
-        """Dense targets of every step of ``generation``, with one dense-model load, then release it.
-
-        (The search itself computes each step's targets when the step starts and drops them when it ends, so
-        only one step's targets are ever in memory; this is for benchmarks that time evaluations alone.)"""
-        if self.settings.fitness == 'ppl':
-            return
-        for k in range(self.schedule.num_steps):
-            self.dense_targets(self._fitness_key(generation, k), self._rows(self.fitness_sample(generation, k)))
-        self._release_dense()
-
-    # -- fitness -----------------------------------------------------------------------------------
-    @torch.no_grad()
-    def _fitness_sums(self, model: torch.nn.Module, tokens: torch.Tensor, targets) -> tuple[float, int]:
-        """(sum of per-token fitness terms, tokens counted) of ``model`` on ``tokens`` (this rank's rows)."""
-        mb = self.settings.micro_batch_size
-        total, count = 0.0, 0
-        was_training = model.training
-        model.eval()
-        with self._autocast():
-            for i in range(0, len(tokens), mb):
-                ids = tokens[i:i + mb].to(self.device)
-                logits = model(input_ids=ids).logits.float()
-                if self.settings.fitness == 'ppl':
-                    labels = next_token_labels(ids)
-                    total += float(token_nll(logits, labels, reduction='sum'))
-                    count += int((labels != -100).sum())
-                else:
-                    part = targets.rows(i, i + mb)
-                    total += float(part.kl(logits, reduction='sum'))
-                    count += ids.numel()
-        model.train(was_training)
-        return total, count
-
-    @staticmethod
-    def _finish(total: float, count: int, metric: str) -> float:
-        mean = total / count
-        return math.exp(mean) if metric == 'ppl' else mean
-
-    # -- fine-tuning -------------------------------------------------------------------------------
-    def _composer_device(self):
-        if self.device.type == 'cuda':
-            from composer.devices import DeviceGPU
-            return DeviceGPU(device_id=self.device.index)
-        return 'cpu'
-
-    def fit(self, model: torch.nn.Module, tokens: torch.Tensor, seed: int):
-        """Fine-tune ``model`` in place with a short Composer ``Trainer.fit`` on ``tokens`` (lr from settings).
-
-        Returns the model to score (in fsdp mode the Trainer's wrapped Composer model, see
-        :meth:`_fitness_sums_fsdp`).
-        Only the optimizer and the Trainer are new per fit; the batch iterable and tokenizer are reused.
-        """
-        s = self.settings
-        with _quiet_composer():
-            from composer.models import HuggingFaceModel
-            from composer.optim import DecoupledAdamW
-
-            from darwinlm_foundry.utils.composer import transient_trainer
-
-            if s.activation_checkpointing and getattr(model, 'supports_gradient_checkpointing', False):
-                # recompute each layer's activations in the backward pass instead of keeping them (eager
-                # attention keeps its probabilities: ~1.4 GB for SmolLM2 at 4 x 512 tokens); same values
-                model.config.use_cache = False
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})
-            per_rank_batch = s.train_batch_size if self.mode != 'fsdp' else max(1, s.train_batch_size // self.world_size)
-            self._loader.batch_size = per_rank_batch
-            self._loader.set_tokens(tokens)
-            steps = len(self._loader)
-            t0 = time.perf_counter()
-            ctx = composer_rank_local() if self.mode == 'offspring_parallel' else contextlib.nullcontext()
-            with ctx, _cached_env_report():
-                cmodel = HuggingFaceModel(model, tokenizer=self.tokenizer, use_logits=True, metrics=[],
-                                          shift_labels=True)
-                optimizer = DecoupledAdamW(cmodel.parameters(), lr=s.lr, betas=(0.9, 0.95), eps=1e-8,
-                                           weight_decay=0.0)
-                kwargs = {}
-                if self.mode == 'fsdp' and self.device.type == 'cuda':
-                    # (on CPU Composer wraps the model in DDP by itself: the world is W ranks here)
-                    kwargs['parallelism_config'] = {'fsdp': {'sharding_strategy': 'FULL_SHARD',
-                                                             'mixed_precision': 'DEFAULT',
-                                                             'use_orig_params': True}}
-                with transient_trainer(model=cmodel, train_dataloader=self._loader, max_duration=f'{steps}ba',
-                                       optimizers=optimizer, device=self._composer_device(), precision=self.precision,
-                                       device_train_microbatch_size=min(s.micro_batch_size, per_rank_batch),
-                                       seed=seed, progress_bar=False, log_to_console=False, loggers=[],
-                                       callbacks=[_drop_outputs()],
-                                       save_folder=None, train_subset_num_batches=-1, **kwargs) as trainer:
-                    t1 = time.perf_counter()
-                    trainer.fit()
-                    optimizer.state.clear()  # Adam moments and gradients are not needed to score the model
-                    model.zero_grad(set_to_none=True)
-            self.stats['trainer_init_seconds'] += t1 - t0
-            self.stats['fit_seconds'] += time.perf_counter() - t0
-            self.stats['fits'] += 1
-            return trainer.state.model.model if self.mode != 'fsdp' else trainer.state.model
-
-    # -- evaluation of one selection step ----------------------------------------------------------
-    def evaluate(self, candidates: Sequence[LevelConfig], generation: int, step: int) -> list[float]:
-        """Fine-tune and score ``candidates`` for step ``step`` of ``generation``; identical list on every rank."""
-        s = self.settings
-        fit_tokens = self.fitness_sample(generation, step)
-        train_tokens = self.train_sample(generation, step)
-        targets = None
-        key = self._fitness_key(generation, step)
-        if s.fitness != 'ppl':
-            if train_tokens is not None and self.cache.directory is None:
-                # fine-tuning steps: the targets wait in a file while each candidate trains (the fit's own
-                # peak is the search's largest), then are read back a micro-batch at a time
-                targets = self._spill_dense_targets(self._rows(fit_tokens), f'step_{generation}_{step}')
-            else:
-                targets = self.dense_targets(key, self._rows(fit_tokens))
-                self._release_dense()
-        fit_seed = derive_seed(s.seed, 'fit', generation, step)
-        n = len(candidates)
-        if self.mode == 'offspring_parallel':
-            mine = list(range(self.rank, n, self.world_size))
-        else:
-            mine = list(range(n))
-        sums = torch.zeros(n, dtype=torch.float64)
-        counts = torch.zeros(n, dtype=torch.float64)
-        for i in mine:
-            model = self.build_candidate(candidates[i])
-            scored = model.to(self.device)
-            if train_tokens is not None:
-                scored = self.fit(model, self._rows(train_tokens), fit_seed)
-            t0 = time.perf_counter()
-            if self.mode == 'fsdp':
-                total, count = self._fitness_sums_fsdp(scored, self._rows(fit_tokens), targets)
-            else:
-                total, count = self._fitness_sums(scored, fit_tokens, targets)
-            self.stats['fitness_seconds'] += time.perf_counter() - t0
-            sums[i], counts[i] = total, count
-            self.stats['evaluations'] += 1
-            del model, scored
-            if train_tokens is not None:
-                gc.collect()  # the fit's Trainer is a reference cycle that still holds the candidate
-            _trim_heap()
-        # this step's sample is never scored again (keys name the generation and step)
-        self._drop_spilled(targets)
-        del targets
-        self.cache.forget(key)
-        # fsdp: every rank scored its rows of every candidate; otherwise exactly one rank scored each
-        # candidate and the others contribute exact zeros. Either way the sums over ranks are the totals.
-        both = sum_over_ranks(torch.cat([sums, counts]))
-        sums, counts = both[:n], both[n:]
-        return [self._finish(float(sums[i]), int(counts[i]), s.fitness) for i in range(n)]
-
-    def _fitness_sums_fsdp(self, composer_model, tokens: torch.Tensor, targets) -> tuple[float, int]:
-        """Fitness parts through the wrapped Composer model (FSDP or DDP): every rank runs as many forwards
-        as the others (``_rows`` gives every rank the same row count), since each forward is a collective."""
-        mb = self.settings.micro_batch_size
-        total, count = 0.0, 0
-        composer_model.eval()
-        with torch.no_grad(), self._autocast():
-            for i in range(0, len(tokens), mb):
-                ids = tokens[i:i + mb].to(self.device)
-                logits = composer_model({'input_ids': ids, 'attention_mask': torch.ones_like(ids)}).logits.float()
-                if self.settings.fitness == 'ppl':
-                    labels = next_token_labels(ids)
-                    total += float(token_nll(logits, labels, reduction='sum'))
-                    count += int((labels != -100).sum())
-                else:
-                    total += float(targets.rows(i, i + mb).kl(logits, reduction='sum'))
-                    count += ids.numel()
-        return total, count
-
-    def config_fitness(self, config: LevelConfig, tokens: torch.Tensor, key=None, train_tokens=None,
-                       seed: int = 0) -> float:
-        """Fitness of one configuration on ``tokens`` (optionally after a fit on ``train_tokens``); one rank."""
-        targets = None
-        if self.settings.fitness != 'ppl':
-            targets = self.dense_targets(key or ('eval', _digest(tokens)), tokens)
-            self._release_dense()
-        model = self.build_candidate(config).to(self.device)
-        if train_tokens is not None:
-            model = self.fit(model, train_tokens, seed)
-        total, count = self._fitness_sums(model, tokens, targets)
-        return self._finish(total, count, self.settings.fitness)
-
-    # -- the probe -----------------------------------------------------------------------------------
-    def probe_sample(self) -> Optional[torch.Tensor]:
-        """The fixed probe sample (same tokens every generation; None when ``probe_tokens`` is 0)."""
-        size = self.settings.probe_size
-        if not size:
-            return None
-        return self.data.sample(self._n_seqs(size), self.settings.seq_len,
-                                derive_seed(self.settings.seed, 'probe'))
-
-    def _spill_dense_targets(self, tokens: torch.Tensor, name: str):
-        """Dense targets of ``tokens`` computed one micro-batch at a time, each block written to a scratch file
-        as it comes (:class:`~darwinlm_foundry.search.fitness.SpilledTargets`: read back a micro-batch at a time,
-        never memory-mapped), so they occupy no memory between reads. The same values as
-        :meth:`dense_targets`."""
-        from darwinlm_foundry.search.fitness import SpilledTargets
-
-        if self._scratch is None:
-            out = self.settings.dense_cache_dir or self.settings.output_dir
-            os.makedirs(out, exist_ok=True)
-            self._scratch = tempfile.mkdtemp(prefix='.darwinlm_targets_', dir=out)
-        mb = self.settings.micro_batch_size
-        converter = DenseLogitCache(topk=self.cache.topk, prepared=True)  # converts, stores nothing
-        blocks = (converter.convert(self._logits(self._dense(), tokens[i:i + mb])) for i in range(0, len(tokens), mb))
-        try:
-            return SpilledTargets.write_blocks(blocks, os.path.join(self._scratch, name))
-        finally:
-            self._release_dense()
-
-    def _drop_spilled(self, targets) -> None:
-        """Delete the files of spilled targets (no-op for in-memory ones), and the scratch directory once empty."""
-        for name in getattr(targets, 'fields', ()):
-            with contextlib.suppress(OSError):
-                os.remove(f'{targets.stem}.{name}.bin')
-        if self._scratch is not None and self._probe_targets is None and not os.listdir(self._scratch):
-            self._drop_scratch()
-
-    def _drop_scratch(self) -> None:
-        self._probe_targets = None
-        if self._scratch is not None:
-            shutil.rmtree(self._scratch, ignore_errors=True)
-            self._scratch = None
-
-    def probe_fitness(self, config: LevelConfig) -> Optional[float]:
-        """Fitness of ``config`` as stitched (no fine-tuning) on the fixed probe sample; identical on every
-        rank; None without a probe. Deterministic: the same configuration always gets the same value, and
-        no random state of the search is used."""
-        if not self.settings.probe_size:
-            return None
-        if self._probe_memo is not None and self._probe_memo[0] == config:
-            return self._probe_memo[1]
-        t0 = time.perf_counter()
-        sums = torch.zeros(2, dtype=torch.float64)
-        # offspring_parallel: rank 0 scores, the others add zeros; fsdp: every rank scores its rows
-        if self.mode == 'fsdp' or self.rank == 0:
-            tokens = self._rows(self.probe_sample())
-            targets = None
-            if self.settings.fitness != 'ppl':
-                # needed once per generation: kept in a file, not in memory (for SmolLM2's 49152-token
-                # vocabulary 0.8 GB at 4096 tokens, as much as the largest selection step's targets)
-                if self._probe_targets is None:
-                    self._probe_targets = self._spill_dense_targets(tokens, 'probe')
-                targets = self._probe_targets
-            model = self.build_candidate(config).to(self.device)
-            sums[0], sums[1] = self._fitness_sums(model, tokens, targets)
-            del model
-            _trim_heap()
-        sums = sum_over_ranks(sums)
-        value = self._finish(float(sums[0]), int(sums[1]), self.settings.fitness)
-        self._probe_memo = (config, value)
-        self.stats['probe_evaluations'] += 1
-        self.stats['probe_seconds'] += time.perf_counter() - t0
-        return value
 
     # -- the search --------------------------------------------------------------------------------
     @property
@@ -818,57 +389,3 @@ class EvolutionarySearch:
         }
         atomic_write_text(result.json_path, json.dumps(payload, indent=1))
         atomic_write_text(result.text_path, winner.to_text())
-
-
-def _digest(tokens: torch.Tensor) -> str:
-    return hashlib.sha256(tokens.contiguous().numpy().tobytes()).hexdigest()[:16]
-
-
-_LIBC = None
-
-
-def _trim_heap() -> None:
-    """Give freed heap memory back to the OS (glibc's ``malloc_trim``; a no-op elsewhere).
-
-    The many mid-sized tensors of a forward / fine-tuning pass (below glibc's mmap threshold, which rises to
-    32 MB after large frees) come from the heap; freed, they stay in the process (fragmented) and every
-    candidate's fit raised the resident set further. Trimming after each candidate keeps it at one fit's worth.
-    """
-    global _LIBC
-    if _LIBC is None:
-        try:
-            import ctypes
-            _LIBC = ctypes.CDLL('libc.so.6')
-            _LIBC.malloc_trim
-        except (OSError, AttributeError):
-            _LIBC = False
-    if _LIBC:
-        _LIBC.malloc_trim(0)
-
-
-_DROP_OUTPUTS = None
-
-
-def _drop_outputs():
-    """A Composer callback for the fits' memory: lets go of the model outputs before the backward pass, and
-    gives the heap freed by each batch back to the OS (:func:`_trim_heap`).
-
-    Composer keeps ``state.outputs`` (the logits: 4 x 512 x 49152 fp32 = 0.4 GB for SmolLM2) until the next
-    batch, for train metrics; the fits have none and the loss is already computed, and autograd does not
-    need the logits themselves (the loss keeps its log-softmax), so they are freed before the backward pass
-    peaks. Changes no value."""
-    global _DROP_OUTPUTS
-    if _DROP_OUTPUTS is None:
-        from composer.core import Callback
-
-        class DropOutputs(Callback):
-
-            def before_backward(self, state, logger):
-                if not state.train_metrics:
-                    state.outputs = None
-
-            def batch_end(self, state, logger):
-                _trim_heap()
-
-        _DROP_OUTPUTS = DropOutputs
-    return _DROP_OUTPUTS()
