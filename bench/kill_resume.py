@@ -56,7 +56,7 @@ def smallest_tiny_chain(cfg: dict, run_dir) -> dict:
 def write_tiny_chain(run_dir, yaml_path) -> dict:
     import yaml
 
-    from darwinlm_foundry.stages import load_run_yaml
+    from darwinlm_foundry.stages.chain import load_run_yaml
     cfg = smallest_tiny_chain(load_run_yaml(str(REPO / 'yamls' / 'darwinlm_tiny.yaml')), run_dir)
     Path(yaml_path).write_text(yaml.safe_dump(cfg))
     return cfg

@@ -177,20 +177,20 @@ def test_disk_full_while_recording_a_stage_keeps_the_last_good_manifest(tmp_path
     goes to a temporary file that replaces it only when complete), so a re-run trusts nothing half-written."""
     import errno
 
-    from darwinlm_foundry import stages as chain
+    from darwinlm_foundry.stages import chain
+    from darwinlm_foundry.utils import io
     manifest = chain.RunManifest(str(tmp_path))
     manifest.record('data', 'f1', {'shards': '/x'}, 1.0)
     before = (tmp_path / chain.MANIFEST).read_bytes()
-    real_dump = json.dump
 
-    def dump_then_fail(obj, f, **kw):
-        f.write(json.dumps(obj, **kw)[:20])
+    def full(fd):  # the device fills while the new manifest is flushed
         raise OSError(errno.ENOSPC, 'No space left on device')
 
-    monkeypatch.setattr(chain.json, 'dump', dump_then_fail)
+    monkeypatch.setattr(io.os, 'fsync', full)
     with pytest.raises(OSError, match='No space left'):
         manifest.record('database5', 'f2', {'database': '/y'}, 2.0)
-    monkeypatch.setattr(chain.json, 'dump', real_dump)
+    monkeypatch.undo()
     assert (tmp_path / chain.MANIFEST).read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [chain.MANIFEST]  # no temporary file left behind
     again = chain.RunManifest(str(tmp_path))
     assert again.finished('data', 'f1') == {'shards': '/x'} and again.finished('database5', 'f2') is None
