@@ -3,7 +3,7 @@
 import os
 
 
-def run_search_stage(cfg, stage_dir, refs, run):
+def run_search_stage(cfg, stage_dir, refs, run, outputs):
     """Search (or resume the search) and stitch the winner; gradual mode when ``start`` names a search."""
     from composer.utils import dist
     from transformers import AutoTokenizer

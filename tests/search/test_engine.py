@@ -284,7 +284,7 @@ def test_zero_generations_is_the_uniform_baseline(pretrained, database, tokens, 
                             'start': None})
     refs = {'model': {'model': str(model_dir)}, 'database': {'database': database.db_dir},
             'data': {'shards': str(tmp_path / 'shards')}}
-    out = run_search_stage(cfg, str(tmp_path / 'stage'), refs, SimpleNamespace(seed=3))
+    out = run_search_stage(cfg, str(tmp_path / 'stage'), refs, SimpleNamespace(seed=3), {})
     printed = capsys.readouterr().out
     data = json.loads(open(out['levels']).read())
     start = uniform(2, 5)
