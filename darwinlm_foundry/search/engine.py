@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Optional, Union
@@ -247,7 +248,19 @@ class EvolutionarySearch(CandidateScoring):
             except (ValueError, OSError):
                 avail = float('inf')
             fits = self._candidate_memory_bytes() < 0.8 * avail
+        if not fits and self._smallest_sample_rows() < self.world_size:
+            # fsdp splits every sample's rows over the ranks: with fewer rows than ranks it cannot run at all.
+            print(f'DarwinLM search: a candidate may not fit the memory of one rank, but a sample of '
+                  f'{self._smallest_sample_rows()} sequence(s) cannot be split over {self.world_size} ranks '
+                  f'(fsdp mode); evaluating offspring in parallel instead', flush=True)
+            return 'offspring_parallel'
         return 'offspring_parallel' if fits else 'fsdp'
+
+    def _smallest_sample_rows(self) -> int:
+        """Sequences in the smallest sample the search draws (fitness, fine-tuning and probe samples)."""
+        s = self.settings
+        tokens = [t for t in (*s.fitness_tokens, *s.train_tokens, s.probe_size) if t]
+        return min(math.ceil(t / s.seq_len) for t in tokens)
 
     # -- models ------------------------------------------------------------------------------------
     def _current_levels(self) -> dict:

@@ -539,3 +539,17 @@ def test_yaml_callback_block_builds_the_callback():
         callback = cb_mod.DarwinLMSearch(**block)
         assert callback.search_only is search_only and callback.apply
         assert callback.settings.target_level == 5 and callback.settings.schedule.survivors == (2, 1)
+
+
+@pytest.mark.parametrize('fitness_tokens, fits, want', [((512,), False, 'offspring_parallel'),
+                                                         ((1024,), False, 'fsdp'),
+                                                         ((512,), True, 'offspring_parallel')])
+def test_auto_mode_never_picks_fsdp_for_samples_smaller_than_the_world(fitness_tokens, fits, want):
+    """Under memory pressure ``auto`` wants fsdp, which splits every sample's rows over the ranks: a 1-sequence
+    sample over 2 ranks cannot be split, so auto must keep offspring-parallel instead of failing at the search."""
+    settings = SearchSettings(fitness_tokens=fitness_tokens, train_tokens=(0,), survivors=(1,), seq_len=512,
+                              probe_tokens=0)
+    stub = SimpleNamespace(world_size=2, settings=settings, device=torch.device('cpu'),
+                           _candidate_memory_bytes=lambda: 0 if fits else float('inf'))
+    stub._smallest_sample_rows = lambda: EvolutionarySearch._smallest_sample_rows(stub)
+    assert EvolutionarySearch._resolve_mode(stub) == want
