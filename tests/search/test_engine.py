@@ -176,7 +176,7 @@ def test_outputs_written(runs):
     assert data['parameters'] == result.parameters and data['fitness_history'] == result.fitness_history()
     assert data['heads'] == [10 - lvl for lvl in result.winner.attn]
     assert data['mlp_columns'] == [320 - 32 * lvl for lvl in result.winner.mlp]
-    assert LevelConfig.read_text(result.text_path) == result.winner
+    assert LevelConfig.read_file(result.text_path) == LevelConfig.read_file(result.json_path) == result.winner
     assert os.path.exists(os.path.join(engine.settings.output_dir, STATE_FILE))
 
 
