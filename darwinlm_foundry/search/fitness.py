@@ -1,4 +1,5 @@
-"""Fitness of a candidate model: KL divergence to the dense model, its top-k approximation, perplexity.
+"""Fitness of a candidate model: KL divergence to the dense model, its top-k approximation, perplexity (exp of
+the mean :func:`token_nll`).
 
 All functions take logits whose last dimension is the vocabulary and whose position ``t`` is the
 next-token distribution after token ``t`` (the model's output as is; shift the labels, not the logits,
@@ -34,7 +35,6 @@ __all__ = [
     'kl_divergence',
     'topk_kl',
     'token_nll',
-    'perplexity',
     'TokenScores',
     'score_tokens',
     'next_token_labels',
@@ -207,12 +207,6 @@ def token_nll(student_logits: torch.Tensor, labels: torch.Tensor, ignore_index: 
                                       ignore_index=ignore_index, reduction='none').double())
     per_token = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.float64, device=student.device)
     return _reduce(per_token, keep, token_shape, reduction)
-
-
-def perplexity(student_logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
-               chunk_size: int = _DEFAULT_CHUNK) -> torch.Tensor:
-    """exp(mean NLL) of ``labels`` under ``student_logits`` (labels aligned with logits)."""
-    return torch.exp(token_nll(student_logits, labels, ignore_index, 'mean', chunk_size))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -14,8 +14,7 @@ import pytest
 import torch
 
 from darwinlm_foundry.search.fitness import (DenseLogitCache, DenseTargets, SpilledTargets, kl_divergence,
-                                      next_token_labels, perplexity, prepare_logits, score_tokens, token_nll,
-                                      topk_kl)
+                                      next_token_labels, prepare_logits, score_tokens, token_nll, topk_kl)
 from darwinlm_foundry.search.selection import PARENT, SelectionSchedule, rank, run_generation
 from darwinlm_foundry.search.space import (GROUPS, LevelBounds, LevelConfig, admits_switch,
                                            assert_same_size, make_offspring, make_rng, mutate, num_switches,
@@ -404,7 +403,7 @@ def test_topk_kl():
                                full[mask].mean())
 
 
-def test_perplexity_and_labels():
+def test_token_nll_and_labels():
     g = torch.Generator().manual_seed(2)
     logits = torch.randn(2, 6, 11, generator=g)
     ids = torch.randint(0, 11, (2, 6), generator=g)
@@ -412,7 +411,7 @@ def test_perplexity_and_labels():
     assert labels[:, -1].eq(-100).all() and torch.equal(labels[:, :-1], ids[:, 1:])
     logp = logits.double().log_softmax(-1)
     nll = [-float(logp[b, t, labels[b, t]]) for b in range(2) for t in range(5)]
-    assert float(perplexity(logits, labels, chunk_size=4)) == pytest.approx(math.exp(sum(nll) / len(nll)), rel=1e-5)
+    assert float(token_nll(logits, labels, chunk_size=4)) == pytest.approx(sum(nll) / len(nll), rel=1e-5)
     assert float(token_nll(logits, labels, reduction='sum')) == pytest.approx(sum(nll), rel=1e-5)
 
 
