@@ -94,13 +94,25 @@ class DarwinLMSearch(Callback):
     `search/winner_probe_fitness` (None without a probe) and `search/winner_json` (path of ``winner.json``).
 
     Args:
-        database: directory of the sparsity database of the model being trained (or of ``dense``).
-        data: a local MDS split to draw fine-tuning / fitness samples from (e.g. ``<shards>/search``), or a
-            :class:`~darwinlm_foundry.search.tokens.TokenSource` when built in Python.
-        apply: swap the winner into the trained model (default True).
-        search_only: stop the fit right after the search (default False).
-        dense: checkpoint directory of the database's source model; default: the model being trained.
+        database (str): directory of the sparsity database of the model being trained (or of ``dense``).
+        data (str | TokenSource): a local MDS split to draw fine-tuning / fitness samples from (e.g.
+            ``<shards>/search``), or a :class:`~darwinlm_foundry.search.tokens.TokenSource` when built in Python.
+        apply (bool, optional): swap the winner into the trained model. Default: ``True``.
+        search_only (bool, optional): stop the fit right after the search. Default: ``False``.
+        dense (str, optional): checkpoint directory of the database's source model. Default: ``None`` (the
+            model being trained).
         **search: :class:`~darwinlm_foundry.search.settings.SearchSettings` fields (unknown names are rejected).
+
+    Example:
+        .. code-block:: python
+
+            from composer import Trainer
+            from darwinlm_foundry.callbacks.evolutionary_search import DarwinLMSearch
+
+            search = DarwinLMSearch(database='runs/db', data='runs/mds/search', search_only=True,
+                                    target_level=5, generations=200, output_dir='runs/search5')
+            trainer = Trainer(model=model, callbacks=[search], loggers=[...])  # searches at INIT
+            winner = search.result.winner  # also in runs/search5/winner.json
     """
 
     def __init__(self, database: str, data: Union[str, TokenSource], apply: bool = True, search_only: bool = False,

@@ -7,12 +7,11 @@
 
 from __future__ import annotations
 
-import math
 from typing import Mapping
 
 import torch
 
-from darwinlm_foundry.search.fitness import DenseTargets, kl_divergence, next_token_labels, token_nll
+from darwinlm_foundry.search.fitness import DenseTargets, TokenScores, score_tokens
 from darwinlm_foundry.utils.params import count_parameters
 
 __all__ = ['heldout_metrics', 'HeldoutReference']
@@ -32,27 +31,19 @@ def heldout_metrics(models: Mapping[str, torch.nn.Module], dense_name: str, toke
     if dense_name not in models:
         raise ValueError(f'dense model {dense_name!r} is not among the models {list(models)}')
     _check_heldout_tokens(tokens)
-    sums = {name: {'nll': 0.0, 'kl': 0.0} for name in models}
-    count = 0
-    mask = torch.ones(tokens.shape[1], dtype=torch.bool)
-    mask[-1] = False  # the last position has no next token
+    scores = {name: TokenScores() for name in models}
     for start in range(0, tokens.shape[0], batch_size):
         batch = tokens[start:start + batch_size]
-        labels = next_token_labels(batch)
-        bmask = mask.expand_as(batch)
-        logits = {}
-        for name, model in models.items():
-            device = next(model.parameters()).device
-            logits[name] = model(batch.to(device)).logits.float().cpu()
+        logits = {name: _logits(model, batch) for name, model in models.items()}
+        # the positions that predict a token (the last has no next one)
+        dense = DenseTargets(logits=logits[dense_name][:, :-1])
         for name in models:
-            sums[name]['nll'] += float(token_nll(logits[name], labels, reduction='sum'))
-            sums[name]['kl'] += float(kl_divergence(logits[dense_name], logits[name], mask=bmask, reduction='sum'))
-        count += int(bmask.sum())
-    out = {}
-    for name, s in sums.items():
-        nll = s['nll'] / count
-        out[name] = {'ppl': math.exp(nll), 'nll': nll, 'kl': s['kl'] / count}
-    return out
+            scores[name].add(logits[name], batch, dense, last=False)
+    return {name: s.means() for name, s in scores.items()}
+
+
+def _logits(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    return model(batch.to(next(model.parameters()).device)).logits.float().cpu()
 
 
 def _check_heldout_tokens(tokens: torch.Tensor) -> None:
@@ -73,24 +64,15 @@ class HeldoutReference:
         _check_heldout_tokens(tokens)
         self.tokens, self.batch_size = tokens, batch_size
         self._targets = []
-        device = next(dense.parameters()).device
         with torch.no_grad():
             for start in range(0, len(tokens), batch_size):
-                logits = dense(tokens[start:start + batch_size].to(device)).logits.float().cpu()[:, :-1]
+                logits = _logits(dense, tokens[start:start + batch_size])[:, :-1]
                 self._targets.append(DenseTargets(logits=logits).prepare(release_logits=True))
 
     @torch.no_grad()
     def score(self, model: torch.nn.Module) -> dict[str, float]:
         """``{'ppl', 'nll', 'kl', 'params'}`` of ``model`` on the held-out tokens."""
         model.eval()
-        device = next(model.parameters()).device
-        nll = kl = 0.0
-        count = 0
-        for targets, start in zip(self._targets, range(0, len(self.tokens), self.batch_size)):
-            batch = self.tokens[start:start + self.batch_size]
-            logits = model(batch.to(device)).logits.float().cpu()[:, :-1]
-            nll += float(token_nll(logits, batch[:, 1:], reduction='sum'))
-            kl += float(targets.kl(logits, reduction='sum'))
-            count += batch[:, 1:].numel()
-        return {'ppl': math.exp(nll / count), 'nll': nll / count, 'kl': kl / count,
-                'params': count_parameters(model)}
+        scores = score_tokens(lambda ids: _logits(model, ids), self.tokens, self.batch_size,
+                              targets=lambda start, stop: self._targets[start // self.batch_size], last=False)
+        return {**scores.means(), 'params': count_parameters(model)}

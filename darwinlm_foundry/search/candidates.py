@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from darwinlm_foundry.search.fitness import DenseLogitCache, next_token_labels, token_nll
+from darwinlm_foundry.search.fitness import DenseLogitCache, score_tokens
 from darwinlm_foundry.search.space import GROUPS, LevelConfig
 from darwinlm_foundry.search.tokens import derive_seed
 from darwinlm_foundry.utils.dist import composer_rank_local, sum_over_ranks
@@ -270,27 +270,28 @@ class CandidateScoring:
         self._release_dense()
 
     # -- fitness -----------------------------------------------------------------------------------
-    @torch.no_grad()
-    def _fitness_sums(self, model: torch.nn.Module, tokens: torch.Tensor, targets) -> tuple[float, int]:
-        """(sum of per-token fitness terms, tokens counted) of ``model`` on ``tokens`` (this rank's rows)."""
-        mb = self.settings.micro_batch_size
-        total, count = 0.0, 0
+    def _fitness_sums(self, model: torch.nn.Module, tokens: torch.Tensor, targets,
+                      wrapped: bool = False) -> tuple[float, int]:
+        """(sum of per-token fitness terms, tokens counted) of ``model`` on ``tokens`` (this rank's rows).
+
+        ``wrapped``: ``model`` is the Trainer's wrapped Composer model (FSDP or DDP, see :meth:`fit`), which
+        takes a batch dict; every rank then runs as many forwards as the others (``_rows`` gives every rank
+        the same row count), since each forward is a collective."""
+        if wrapped:
+            def forward(ids):
+                ids = ids.to(self.device)
+                return model({'input_ids': ids, 'attention_mask': torch.ones_like(ids)}).logits
+        else:
+            def forward(ids):
+                return model(input_ids=ids.to(self.device)).logits
+        ppl = self.settings.fitness == 'ppl'
         was_training = model.training
         model.eval()
         with self._autocast():
-            for i in range(0, len(tokens), mb):
-                ids = tokens[i:i + mb].to(self.device)
-                logits = model(input_ids=ids).logits.float()
-                if self.settings.fitness == 'ppl':
-                    labels = next_token_labels(ids)
-                    total += float(token_nll(logits, labels, reduction='sum'))
-                    count += int((labels != -100).sum())
-                else:
-                    part = targets.rows(i, i + mb)
-                    total += float(part.kl(logits, reduction='sum'))
-                    count += ids.numel()
+            scores = score_tokens(forward, tokens, self.settings.micro_batch_size,
+                                  targets=None if ppl else targets.rows, nll=ppl)
         model.train(was_training)
-        return total, count
+        return scores.sums(self.settings.fitness)
 
     @staticmethod
     def _finish(total: float, count: int, metric: str) -> float:
@@ -308,7 +309,7 @@ class CandidateScoring:
         """Fine-tune ``model`` in place with a short Composer ``Trainer.fit`` on ``tokens`` (lr from settings).
 
         Returns the model to score (in fsdp mode the Trainer's wrapped Composer model, see
-        :meth:`_fitness_sums_fsdp`).
+        :meth:`_fitness_sums`).
         Only the optimizer and the Trainer are new per fit; the batch iterable and tokenizer are reused.
         """
         s = self.settings
@@ -386,7 +387,7 @@ class CandidateScoring:
                 scored = self.fit(model, self._rows(train_tokens), fit_seed)
             t0 = time.perf_counter()
             if self.mode == 'fsdp':
-                total, count = self._fitness_sums_fsdp(scored, self._rows(fit_tokens), targets)
+                total, count = self._fitness_sums(scored, self._rows(fit_tokens), targets, wrapped=True)
             else:
                 total, count = self._fitness_sums(scored, fit_tokens, targets)
             self.stats['fitness_seconds'] += time.perf_counter() - t0
@@ -405,25 +406,6 @@ class CandidateScoring:
         both = sum_over_ranks(torch.cat([sums, counts]))
         sums, counts = both[:n], both[n:]
         return [self._finish(float(sums[i]), int(counts[i]), s.fitness) for i in range(n)]
-
-    def _fitness_sums_fsdp(self, composer_model, tokens: torch.Tensor, targets) -> tuple[float, int]:
-        """Fitness parts through the wrapped Composer model (FSDP or DDP): every rank runs as many forwards
-        as the others (``_rows`` gives every rank the same row count), since each forward is a collective."""
-        mb = self.settings.micro_batch_size
-        total, count = 0.0, 0
-        composer_model.eval()
-        with torch.no_grad(), self._autocast():
-            for i in range(0, len(tokens), mb):
-                ids = tokens[i:i + mb].to(self.device)
-                logits = composer_model({'input_ids': ids, 'attention_mask': torch.ones_like(ids)}).logits.float()
-                if self.settings.fitness == 'ppl':
-                    labels = next_token_labels(ids)
-                    total += float(token_nll(logits, labels, reduction='sum'))
-                    count += int((labels != -100).sum())
-                else:
-                    total += float(targets.rows(i, i + mb).kl(logits, reduction='sum'))
-                    count += ids.numel()
-        return total, count
 
     def config_fitness(self, config: LevelConfig, tokens: torch.Tensor, key=None, train_tokens=None,
                        seed: int = 0) -> float:

@@ -1,9 +1,14 @@
-"""Fitness of a candidate model: KL divergence to the dense model, its top-k approximation, perplexity.
+"""Fitness of a candidate model: KL divergence to the dense model, its top-k approximation, perplexity (exp of
+the mean :func:`token_nll`).
 
 All functions take logits whose last dimension is the vocabulary and whose position ``t`` is the
 next-token distribution after token ``t`` (the model's output as is; shift the labels, not the logits,
 see :func:`next_token_labels`). Softmaxes run in fp32 over chunks of tokens so that a (tokens x vocab)
 fp32 copy of the whole batch is never materialised.
+
+:class:`TokenScores` / :func:`score_tokens` are the one loop that turns a model's logits into summed NLL and
+KL over batches: the search's fitness and probe (``search/candidates.py``) and the held-out ppl / KL
+(``eval/heldout.py``, which the eval stage and ``bench/reproduce.py`` use) all run through it.
 
 :class:`DenseLogitCache` computes the dense model's targets once per calibration sample and keeps them in
 memory or memory-mapped on disk, so the dense model need not stay resident during the search.
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, Hashable, Optional
@@ -29,7 +35,8 @@ __all__ = [
     'kl_divergence',
     'topk_kl',
     'token_nll',
-    'perplexity',
+    'TokenScores',
+    'score_tokens',
     'next_token_labels',
     'DenseTargets',
     'DenseLogitCache',
@@ -202,10 +209,69 @@ def token_nll(student_logits: torch.Tensor, labels: torch.Tensor, ignore_index: 
     return _reduce(per_token, keep, token_shape, reduction)
 
 
-def perplexity(student_logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
-               chunk_size: int = _DEFAULT_CHUNK) -> torch.Tensor:
-    """exp(mean NLL) of ``labels`` under ``student_logits`` (labels aligned with logits)."""
-    return torch.exp(token_nll(student_logits, labels, ignore_index, 'mean', chunk_size))
+# --------------------------------------------------------------------------------------------------
+# The token-scoring loop: search fitness, probe, held-out ppl / KL (and the bench scripts through them)
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class TokenScores:
+    """Running sums of next-token NLL and KL(dense || model) over batches, and the tokens each counts.
+
+    :meth:`add` scores one batch; :func:`score_tokens` runs a model over a token tensor batch by batch. Every
+    caller that turns logits into NLL / KL goes through :meth:`add`, so the search's fitness, its probe and the
+    held-out numbers are the same arithmetic.
+    """
+
+    nll: float = 0.0
+    nll_tokens: int = 0
+    kl: float = 0.0
+    kl_tokens: int = 0
+
+    def add(self, logits: torch.Tensor, ids: torch.Tensor, targets: Optional['DenseTargets'] = None,
+            nll: bool = True, last: bool = True) -> 'TokenScores':
+        """Add the batch ``ids`` (``(n, L)``) with the model's ``logits`` (``(n, L, vocab)``).
+
+        ``nll``: add the NLL of every next token (the last position has none). ``targets``: the dense
+        model's :class:`DenseTargets` for the scored positions; adds KL(dense || model). ``last``: score the
+        last position's KL too (the search's targets cover all ``L`` positions); ``False`` scores positions
+        ``0 .. L-2`` only (the held-out numbers: the positions that predict a token), with ``targets`` of that
+        length."""
+        if not last:
+            logits, labels = logits[..., :-1, :], ids[..., 1:]
+        else:
+            labels = next_token_labels(ids)
+        if nll:
+            self.nll += float(token_nll(logits, labels, reduction='sum'))
+            self.nll_tokens += int((labels != -100).sum())
+        if targets is not None:
+            self.kl += float(targets.kl(logits, reduction='sum'))
+            self.kl_tokens += logits[..., 0].numel()
+        return self
+
+    def sums(self, metric: str) -> tuple[float, int]:
+        """(sum, tokens) of ``'ppl'`` (the NLL) or of the KL (any other fitness)."""
+        return (self.nll, self.nll_tokens) if metric == 'ppl' else (self.kl, self.kl_tokens)
+
+    def means(self) -> dict[str, float]:
+        """``{'ppl', 'nll', 'kl'}`` per counted token (the held-out numbers)."""
+        nll = self.nll / self.nll_tokens
+        return {'ppl': math.exp(nll), 'nll': nll, 'kl': self.kl / self.kl_tokens}
+
+
+@torch.no_grad()
+def score_tokens(forward: Callable[[torch.Tensor], torch.Tensor], tokens: torch.Tensor, batch_size: int,
+                 targets: Optional[Callable[[int, int], 'DenseTargets']] = None, nll: bool = True,
+                 last: bool = True) -> TokenScores:
+    """:class:`TokenScores` of a model over ``tokens`` (``(n, L)``), ``batch_size`` rows at a time.
+
+    ``forward(ids)``: the model's logits for a batch of rows (moved to its device by the caller's function;
+    cast to fp32 here). ``targets(start, stop)``: the dense targets of rows ``start:stop`` (e.g.
+    ``DenseTargets.rows``), or ``None`` for no KL. ``nll`` / ``last`` as in :meth:`TokenScores.add`."""
+    scores = TokenScores()
+    for i in range(0, len(tokens), batch_size):
+        ids = tokens[i:i + batch_size]
+        scores.add(forward(ids).float(), ids, None if targets is None else targets(i, i + batch_size),
+                   nll=nll, last=last)
+    return scores
 
 
 # --------------------------------------------------------------------------------------------------

@@ -246,15 +246,6 @@ class LevelConfig:
             groups[g] = [found[g][i] for i in layers]
         return cls(**groups)
 
-    def write_text(self, path: str, **templates: str) -> None:
-        with open(path, 'w', encoding='utf-8') as f:
-            f.write(self.to_text(**templates))
-
-    @classmethod
-    def read_text(cls, path: str, **templates: str) -> 'LevelConfig':
-        with open(path, encoding='utf-8') as f:
-            return cls.from_text(f.read(), **templates)
-
     @classmethod
     def read_file(cls, path: str) -> 'LevelConfig':
         """The one level-file reader: a ``winner.json`` (key ``levels``), a ``{'attn','mlp'}`` JSON, or

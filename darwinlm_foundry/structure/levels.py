@@ -240,15 +240,6 @@ class LevelSpec:
         """Structures the top level keeps (0: the top level removes the unit)."""
         return self.keep(kind, self.num_levels)
 
-    def level_of(self, kind: str, count: int) -> int:
-        """The level whose kept count is ``count``; ``ValueError`` when no level keeps exactly that many."""
-        removed = self.dense[kind] - int(count)
-        level, rest = divmod(removed, self.step[kind])
-        if rest or not 0 <= level <= self.num_levels:
-            raise ValueError(f'{count} {kind} structures is not a level (levels keep '
-                             f'{[self.keep(kind, l) for l in range(self.num_levels + 1)]})')
-        return level
-
     def levels_available(self, kind: str, layer: int) -> list[int]:
         """Levels a unit can take: from its current level up to the top (gradual mode starts higher)."""
         return list(range(self.current_levels[kind][layer], self.num_levels + 1))

@@ -91,6 +91,24 @@ def _optional(get_tensor, name):
         return None
 
 
+def _keep(out, get_tensor, prefix, projections, by_rows, index, replacement):
+    """Load one unit's ``projections`` (weights and biases; absent ones stay None) into ``out`` and keep
+    ``index``: rows of the ``by_rows`` projections, columns of the last one, the output matrix (or its OBS
+    ``replacement``). ``index`` None keeps everything; no output matrix means the unit is already removed."""
+    for proj in projections:
+        for param in ('weight', 'bias'):
+            out[f'{prefix}{proj}.{param}'] = _optional(get_tensor, f'{prefix}{proj}.{param}')
+    output = f'{prefix}{projections[-1]}.weight'
+    if index is None or out[output] is None:
+        return
+    for proj in by_rows:
+        for param in ('weight', 'bias'):
+            t = out[f'{prefix}{proj}.{param}']
+            if t is not None:
+                out[f'{prefix}{proj}.{param}'] = t.index_select(0, index)
+    out[output] = replacement if replacement is not None else out[output].index_select(1, index)
+
+
 def _unit_tensors(config, layer, kept_attn, kept_mlp, get_tensor, output_weights):
     """State-dict entries of one layer after keeping ``kept_attn`` heads / ``kept_mlp`` columns (None = all)."""
     prefix = f'model.layers.{layer}.'
@@ -99,34 +117,15 @@ def _unit_tensors(config, layer, kept_attn, kept_mlp, get_tensor, output_weights
     out = {}
     for name in ('input_layernorm.weight', 'post_attention_layernorm.weight'):
         out[prefix + name] = _optional(get_tensor, prefix + name)  # absent where the unit is already removed
-    attn = prefix + 'self_attn.'
-    for proj in ('q_proj', 'k_proj', 'v_proj', 'o_proj'):
-        for param in ('weight', 'bias'):
-            out[f'{attn}{proj}.{param}'] = _optional(get_tensor, f'{attn}{proj}.{param}')
-    if kept_attn is not None and out[attn + 'o_proj.weight'] is not None:
-        rows = _rows(kept_attn, hd)
-        for proj in ('q_proj',) + (() if grouped else ('k_proj', 'v_proj')):
-            for param in ('weight', 'bias'):
-                t = out[f'{attn}{proj}.{param}']
-                if t is not None:
-                    out[f'{attn}{proj}.{param}'] = t.index_select(0, rows)
-        replacement = output_weights.get(Unit(layer, 'attn'))
-        o = out[attn + 'o_proj.weight']
-        out[attn + 'o_proj.weight'] = replacement if replacement is not None else o.index_select(1, rows)
-    mlp = prefix + 'mlp.'
-    for proj in ('gate_proj', 'up_proj', 'down_proj'):
-        for param in ('weight', 'bias'):
-            out[f'{mlp}{proj}.{param}'] = _optional(get_tensor, f'{mlp}{proj}.{param}')
-    if kept_mlp is not None and out[mlp + 'down_proj.weight'] is not None:
-        cols = torch.as_tensor(kept_mlp, dtype=torch.long)
-        for proj in ('gate_proj', 'up_proj'):
-            for param in ('weight', 'bias'):
-                t = out[f'{mlp}{proj}.{param}']
-                if t is not None:
-                    out[f'{mlp}{proj}.{param}'] = t.index_select(0, cols)
-        replacement = output_weights.get(Unit(layer, 'mlp'))
-        d = out[mlp + 'down_proj.weight']
-        out[mlp + 'down_proj.weight'] = replacement if replacement is not None else d.index_select(1, cols)
+    # kept heads: rows of q (and of k / v under plain multi-head attention; GQA keeps K/V whole), columns of
+    # o_proj; kept MLP channels: rows of gate / up, columns of down_proj
+    attn_rows = None if kept_attn is None else _rows(kept_attn, hd)
+    mlp_cols = None if kept_mlp is None else torch.as_tensor(kept_mlp, dtype=torch.long)
+    _keep(out, get_tensor, prefix + 'self_attn.', ('q_proj', 'k_proj', 'v_proj', 'o_proj'),
+          ('q_proj',) if grouped else ('q_proj', 'k_proj', 'v_proj'), attn_rows,
+          output_weights.get(Unit(layer, 'attn')))
+    _keep(out, get_tensor, prefix + 'mlp.', ('gate_proj', 'up_proj', 'down_proj'), ('gate_proj', 'up_proj'),
+          mlp_cols, output_weights.get(Unit(layer, 'mlp')))
     return {k: v for k, v in out.items() if v is not None}
 
 

@@ -40,10 +40,6 @@ class UnitShape:
     num_structures: int
     structure_size: int
 
-    @property
-    def output_weight(self) -> str:
-        return f'{self.unit.output_module}.weight'
-
 
 def layer_heads(config, layer: int) -> list:
     """Query heads (dense numbering) a layer currently keeps."""

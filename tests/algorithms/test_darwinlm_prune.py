@@ -85,6 +85,41 @@ def test_prune_from_config_file_and_bad_keys(tmp_path, wiki_shards, composer_set
     assert len(shrunk.config.layer_heads[1]) == 2 and len(shrunk.config.layer_heads[0]) == 8
 
 
+def test_apply_on_a_bare_hf_model_equals_the_algorithm(tmp_path, wiki_shards, composer_setup):
+    """apply_darwinlm_prune needs no Composer State: on a bare HF model (from a database directory, from an
+    opened database, from a winner file) it returns the same shrunk model, logits and all, as the Algorithm
+    run at INIT by a Trainer, and leaves the dense model as it was."""
+    import copy
+    import json
+
+    from composer import Trainer
+
+    from darwinlm_foundry.algorithms.darwinlm_prune import DarwinLMPrune, apply_darwinlm_prune
+    model = composer_setup()
+    bare = copy.deepcopy(model.model)
+    levels = {'attn': [3, 7], 'mlp': [6, 2]}
+    calibration = {'shards': str(wiki_shards), 'num_sequences': 8, 'seq_len': 64, 'mlp_multiple': 8}
+    Trainer(model=model, algorithms=[DarwinLMPrune(database=str(tmp_path / 'db'), levels=levels,
+                                                   calibration=calibration)],
+            device='cpu', progress_bar=False, log_to_console=False, loggers=[])
+    by_algorithm = model.model.eval()
+    dense_state = {k: v.clone() for k, v in bare.state_dict().items()}
+    winner = tmp_path / 'winner.json'
+    winner.write_text(json.dumps({'levels': levels, 'fitness': 0.1}))
+    db = SparsityDatabase.open(tmp_path / 'db', bare)
+    ids = torch.randint(0, 32000, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = by_algorithm(ids).logits
+        for database, lv in ((str(tmp_path / 'db'), levels), (db, str(winner))):
+            shrunk = apply_darwinlm_prune(bare, database, levels=lv)
+            assert type(shrunk).__name__ == 'DarwinLMForCausalLM' and shrunk.config.levels == levels
+            assert torch.equal(shrunk.eval()(ids).logits, want)
+        stitched = db.stitch(levels, dense_tensor_getter(bare))
+        assert torch.equal(stitched(ids).logits, want)
+    assert all(torch.equal(v, dense_state[k]) for k, v in bare.state_dict().items())
+    assert sum(p.numel() for p in shrunk.parameters()) == db.level_spec.parameter_count(levels)
+
+
 def test_registered_for_foundry_yaml(tmp_path):
     """`algorithms: {darwinlm_prune: {...}}` and `callbacks: {darwinlm_search: {...}}` resolve through foundry."""
     from llmfoundry import registry

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from darwinlm_foundry.search.fitness import (DenseLogitCache, DenseTargets, SpilledTargets, kl_divergence,
-                                      next_token_labels, perplexity, prepare_logits, token_nll, topk_kl)
+                                      next_token_labels, prepare_logits, score_tokens, token_nll, topk_kl)
 from darwinlm_foundry.search.selection import PARENT, SelectionSchedule, rank, run_generation
 from darwinlm_foundry.search.space import (GROUPS, LevelBounds, LevelConfig, admits_switch,
                                            assert_same_size, make_offspring, make_rng, mutate, num_switches,
@@ -403,7 +403,7 @@ def test_topk_kl():
                                full[mask].mean())
 
 
-def test_perplexity_and_labels():
+def test_token_nll_and_labels():
     g = torch.Generator().manual_seed(2)
     logits = torch.randn(2, 6, 11, generator=g)
     ids = torch.randint(0, 11, (2, 6), generator=g)
@@ -411,8 +411,35 @@ def test_perplexity_and_labels():
     assert labels[:, -1].eq(-100).all() and torch.equal(labels[:, :-1], ids[:, 1:])
     logp = logits.double().log_softmax(-1)
     nll = [-float(logp[b, t, labels[b, t]]) for b in range(2) for t in range(5)]
-    assert float(perplexity(logits, labels, chunk_size=4)) == pytest.approx(math.exp(sum(nll) / len(nll)), rel=1e-5)
+    assert float(token_nll(logits, labels, chunk_size=4)) == pytest.approx(sum(nll) / len(nll), rel=1e-5)
     assert float(token_nll(logits, labels, reduction='sum')) == pytest.approx(sum(nll), rel=1e-5)
+
+
+def test_score_tokens_batches_add_up_to_the_whole():
+    """The one token-scoring loop: batch by batch it gives the sums of one pass over all rows, counts the
+    positions it scored, and with ``last=False`` scores exactly the positions that predict a token."""
+    g = torch.Generator().manual_seed(3)
+    table = torch.randn(13, 13, generator=g)  # a bigram "model": logits = table[token]
+    dense_table = torch.randn(13, 13, generator=g)
+    ids = torch.randint(0, 13, (5, 7), generator=g)
+    logits, dense = table[ids], dense_table[ids]
+    whole = DenseTargets(logits=dense)
+    scores = score_tokens(lambda x: table[x], ids, 2, targets=whole.rows)
+    labels = next_token_labels(ids)
+    assert scores.nll == pytest.approx(float(token_nll(logits, labels, reduction='sum')), rel=1e-6)
+    assert scores.kl == pytest.approx(float(kl_divergence(dense, logits, reduction='sum')), rel=1e-6)
+    assert (scores.nll_tokens, scores.kl_tokens) == (5 * 6, 5 * 7)
+    assert scores.sums('ppl') == (scores.nll, 30) and scores.sums('kl') == (scores.kl, 35)
+    # held-out form: the last position (no next token) is left out of the KL too
+    mask = labels != -100
+    heldout = score_tokens(lambda x: table[x], ids, 3, last=False,
+                           targets=lambda i, j: DenseTargets(logits=dense[i:j, :-1]))
+    assert heldout.kl == pytest.approx(float(kl_divergence(dense, logits, mask=mask, reduction='sum')), rel=1e-6)
+    assert heldout.nll == pytest.approx(scores.nll, rel=1e-6) and heldout.kl_tokens == 30
+    means = heldout.means()
+    assert means['nll'] == pytest.approx(scores.nll / 30) and means['ppl'] == pytest.approx(math.exp(means['nll']))
+    # nll=False, no targets: nothing is scored
+    assert score_tokens(lambda x: table[x], ids, 2, nll=False).sums('ppl') == (0.0, 0)
 
 
 class CountingModel:

@@ -176,7 +176,7 @@ def test_outputs_written(runs):
     assert data['parameters'] == result.parameters and data['fitness_history'] == result.fitness_history()
     assert data['heads'] == [10 - lvl for lvl in result.winner.attn]
     assert data['mlp_columns'] == [320 - 32 * lvl for lvl in result.winner.mlp]
-    assert LevelConfig.read_text(result.text_path) == result.winner
+    assert LevelConfig.read_file(result.text_path) == LevelConfig.read_file(result.json_path) == result.winner
     assert os.path.exists(os.path.join(engine.settings.output_dir, STATE_FILE))
 
 
@@ -523,6 +523,45 @@ def test_callback_with_zero_generations_applies_the_start(pretrained, database, 
     assert trainer.state.model.model.config.levels == uniform(2, 5).to_dict()
     trainer.fit()
     assert int(trainer.state.timestamp.batch) == 0
+    trainer.close()
+
+
+def _documented_keys(doc):
+    """(metric key patterns from the docstring's table, hyperparameter keys from its 'Hyperparameters' paragraph)."""
+    import re
+    table = [line for line in doc.splitlines() if line.strip().startswith('| `')]
+    metrics = {k for line in table for k in re.findall(r'(?<!`)`(search/[^`]+)`(?!`)', line.split('|')[1])}
+    hparams_text = doc[doc.index('Hyperparameters, logged once'):doc.index('Args:')]
+    hparams = set(re.findall(r'(?<!`)`(search/[^`]+)`(?!`)', hparams_text))
+    return metrics, hparams
+
+
+def test_callback_logs_exactly_the_documented_keys(pretrained, database, tokens, tmp_path):
+    """Every key in the callback's docstring table is logged through Composer's Logger (to a stock
+    InMemoryLogger destination), and nothing else; likewise the hyperparameters its docstring names."""
+    import importlib
+    import re
+
+    from composer.loggers import InMemoryLogger
+    cb_mod = importlib.import_module('darwinlm_foundry.callbacks.evolutionary_search')
+    documented, documented_hparams = _documented_keys(cb_mod.DarwinLMSearch.__doc__)
+    tables = {k for k in documented if k == 'search/levels'}  # logged with log_table
+    patterns = {k: re.compile(re.escape(k).replace('<LL>', r'\d\d')) for k in documented - tables}
+    settings = _settings(tmp_path / 'out', generations=2, offspring=3, survivors=(2, 1)).to_dict()
+    callback = cb_mod.DarwinLMSearch(database=database.db_dir, data=TensorTokens(tokens[64:]), apply=False,
+                                     search_only=True, **settings)
+    memory = InMemoryLogger()
+    trainer = _trainer(copy.deepcopy(pretrained), callback, memory, [{'input_ids': tokens[64:68],
+                                                                        'labels': tokens[64:68]}])
+    logged = {k for k in memory.data if k.startswith('search/')}
+    unmatched = {k for k in logged if not any(p.fullmatch(k) for p in patterns.values())}
+    never = {k for k, p in patterns.items() if not any(p.fullmatch(key) for key in logged)}
+    assert not unmatched and not never, (unmatched, never)
+    assert len([k for k in logged if k.startswith('search/level/')]) == 4  # 2 layers x (attn, mlp)
+    assert set(memory.tables) == tables
+    # generation 0 (the start) and every generation after it
+    assert [v for _, v in memory.data['search/generation']] == [0, 1, 2]
+    assert {k for k in memory.hyperparameters if k.startswith('search/')} == documented_hparams
     trainer.close()
 
 

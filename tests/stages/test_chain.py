@@ -6,7 +6,8 @@ import pytest
 from conftest import REPO
 
 from darwinlm_foundry.stages import runners as stage_runners
-from darwinlm_foundry.stages.chain import RunManifest, load_run_yaml, parse_run, run_chain
+from darwinlm_foundry.stages.chain import RunManifest, load_run_yaml, run_chain
+from darwinlm_foundry.stages.schema import parse_run
 
 
 def chain(tmp_path):
@@ -65,7 +66,7 @@ def test_finished_stages_skip_and_changed_inputs_rerun(tmp_path, monkeypatch):
             return {name: f'{stage_dir}/{name}' for name in outputs}
         return runner
 
-    from darwinlm_foundry.stages.chain import OUTPUTS
+    from darwinlm_foundry.stages.schema import OUTPUTS
     monkeypatch.setattr(stage_runners, 'RUNNERS', {k: fake(k, v) for k, v in OUTPUTS.items()})
     # Outputs must exist on disk for a stage to count as finished.
     monkeypatch.setattr('darwinlm_foundry.stages.chain._outputs_exist', lambda outputs: True)

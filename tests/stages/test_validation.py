@@ -11,7 +11,7 @@ import sys
 import pytest
 from conftest import REPO
 
-from darwinlm_foundry.stages.chain import parse_run
+from darwinlm_foundry.stages.schema import parse_run
 from darwinlm_foundry.stages.preflight import preflight
 
 
