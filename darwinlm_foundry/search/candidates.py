@@ -387,7 +387,10 @@ class CandidateScoring:
                 scored = self.fit(model, self._rows(train_tokens), fit_seed)
             t0 = time.perf_counter()
             if self.mode == 'fsdp':
-                total, count = self._fitness_sums(scored, self._rows(fit_tokens), targets, wrapped=True)
+                # only a fitted candidate is the Trainer's wrapped model; an unfitted one (KL-only search) is
+                # the plain module, each rank scoring its own rows of the sample
+                total, count = self._fitness_sums(scored, self._rows(fit_tokens), targets,
+                                                  wrapped=train_tokens is not None)
             else:
                 total, count = self._fitness_sums(scored, fit_tokens, targets)
             self.stats['fitness_seconds'] += time.perf_counter() - t0

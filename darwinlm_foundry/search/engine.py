@@ -243,8 +243,10 @@ class EvolutionarySearch(CandidateScoring):
             free, _ = torch.cuda.mem_get_info(self.device)
             fits = self._candidate_memory_bytes() < 0.8 * free
         else:
+            # total (not currently free) memory: free memory varies with whatever else runs, and a rerun after
+            # a kill must pick the same mode as the first run (fsdp scores a different share of the rows)
             try:
-                avail = os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / max(1, self.world_size)
+                avail = os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / max(1, self.world_size)
             except (ValueError, OSError):
                 avail = float('inf')
             fits = self._candidate_memory_bytes() < 0.8 * avail

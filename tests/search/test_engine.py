@@ -414,6 +414,16 @@ def test_two_process_launch_agrees(mode, pretrained, database, tokens, tmp_path)
         assert ranks[0]['fits_here'] == engine.stats['fits']
 
 
+def test_fsdp_mode_scores_unfitted_candidates(runs, pretrained, database, tokens, tmp_path):
+    """A KL-only search in fsdp mode scores plain (unwrapped) candidates: with one rank its fitness is the
+    single-process one (this crashed with a batch dict passed to the bare model)."""
+    engine, result, _ = runs['one_shot']
+    fsdp = _engine(_settings(tmp_path / 'fsdp'), pretrained, database, tokens)
+    fsdp.mode = 'fsdp'
+    candidates = [result.winner, fsdp.start]
+    assert fsdp.evaluate(candidates, 0, 0) == pytest.approx(engine.evaluate(candidates, 0, 0), rel=1e-6)
+
+
 def test_fsdp_rows_are_even_over_ranks():
     """fsdp mode gives every rank the same number of rows (each forward / step is a collective there)."""
     engine = EvolutionarySearch.__new__(EvolutionarySearch)
@@ -592,3 +602,20 @@ def test_auto_mode_never_picks_fsdp_for_samples_smaller_than_the_world(fitness_t
                            _candidate_memory_bytes=lambda: 0 if fits else float('inf'))
     stub._smallest_sample_rows = lambda: EvolutionarySearch._smallest_sample_rows(stub)
     assert EvolutionarySearch._resolve_mode(stub) == want
+
+
+def test_auto_mode_does_not_depend_on_free_memory(monkeypatch):
+    """``auto`` on CPU decides from the machine's total memory, not what happens to be free: a rerun after a
+    kill (or beside another job) must resolve the same mode as the first run."""
+    import darwinlm_foundry.search.engine as engine_mod
+    settings = SearchSettings(fitness_tokens=(1024,), train_tokens=(0,), survivors=(1,), seq_len=512,
+                              probe_tokens=0)
+    stub = SimpleNamespace(world_size=2, settings=settings, device=torch.device('cpu'),
+                           _candidate_memory_bytes=lambda: 2**30)
+    stub._smallest_sample_rows = lambda: EvolutionarySearch._smallest_sample_rows(stub)
+    modes = []
+    for free_pages in (1, 2**40):
+        pages = {'SC_PAGE_SIZE': 4096, 'SC_PHYS_PAGES': 2**22, 'SC_AVPHYS_PAGES': free_pages}  # 16 GiB total
+        monkeypatch.setattr(engine_mod.os, 'sysconf', lambda name: pages[name])
+        modes.append(EvolutionarySearch._resolve_mode(stub))
+    assert modes == ['offspring_parallel', 'offspring_parallel']
