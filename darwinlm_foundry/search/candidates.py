@@ -277,10 +277,17 @@ class CandidateScoring:
         ``wrapped``: ``model`` is the Trainer's wrapped Composer model (FSDP or DDP, see :meth:`fit`), which
         takes a batch dict; every rank then runs as many forwards as the others (``_rows`` gives every rank
         the same row count), since each forward is a collective."""
+        head = None
         if wrapped:
             def forward(ids):
                 ids = ids.to(self.device)
                 return model({'input_ids': ids, 'attention_mask': torch.ones_like(ids)}).logits
+        elif self._fused_head(model):
+            # the body's hidden states; score_tokens runs the LM head a few tokens at a time, fused with the KL
+            head = model.lm_head.weight
+
+            def forward(ids):
+                return model.model(input_ids=ids.to(self.device)).last_hidden_state
         else:
             def forward(ids):
                 return model(input_ids=ids.to(self.device)).logits
@@ -289,9 +296,19 @@ class CandidateScoring:
         model.eval()
         with self._autocast():
             scores = score_tokens(forward, tokens, self.settings.micro_batch_size,
-                                  targets=None if ppl else targets.rows, nll=ppl)
+                                  targets=None if ppl else targets.rows, nll=ppl, head_weight=head)
         model.train(was_training)
         return scores.sums(self.settings.fitness)
+
+    def _fused_head(self, model: torch.nn.Module) -> bool:
+        """Score the KL with the LM head fused into it (:meth:`DenseTargets.kl_hidden`): full-vocabulary KL of a
+        DarwinLM model (every candidate, the masked base too) on the CPU in fp32, where the head's matmul a few
+        tokens at a time gives the values of the whole one and a fresh (tokens x vocab) logits block per batch
+        (0.4 GB per 2048 SmolLM2 tokens) costs page faults."""
+        from darwinlm_foundry.modeling.modeling_darwinlm import DarwinLMForCausalLM
+
+        return (self.settings.fitness == 'kl' and self.device.type == 'cpu' and self.precision == 'fp32'
+                and isinstance(model, DarwinLMForCausalLM) and model.lm_head.bias is None)
 
     @staticmethod
     def _finish(total: float, count: int, metric: str) -> float:

@@ -46,6 +46,8 @@ __all__ = [
 
 _REDUCTIONS = ('mean', 'sum', 'none')
 _DEFAULT_CHUNK = 2048
+_PREPARED_CHUNK = 64  # tokens per step of the prepared KL
+_HEAD_CHUNK = 256  # tokens per LM-head matmul of DenseTargets.kl_hidden (a 50 MB block for a 49152 vocabulary)
 
 
 def _check_reduction(reduction: str) -> None:
@@ -260,17 +262,27 @@ class TokenScores:
 @torch.no_grad()
 def score_tokens(forward: Callable[[torch.Tensor], torch.Tensor], tokens: torch.Tensor, batch_size: int,
                  targets: Optional[Callable[[int, int], 'DenseTargets']] = None, nll: bool = True,
-                 last: bool = True) -> TokenScores:
+                 last: bool = True, head_weight: Optional[torch.Tensor] = None) -> TokenScores:
     """:class:`TokenScores` of a model over ``tokens`` (``(n, L)``), ``batch_size`` rows at a time.
 
     ``forward(ids)``: the model's logits for a batch of rows (moved to its device by the caller's function;
     cast to fp32 here). ``targets(start, stop)``: the dense targets of rows ``start:stop`` (e.g.
-    ``DenseTargets.rows``), or ``None`` for no KL. ``nll`` / ``last`` as in :meth:`TokenScores.add`."""
+    ``DenseTargets.rows``), or ``None`` for no KL. ``nll`` / ``last`` as in :meth:`TokenScores.add`.
+    ``head_weight``: ``forward`` returns the final hidden states instead and this (bias-free) LM head is applied
+    here; a KL-only score over all positions then runs it fused with the KL (:meth:`DenseTargets.kl_hidden`,
+    same values)."""
     scores = TokenScores()
     for i in range(0, len(tokens), batch_size):
         ids = tokens[i:i + batch_size]
-        scores.add(forward(ids).float(), ids, None if targets is None else targets(i, i + batch_size),
-                   nll=nll, last=last)
+        out = forward(ids)
+        batch_targets = None if targets is None else targets(i, i + batch_size)
+        if head_weight is not None:
+            if batch_targets is not None and not nll and last:
+                scores.kl += float(batch_targets.kl_hidden(out, head_weight, reduction='sum'))
+                scores.kl_tokens += out[..., 0].numel()
+                continue
+            out = F.linear(out, head_weight)
+        scores.add(out.float(), ids, batch_targets, nll=nll, last=last)
     return scores
 
 
@@ -357,27 +369,57 @@ class DenseTargets:
             return _kl_prepared(*self._prepared, student_logits, mask=mask, reduction=reduction)
         return kl_divergence(self.logits, student_logits, mask=mask, reduction=reduction)
 
+    def kl_hidden(self, hidden: torch.Tensor, head_weight: torch.Tensor, reduction: str = 'mean') -> torch.Tensor:
+        """:meth:`kl` of the logits ``F.linear(hidden, head_weight)`` (``hidden``: the final hidden states
+        ``(..., hidden_size)``, ``head_weight``: the LM head's ``(vocab, hidden_size)``, no bias). With prepared
+        targets the head runs a few tokens at a time, fused with the KL, so the logits of a whole batch (for a
+        49152-token vocabulary 0.4 GB per 2048 tokens, freshly allocated every batch) never exist; the values are
+        those of :meth:`kl` (the head's matmul and every KL step are row-wise)."""
+        if self._prepared is None or self.is_topk:
+            return self.kl(F.linear(hidden, head_weight), reduction=reduction)
+        p, neg_entropy = self._prepared
+        vocab = head_weight.shape[0]
+        if tuple(p.shape) != tuple(hidden.shape[:-1]) + (vocab,):
+            raise ValueError(f'dense targets {tuple(p.shape)} do not match hidden states {tuple(hidden.shape)} '
+                             f'and an LM head of {vocab} outputs')
+        flat, p, neg_entropy = hidden.reshape(-1, hidden.shape[-1]), p.reshape(-1, vocab), neg_entropy.reshape(-1)
+        pieces = []
+        for i in range(0, flat.shape[0], _HEAD_CHUNK):
+            logits = F.linear(flat[i:i + _HEAD_CHUNK], head_weight)
+            pieces.append(_kl_prepared_rows(p[i:i + _HEAD_CHUNK], neg_entropy[i:i + _HEAD_CHUNK],
+                                            lambda a, b: logits[a:b], logits.shape[0], logits.device,
+                                            logits.shape[:-1], None, 'none', _PREPARED_CHUNK, unreduced=True))
+        return _reduce(torch.cat(pieces), None, hidden.shape[:-1], reduction)
+
 
 def _kl_prepared(p: torch.Tensor, neg_entropy: torch.Tensor, student_logits: torch.Tensor,
                  mask: Optional[torch.Tensor] = None, reduction: str = 'mean',
-                 chunk_size: int = _DEFAULT_CHUNK) -> torch.Tensor:
+                 chunk_size: int = _PREPARED_CHUNK) -> torch.Tensor:
     """:func:`kl_divergence` from the dense side prepared by :meth:`DenseTargets.prepare`: per token
     ``sum p log p - sum p s + logsumexp(s)`` with ``s`` the student logits (``sum p = 1``), so the student is
     never normalised over the vocabulary (3-4x faster on a CPU)."""
-    _check_reduction(reduction)
     if p.shape != student_logits.shape:
         raise ValueError(f'dense targets {tuple(p.shape)} and student logits {tuple(student_logits.shape)} '
                          'must have the same shape')
     vocab = student_logits.shape[-1]
-    token_shape = student_logits.shape[:-1]
     student = student_logits.reshape(-1, vocab)
-    n = student.shape[0]
-    device = student.device
+    return _kl_prepared_rows(p, neg_entropy, lambda i, j: student[i:j], student.shape[0], student.device,
+                             student_logits.shape[:-1], mask, reduction, chunk_size)
+
+
+def _kl_prepared_rows(p, neg_entropy, logits_rows, n: int, device, token_shape, mask, reduction: str,
+                      chunk_size: int, unreduced: bool = False) -> torch.Tensor:
+    """The prepared KL with the student's logits of flat tokens ``i:j`` from ``logits_rows(i, j)``, a chunk at a
+    time. Every step is row-wise, so the per-token values do not depend on ``chunk_size`` (small chunks keep the
+    temporaries in cache instead of several fresh (tokens x vocab) blocks). ``unreduced``: return the fp64
+    per-token values unreduced."""
+    _check_reduction(reduction)
+    vocab = p.shape[-1]
     p, neg_entropy = p.reshape(-1, vocab), neg_entropy.reshape(-1)
     fmask = _flat_mask(mask, token_shape, n, device)
     pieces = []
     for i in range(0, n, chunk_size):
-        s = student[i:i + chunk_size].float()
+        s = logits_rows(i, i + chunk_size).float()
         # shifted by the row maximum (the KL is unchanged since sum p = 1): the fp32 dot product over raw logits
         # of magnitude 15-20 otherwise rounds to a bias of ~1e-3 per token, visible as KL(dense || dense) > 0
         s = s - s.amax(-1, keepdim=True)
@@ -386,7 +428,7 @@ def _kl_prepared(p: torch.Tensor, neg_entropy: torch.Tensor, student_logits: tor
     per_token = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.float64, device=device)
     if fmask is not None:
         per_token = torch.where(fmask, per_token, torch.zeros_like(per_token))
-    return _reduce(per_token, fmask, token_shape, reduction)
+    return per_token if unreduced else _reduce(per_token, fmask, token_shape, reduction)
 
 
 _PREPARED_FIELDS = ('probs', 'neg_entropy')

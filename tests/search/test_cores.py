@@ -442,6 +442,26 @@ def test_score_tokens_batches_add_up_to_the_whole():
     assert score_tokens(lambda x: table[x], ids, 2, nll=False).sums('ppl') == (0.0, 0)
 
 
+def test_fused_head_kl_equals_the_logits_kl():
+    """The LM head fused into the prepared KL (chunks of tokens, as the search scores a CPU candidate) gives the
+    values of the whole logits, bit for bit; NLL and unprepared targets fall back to the whole logits."""
+    g = torch.Generator().manual_seed(4)
+    n, length, hidden, vocab = 3, 300, 16, 97  # 900 tokens: several head chunks and KL chunks
+    weight = torch.randn(vocab, hidden, generator=g)
+    body = torch.randn(50, hidden, generator=g)  # a "model": hidden states = body[token]
+    ids = torch.randint(0, 50, (n, length), generator=g)
+    dense = DenseTargets(logits=torch.randn(n, length, vocab, generator=g) * 3).prepare(release_logits=True)
+    logits = torch.nn.functional.linear(body[ids], weight)
+    for reduction in ('sum', 'mean', 'none'):
+        assert torch.equal(dense.kl_hidden(body[ids], weight, reduction=reduction), dense.kl(logits, reduction=reduction))
+    plain = score_tokens(lambda x: torch.nn.functional.linear(body[x], weight), ids, 2, targets=dense.rows, nll=False)
+    fused = score_tokens(lambda x: body[x], ids, 2, targets=dense.rows, nll=False, head_weight=weight)
+    assert (fused.kl, fused.kl_tokens) == (plain.kl, plain.kl_tokens)
+    with_nll = score_tokens(lambda x: body[x], ids, 2, targets=dense.rows, head_weight=weight)
+    assert with_nll.sums('ppl') == score_tokens(lambda x: torch.nn.functional.linear(body[x], weight), ids, 2,
+                                                targets=dense.rows).sums('ppl')
+
+
 class CountingModel:
     """compute_fn stand-in: deterministic logits from the tokens, counting calls."""
 
