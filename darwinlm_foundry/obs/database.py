@@ -27,6 +27,7 @@ import glob
 import hashlib
 import json
 import os
+import resource
 import time
 from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
@@ -34,7 +35,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from darwinlm_foundry.obs.calibration import (identity_reduce, iter_layer_hessians, solve_units,
+from darwinlm_foundry.obs.calibration import (PhaseClock, identity_reduce, iter_layer_hessians, solve_units,
                                           unit_output_weight)
 from darwinlm_foundry.structure.levels import KINDS, LevelSpec, normalise_levels
 from darwinlm_foundry.structure.units import Unit, prunable_units
@@ -42,7 +43,7 @@ from darwinlm_foundry.utils.io import atomic_write_json
 
 __all__ = ['FORMAT_VERSION', 'DatabaseError', 'BuildInterrupted', 'SparsityDatabase', 'build_database',
            'TensorGetter', 'dense_tensor_getter', 'model_fingerprint', 'torch_distributed_hooks',
-           'unit_name', 'is_complete']
+           'unit_name', 'is_complete', 'format_build_stats']
 
 FORMAT_VERSION = 1
 MANIFEST = 'manifest.json'
@@ -253,6 +254,7 @@ class SparsityDatabase:
         self.level_spec = LevelSpec.from_dict(manifest['level_spec'])
         self.config = config
         self._handles: dict[str, Any] = {}
+        self.build_stats: Optional[dict] = manifest.get('build_stats')  # see build_database
 
     # -- opening ---------------------------------------------------------------------------------------
     @classmethod
@@ -443,6 +445,7 @@ def build_database(model, batches: Iterable, db_dir, *, level_spec: Optional[Lev
                    progress: Optional[Callable[[str, int, int], None]] = None,
                    reduce_fn=identity_reduce, gather_fn: Optional[Callable[[dict], dict]] = None,
                    rank: int = 0, world_size: int = 1,
+                   log_fn: Optional[Callable[[str], None]] = print,
                    **spec_kwargs) -> Optional[SparsityDatabase]:
     """Calibrate ``model`` on ``batches``, OBS-solve every unit at every level, write the database.
 
@@ -461,7 +464,15 @@ def build_database(model, batches: Iterable, db_dir, *, level_spec: Optional[Lev
     ``gather_fn`` (merge per-rank solve results onto rank 0) and its ``rank`` / ``world_size`` (see
     :func:`torch_distributed_hooks`). Units are solved round-robin over ranks; rank 0 writes. Returns the
     opened database on rank 0, None on other ranks.
+
+    Rank 0 records where this call's time and memory went in the manifest's ``build_stats`` (see
+    :func:`_build_stats`; informational, no check reads it) and on the returned database's ``build_stats``,
+    and passes a one-line summary to ``log_fn`` (None: silent).
     """
+    clock = PhaseClock(device)
+    t_wall, t_cpu = time.perf_counter(), time.process_time()
+    if torch.device(device).type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(device)
     db_dir = os.fspath(db_dir)
     if world_size > 1 and gather_fn is None:
         raise ValueError('world_size > 1 needs a gather_fn (see torch_distributed_hooks)')
@@ -506,10 +517,11 @@ def build_database(model, batches: Iterable, db_dir, *, level_spec: Optional[Lev
             return
         for unit in sorted(results):
             cur = spec.current_levels[unit.kind][unit.layer]
-            rec = _write_unit(db_dir, unit, results[unit], cur, dtype)
-            manifest['units'][unit_name(unit)].update(rec)
-            manifest['units_done'].append(unit_name(unit))
-            _write_manifest(db_dir, manifest)
+            with clock.span('write'):
+                rec = _write_unit(db_dir, unit, results[unit], cur, dtype)
+                manifest['units'][unit_name(unit)].update(rec)
+                manifest['units_done'].append(unit_name(unit))
+                _write_manifest(db_dir, manifest)
             committed_now += 1
             if progress is not None:
                 progress('commit', len(manifest['units_done']), len(manifest['units']))
@@ -521,14 +533,20 @@ def build_database(model, batches: Iterable, db_dir, *, level_spec: Optional[Lev
 
     def solve_round():
         weights = {u: unit_output_weight(model, u) for u in pending}
-        local = solve_units(weights, pending, spec, dampening, rank, world_size, device=device)
+        local = solve_units(weights, pending, spec, dampening, rank, world_size, device=device, clock=clock)
         commit(gather_fn(local))
         pending.clear()
 
     counted_once = False
     if todo:
-        for _, stats in iter_layer_hessians(model, counted(batches), device=device, offload_device=offload_device,
-                                            units=todo, progress=calib_progress, reduce_fn=reduce_fn):
+        layers = iter_layer_hessians(model, counted(batches), device=device, offload_device=offload_device,
+                                     units=todo, progress=calib_progress, reduce_fn=reduce_fn, clock=clock)
+        while True:
+            with clock.span('calibration'):  # forward + Hessians (the latter also timed on their own)
+                item = next(layers, None)
+            if item is None:
+                break
+            stats = item[1]
             if not counted_once:  # every rank, once: all batches were read before the first layer
                 counted_once = True
                 sequences = torch.tensor([rows_seen[0]], dtype=torch.int64, device=device)  # nccl: on device
@@ -545,8 +563,52 @@ def build_database(model, batches: Iterable, db_dir, *, level_spec: Optional[Lev
         return None
     manifest['complete'] = True
     manifest['completed_at'] = time.strftime('%Y-%m-%dT%H:%M:%S%z')
+    manifest['build_stats'] = build_stats = _build_stats(clock, t_wall, t_cpu, device, committed_now)
     _write_manifest(db_dir, manifest)
-    return SparsityDatabase.open(db_dir, config, verify=False)
+    if log_fn is not None:
+        log_fn(format_build_stats(build_stats))
+    db = SparsityDatabase.open(db_dir, config, verify=False)
+    db.build_stats = build_stats
+    return db
+
+
+PHASES = ('forward', 'hessian', 'solve', 'write', 'other')
+
+
+def _build_stats(clock: PhaseClock, t_wall: float, t_cpu: float, device, units: int) -> dict:
+    """Seconds per phase (wall and process CPU) and peak memory of this build_database call.
+
+    ``forward``: calibration forward passes (layer inputs captured, each layer run on every batch) minus
+    ``hessian`` (the ``X^T X`` hooks and the reduction); ``solve``: OBS solves (``solve_attn`` /
+    ``solve_mlp`` split; this rank's units); ``write``: unit files, checksums and manifest; ``other``: the
+    rest (fingerprint, resume checks, gathering). ``peak_rss_gb``: the process's peak resident memory so
+    far (ru_maxrss, includes what ran before the build); ``peak_cuda_gb``: max_memory_allocated during the
+    build on a CUDA device.
+    """
+    total = {'wall': time.perf_counter() - t_wall, 'cpu': time.process_time() - t_cpu}
+    out = {'units_solved': units, 'threads': torch.get_num_threads(), 'device': str(device)}
+    for kind, got in (('wall', clock.wall), ('cpu', clock.cpu)):
+        t = {'hessian': got.get('hessian', 0.0), 'solve_attn': got.get('solve.attn', 0.0),
+             'solve_mlp': got.get('solve.mlp', 0.0), 'write': got.get('write', 0.0)}
+        t['forward'] = got.get('calibration', 0.0) - t['hessian']
+        t['solve'] = t['solve_attn'] + t['solve_mlp']
+        t['other'] = total[kind] - sum(t[p] for p in PHASES if p != 'other')
+        t['total'] = total[kind]
+        out[f'{kind}_s'] = {k: round(v, 4) for k, v in t.items()}
+    out['peak_rss_gb'] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 4)  # KiB on Linux
+    if torch.device(device).type == 'cuda':
+        out['peak_cuda_gb'] = round(torch.cuda.max_memory_allocated(device) / 2**30, 4)
+    return out
+
+
+def format_build_stats(stats: dict) -> str:
+    """The one-line console summary of :func:`_build_stats`."""
+    w = stats['wall_s']
+    mem = f'peak RSS {stats["peak_rss_gb"]:.2f} GB' + (
+        f', peak CUDA {stats["peak_cuda_gb"]:.2f} GB' if 'peak_cuda_gb' in stats else '')
+    return (f'[darwinlm] database build: {w["total"]:.1f}s for {stats["units_solved"]} units (calibration forward '
+            f'{w["forward"]:.1f}s, Hessians {w["hessian"]:.1f}s, OBS solves {w["solve"]:.1f}s, writes '
+            f'{w["write"]:.1f}s, other {w["other"]:.1f}s), {mem}')
 
 
 def _new_manifest(model, spec, shapes, settings, fingerprint, model_name) -> dict:

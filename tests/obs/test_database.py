@@ -303,3 +303,19 @@ def test_fingerprint_of_a_real_size_embedding_samples_valid_indices(tmp_path):
     with torch.no_grad():
         emb[-1, -1] += 1.0
     assert model_fingerprint(model)['model'] != in_memory['model']
+
+
+def test_build_records_its_phases_and_peak(tmp_path):
+    lines = []
+    db = build_database(_model(), _batches(), tmp_path, calibration_source='random ids', log_fn=lines.append)
+    stats = db.build_stats
+    assert stats['units_solved'] == len(db.manifest['units_done']) and stats['peak_rss_gb'] > 0
+    for kind in ('wall_s', 'cpu_s'):
+        t = stats[kind]
+        assert all(t[p] >= -1e-3 for p in ('forward', 'hessian', 'solve', 'write', 'other')), t
+        assert abs(t['forward'] + t['hessian'] + t['solve'] + t['write'] + t['other'] - t['total']) < 1e-2
+        assert abs(t['solve'] - t['solve_attn'] - t['solve_mlp']) < 1e-3
+    assert len(lines) == 1 and lines[0].startswith('[darwinlm] database build:')
+    # informational only: the reopened database carries the stats, and a resume check ignores them
+    assert SparsityDatabase.open(tmp_path, _model()).build_stats == stats
+    build_database(_model(), _batches(), tmp_path, calibration_source='random ids', log_fn=None)
