@@ -41,6 +41,7 @@ import argparse
 import gzip
 import json
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -314,6 +315,7 @@ def main():
           f'flop_bound={fmt("kl", "bound")} flop_bound_tas={fmt("tas", "bound")} '
           f'fraction_of_flop_bound={fmt("kl", "fraction")} fraction_of_flop_bound_tas={fmt("tas", "fraction")} '
           f'scoring_efficiency={eff:.3f} gemm_gflops={gemm:.1f} model={args.model} level={args.level}', flush=True)
+    shutil.rmtree(args.work, ignore_errors=True)  # database (random model), spilled targets, engine outputs
 
 
 def _bounds(db):
