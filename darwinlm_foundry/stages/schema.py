@@ -124,6 +124,9 @@ class RunConfig:
     stages: List[Any]
     variables: Dict[str, Any] = field(default_factory=dict)
     seed: int = 0
+    # seconds a collective may wait: ranks wait at a barrier while rank 0 runs a one-process job (eval of
+    # several models, export), which takes far longer than Composer's default 300 s on real models
+    dist_timeout: float = 86400.0
 
 
 def parse_run(cfg: Dict[str, Any]) -> (RunConfig, List[Stage]):

@@ -92,6 +92,36 @@ def test_finished_stages_skip_and_changed_inputs_rerun(tmp_path, monkeypatch):
     assert [c[0] for c in calls] == ['search', 'train']
 
 
+def test_chain_initialises_dist_with_its_timeout(tmp_path, monkeypatch):
+    """Under several ranks the chain starts torch.distributed with `dist_timeout` (default a day): the other
+    ranks wait at a barrier while rank 0 runs a one-process job (eval of several SmolLM2 models took longer
+    than Composer's default 300 s, and the waiting rank died with a gloo timeout)."""
+    from composer.utils import dist as real
+    seen = []
+
+    class TwoRanks:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        get_world_size = staticmethod(lambda: 2)
+        is_initialized = staticmethod(lambda: bool(seen))
+        get_global_rank = staticmethod(lambda: 0)
+        initialize_dist = staticmethod(lambda device, timeout=300.0: seen.append((device, timeout)))
+
+    from darwinlm_foundry.stages.schema import OUTPUTS
+    monkeypatch.setattr('darwinlm_foundry.stages.chain._dist', lambda: TwoRanks())
+    monkeypatch.setattr(stage_runners, 'RUNNERS', {k: (lambda *a: {}) for k in OUTPUTS})
+    cfg = chain(tmp_path)
+    cfg['stages'] = cfg['stages'][:1]
+    run_chain(copy.deepcopy(cfg), log=lambda s: None)
+    assert seen == [('cpu', 86400.0)]
+    seen.clear()
+    cfg['dist_timeout'] = 7200
+    cfg['run_dir'] = str(tmp_path / 'second')
+    run_chain(copy.deepcopy(cfg), log=lambda s: None)
+    assert seen == [('cpu', 7200)]
+
+
 def test_corrupt_manifest_is_refused(tmp_path):
     (tmp_path / 'stages.json').write_text('{not json')
     with pytest.raises(RuntimeError, match='is corrupt'):

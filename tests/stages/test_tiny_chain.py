@@ -34,12 +34,15 @@ def test_tiny_chain_end_to_end_then_skipped(tmp_path):
     path.write_text(yaml.safe_dump(cfg))
 
     def run():
-        out = subprocess.run([COMPOSER, '-n', '1', str(REPO / 'train.py'), str(path)], cwd=tmp_path,
+        # run from the checkout, as the README's demo command does: nothing may land there (see below)
+        out = subprocess.run([COMPOSER, '-n', '1', str(REPO / 'train.py'), str(path)], cwd=REPO,
                              capture_output=True, text=True, timeout=1200, env=dict(os.environ, PYTHONUNBUFFERED='1'))
         assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
         return out.stdout + out.stderr
 
+    tree_before = _git_status()
     first = run()
+    assert _git_status() == tree_before, 'the chain wrote into the source tree (git status changed)'
     names = [s['name'] for s in cfg['stages']]
     for name in names:
         assert f'stage {name} (' in first and 'running' in first
@@ -90,6 +93,13 @@ def test_tiny_chain_end_to_end_then_skipped(tmp_path):
     landed = [kind for kind, _, killed in done if killed]
     assert len(landed) >= len(KILL.KINDS) - 1, done  # a very short stage (export) may end before its kill
     assert KILL.compare_runs(tmp_path / 'run', tmp_path / 'killed') == []
+
+
+def _git_status():
+    """Untracked and modified files of the checkout (None outside a git checkout, e.g. an installed sdist)."""
+    out = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=all'], cwd=REPO, capture_output=True,
+                         text=True)
+    return sorted(out.stdout.splitlines()) if out.returncode == 0 else None
 
 
 def manifest_kind(cfg, name):
