@@ -194,7 +194,8 @@ def _sha(path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-_RUN_SPECIFIC = ('model_name', 'calibration_source', 'calibration', 'created_at', 'completed_at')
+_RUN_SPECIFIC = ('model_name', 'calibration_source', 'calibration', 'created_at', 'completed_at',
+                 'build_stats')  # build_stats: this build's own times and memory
 
 
 def _database_record(path) -> dict:
