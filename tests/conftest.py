@@ -11,6 +11,7 @@ import torch
 import transformers
 
 REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / 'shared' / 'data'  # only for what the package does not ship (3 of the 9 ICL tasks)
 ASSETS = REPO / 'darwinlm_foundry' / 'assets'  # text, Llama-2 tokenizer and ICL subsets the package ships
 COMPOSER = shutil.which('composer', path=os.path.dirname(sys.executable)) or shutil.which('composer')
 

@@ -8,16 +8,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
-from conftest import REPO, tiny_model
+from conftest import REPO, SHARED_DATA, tiny_model
 
 from darwinlm_foundry.eval import heldout
 from darwinlm_foundry.eval import icl as ev
 from darwinlm_foundry.eval import lm_eval as lme
-from darwinlm_foundry.stages.eval import EMBEDDED_ICL
 from darwinlm_foundry.structure.shrinking import shrink_model
 from darwinlm_foundry.structure.units import Unit
 
-ICL_DIR = EMBEDDED_ICL  # the package's own task files (the first 100 rows of foundry's local tasks)
+# foundry's local task files: the tests cover all 9 local tasks, of which the package ships 6 (100 rows each)
+ICL_DIR = SHARED_DATA / 'icl'
 REPO_YAML = REPO / 'yamls' / 'eval_gauntlet_local.yaml'
 
 
