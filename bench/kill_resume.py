@@ -175,6 +175,21 @@ def run_and_kill(yaml_path, cwd, kind: str, delay: float, nproc: int = 1, log=No
     return killed
 
 
+_RUNNING = re.compile(r'stage (\S+) \((\w+)\): running')
+
+
+def stages_hit(log_text: str) -> list:
+    """The stage that was running at each kill of a killed-run log (a kill planned for one stage lands in a
+    later one when the earlier stages run faster than in the reference run)."""
+    hit, running = [], None
+    for line in log_text.splitlines():
+        if (m := _RUNNING.search(line)):
+            running = m.group(1)
+        elif line.startswith('===== kill during'):
+            hit.append(running if line.rstrip().endswith('True') else None)
+    return hit
+
+
 def run_with_kills(yaml_path, cwd, kinds, rng: random.Random, nproc: int = 1, max_delay: float = 3.0,
                    log=None, plan=None) -> list:
     """One kill per entry of ``kinds`` (at a random delay up to ``max_delay`` into a stage of that kind), or per
@@ -275,9 +290,10 @@ def main(argv=None):
     plan = kill_plan(cfg, seconds, args.kills, rng)
     t0 = time.time()
     done = run_with_kills(out / 'killed.yaml', out, (), rng, nproc=args.nproc, log=out / 'killed.log', plan=plan)
-    for (stage, kind, _), (_, delay, killed) in zip(plan, done):
-        print(f'[kill_resume] kill during {stage} ({kind}, {seconds.get(stage, 0):.0f} s uninterrupted) after '
-              f'{delay:.2f} s: {"landed" if killed else "missed (the chain had ended)"}', flush=True)
+    hit = stages_hit((out / 'killed.log').read_text())
+    for (stage, kind, _), (_, delay, killed), landed in zip(plan, done, hit):
+        print(f'[kill_resume] kill planned in {stage} ({kind}, {seconds.get(stage, 0):.0f} s uninterrupted) after '
+              f'{delay:.2f} s: {f"landed in {landed}" if killed else "missed (the chain had ended)"}', flush=True)
     diffs = compare_runs(out / 'reference', out / 'killed')
     for d in diffs:
         print(f'[kill_resume] DIFF {d}')
