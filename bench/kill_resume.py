@@ -136,16 +136,21 @@ def run_to_end(yaml_path, cwd, nproc: int = 1, log=None, timeout: float = 7200) 
 
 
 def run_and_kill(yaml_path, cwd, kind: str, delay: float, nproc: int = 1, log=None, timeout: float = 7200,
-                 stage: str | None = None) -> bool:
+                 stage: str | None = None, later=()) -> bool:
     """Start the chain, and ``delay`` seconds after a stage of ``kind`` (named ``stage``, or any) starts running,
     kill -9 its whole process group. Returns whether the kill landed (False: the chain finished, or no such
-    stage ran)."""
+    stage ran). ``later``: names of the stages after ``stage``; when one of them starts first (an earlier kill
+    overshot into them, so ``stage`` finished already), the delay counts from it instead, so that every
+    invocation is killed rather than running to the end."""
     env = dict(os.environ, PYTHONUNBUFFERED='1')
     proc = subprocess.Popen(_command(yaml_path, nproc), cwd=cwd, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     started = threading.Event()
-    name = re.escape(stage) if stage else r'\S+'
-    pattern = re.compile(rf'stage {name} \({kind}\): running')
+    if stage:
+        names = '|'.join(re.escape(n) for n in (stage, *later))
+        pattern = re.compile(rf'stage ({names}) \(\w+\): running')
+    else:
+        pattern = re.compile(rf'stage \S+ \({kind}\): running')
     lines = []
 
     def read():
@@ -191,7 +196,7 @@ def stages_hit(log_text: str) -> list:
 
 
 def run_with_kills(yaml_path, cwd, kinds, rng: random.Random, nproc: int = 1, max_delay: float = 3.0,
-                   log=None, plan=None) -> list:
+                   log=None, plan=None, order=()) -> list:
     """One kill per entry of ``kinds`` (at a random delay up to ``max_delay`` into a stage of that kind), or per
     entry of ``plan`` (``kill_plan``), each followed by the re-run that carries on; then the run to the end.
     Returns ``[(stage or kind, delay, killed)]``."""
@@ -199,7 +204,8 @@ def run_with_kills(yaml_path, cwd, kinds, rng: random.Random, nproc: int = 1, ma
         plan = [(None, kind, rng.uniform(0.2, max_delay)) for kind in kinds]
     done = []
     for stage, kind, delay in plan:
-        killed = run_and_kill(yaml_path, cwd, kind, delay, nproc=nproc, log=log, stage=stage)
+        later = order[order.index(stage) + 1:] if stage in order else ()
+        killed = run_and_kill(yaml_path, cwd, kind, delay, nproc=nproc, log=log, stage=stage, later=later)
         done.append((stage or kind, delay, killed))
     run_to_end(yaml_path, cwd, nproc=nproc, log=log)
     return done
@@ -275,21 +281,34 @@ def main(argv=None):
     ap.add_argument('--nproc', type=int, default=1, help='processes under composer -n (2: gloo on CPU)')
     ap.add_argument('--seed', type=int, default=0)
     ap.add_argument('--out', default=str(REPO / 'runs' / 'kill_resume'))
+    ap.add_argument('--reuse-reference', action='store_true',
+                    help="keep --out's finished uninterrupted run (same chain) and redo only the killed run")
     args = ap.parse_args(argv)
     out = Path(args.out)
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
+    reuse = args.reuse_reference and (out / 'reference' / 'stages.json').exists()
+    if reuse:
+        shutil.rmtree(out / 'killed', ignore_errors=True)
+        (out / 'killed.log').unlink(missing_ok=True)
+    else:
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
     rng = random.Random(args.seed)
     cfg = write_chain(out / 'reference', out / 'reference.yaml', args.chain)
     write_chain(out / 'killed', out / 'killed.yaml', args.chain)
     t0 = time.time()
-    run_to_end(out / 'reference.yaml', out, nproc=args.nproc, log=out / 'reference.log', timeout=7200)
-    print(f'[kill_resume] {args.chain} chain, composer -n {args.nproc}: uninterrupted run {time.time() - t0:.0f} s',
-          flush=True)
+    if not reuse:
+        run_to_end(out / 'reference.yaml', out, nproc=args.nproc, log=out / 'reference.log', timeout=7200)
+    else:  # the same chain must have finished every stage there
+        finished = json.loads((out / 'reference' / 'stages.json').read_text())['stages']
+        if list(finished) != [s['name'] for s in cfg['stages']]:
+            raise SystemExit(f'--reuse-reference: {out / "reference"} has not finished this chain')
+    print(f'[kill_resume] {args.chain} chain, composer -n {args.nproc}: uninterrupted run {time.time() - t0:.0f} s'
+          + (' (reused)' if reuse else ''), flush=True)
     seconds = {n: r['seconds'] for n, r in json.loads((out / 'reference' / 'stages.json').read_text())['stages'].items()}
     plan = kill_plan(cfg, seconds, args.kills, rng)
     t0 = time.time()
-    done = run_with_kills(out / 'killed.yaml', out, (), rng, nproc=args.nproc, log=out / 'killed.log', plan=plan)
+    done = run_with_kills(out / 'killed.yaml', out, (), rng, nproc=args.nproc, log=out / 'killed.log', plan=plan,
+                          order=[s['name'] for s in cfg['stages']])
     hit = stages_hit((out / 'killed.log').read_text())
     for (stage, kind, _), (_, delay, killed), landed in zip(plan, done, hit):
         print(f'[kill_resume] kill planned in {stage} ({kind}, {seconds.get(stage, 0):.0f} s uninterrupted) after '
