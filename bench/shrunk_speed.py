@@ -171,6 +171,17 @@ class Row:
         return self.speedup / self.ideal
 
 
+def round_robin_times(everyone: dict, kind: str, ids, args) -> dict:
+    """Seconds per timed repeat for every model, run round-robin within each repeat (load hits all alike)."""
+    times = {name: [] for name in everyone}
+    for rep in range(args.repeats + 1):  # repeat 0 is the warm-up
+        for name, model in everyone.items():
+            t = time_once(model, kind, ids, args.new_tokens)
+            if rep:
+                times[name].append(t)
+    return times
+
+
 def bench_device(dense, models, device, dtype, args):
     """Times every (workload, model) pair round-robin; returns one Row per workload and level."""
     dense = dense.to(device=device, dtype=dtype)
@@ -181,12 +192,7 @@ def bench_device(dense, models, device, dtype, args):
     for kind in ('prefill', 'decode'):
         for batch in (1, 16):
             ids = torch.randint(3, dense.config.vocab_size, (batch, args.seq), generator=gen).to(device)
-            times = {name: [] for name in everyone}
-            for rep in range(args.repeats + 1):  # repeat 0 is the warm-up
-                for name, model in everyone.items():
-                    t = time_once(model, kind, ids, args.new_tokens)
-                    if rep:
-                        times[name].append(t)
+            times = round_robin_times(everyone, kind, ids, args)
             med = {name: statistics.median(ts) for name, ts in times.items()}
             dense_flops = workload_flops(dense.config, kind, batch, args.seq, args.new_tokens)
             tokens = batch * (args.seq if kind == 'prefill' else args.new_tokens)
@@ -242,12 +248,7 @@ def bench_named(dense, models, device, dtype, args):
     for kind in ('prefill', 'decode'):
         for batch in (1, 16):
             ids = torch.randint(3, dense.config.vocab_size, (batch, args.seq), generator=gen).to(device)
-            times = {name: [] for name in everyone}
-            for rep in range(args.repeats + 1):  # repeat 0 is the warm-up
-                for name, model in everyone.items():
-                    t = time_once(model, kind, ids, args.new_tokens)
-                    if rep:
-                        times[name].append(t)
+            times = round_robin_times(everyone, kind, ids, args)
             dense_flops = workload_flops(dense.config, kind, batch, args.seq, args.new_tokens)
             tokens = batch * (args.seq if kind == 'prefill' else args.new_tokens)
             med = {n: statistics.median(ts) for n, ts in times.items()}
