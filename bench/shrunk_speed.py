@@ -182,13 +182,11 @@ def round_robin_times(everyone: dict, kind: str, ids, args) -> dict:
     return times
 
 
-def bench_device(dense, models, device, dtype, args):
-    """Times every (workload, model) pair round-robin; returns one Row per workload and level."""
-    dense = dense.to(device=device, dtype=dtype)
-    models = {k: m.to(device=device, dtype=dtype) for k, m in models.items()}
-    everyone = {'dense': dense, **models}
+def timed_workloads(everyone: dict, device, args):
+    """Per workload (prefill / decode x batch 1 / 16) on the same random ids: (kind, batch, tokens, dense FLOPs,
+    seconds per repeat per model, median seconds per model); ``everyone['dense']`` is the reference."""
+    dense = everyone['dense']
     gen = torch.Generator().manual_seed(0)
-    rows = []
     for kind in ('prefill', 'decode'):
         for batch in (1, 16):
             ids = torch.randint(3, dense.config.vocab_size, (batch, args.seq), generator=gen).to(device)
@@ -196,16 +194,26 @@ def bench_device(dense, models, device, dtype, args):
             med = {name: statistics.median(ts) for name, ts in times.items()}
             dense_flops = workload_flops(dense.config, kind, batch, args.seq, args.new_tokens)
             tokens = batch * (args.seq if kind == 'prefill' else args.new_tokens)
-            def paired(name):
-                return statistics.median(d / t for d, t in zip(times['dense'], times[name]))
+            yield kind, batch, tokens, dense_flops, times, med
 
-            for level in LEVELS:
-                shrunk = models[f'shrunk{level}']
-                ideal = dense_flops / workload_flops(shrunk.config, kind, batch, args.seq, args.new_tokens)
-                rows.append(Row(f'{device.type}/{str(dtype).replace("torch.", "")}', kind, batch, level, ideal,
-                                med['dense'], med[f'shrunk{level}'], med[f'masked{level}'], tokens,
-                                paired(f'shrunk{level}'), paired(f'masked{level}')))
-            print(f'  {device.type} {kind} batch {batch}: dense {med["dense"] * 1e3:.1f} ms', flush=True)
+
+def bench_device(dense, models, device, dtype, args):
+    """Times every (workload, model) pair round-robin; returns one Row per workload and level."""
+    dense = dense.to(device=device, dtype=dtype)
+    models = {k: m.to(device=device, dtype=dtype) for k, m in models.items()}
+    everyone = {'dense': dense, **models}
+    rows = []
+    for kind, batch, tokens, dense_flops, times, med in timed_workloads(everyone, device, args):
+        def paired(name):
+            return statistics.median(d / t for d, t in zip(times['dense'], times[name]))
+
+        for level in LEVELS:
+            shrunk = models[f'shrunk{level}']
+            ideal = dense_flops / workload_flops(shrunk.config, kind, batch, args.seq, args.new_tokens)
+            rows.append(Row(f'{device.type}/{str(dtype).replace("torch.", "")}', kind, batch, level, ideal,
+                            med['dense'], med[f'shrunk{level}'], med[f'masked{level}'], tokens,
+                            paired(f'shrunk{level}'), paired(f'masked{level}')))
+        print(f'  {device.type} {kind} batch {batch}: dense {med["dense"] * 1e3:.1f} ms', flush=True)
     return rows
 
 
@@ -243,24 +251,17 @@ def bench_named(dense, models, device, dtype, args):
     """Like bench_device for arbitrary named models: rows (workload, name, ideal, medians, paired speed-up)."""
     everyone = {'dense': dense.to(device=device, dtype=dtype),
                 **{k: m.to(device=device, dtype=dtype) for k, m in models.items()}}
-    gen = torch.Generator().manual_seed(0)
     rows = []
-    for kind in ('prefill', 'decode'):
-        for batch in (1, 16):
-            ids = torch.randint(3, dense.config.vocab_size, (batch, args.seq), generator=gen).to(device)
-            times = round_robin_times(everyone, kind, ids, args)
-            dense_flops = workload_flops(dense.config, kind, batch, args.seq, args.new_tokens)
-            tokens = batch * (args.seq if kind == 'prefill' else args.new_tokens)
-            med = {n: statistics.median(ts) for n, ts in times.items()}
-            for name, model in models.items():
-                ideal = dense_flops / workload_flops(model.config, kind, batch, args.seq, args.new_tokens)
-                speedup = statistics.median(d / t for d, t in zip(times['dense'], times[name]))
-                rows.append({'workload': f'{kind} b{batch}', 'kind': kind, 'batch': batch, 'model': name,
-                             'ideal': ideal, 'dense_ms': med['dense'] * 1e3, 'model_ms': med[name] * 1e3,
-                             'speedup': speedup, 'of_ideal': speedup / ideal, 'tok_s': tokens / med[name]})
-            print(f'  {kind} batch {batch}: dense {med["dense"] * 1e3:.1f} ms, '
-                  + ', '.join(f'{n} {med[n] * 1e3:.1f} ms' for n in models)
-                  + f' (load {"/".join(f"{x:.1f}" for x in os.getloadavg())})', flush=True)
+    for kind, batch, tokens, dense_flops, times, med in timed_workloads(everyone, device, args):
+        for name, model in models.items():
+            ideal = dense_flops / workload_flops(model.config, kind, batch, args.seq, args.new_tokens)
+            speedup = statistics.median(d / t for d, t in zip(times['dense'], times[name]))
+            rows.append({'workload': f'{kind} b{batch}', 'kind': kind, 'batch': batch, 'model': name,
+                         'ideal': ideal, 'dense_ms': med['dense'] * 1e3, 'model_ms': med[name] * 1e3,
+                         'speedup': speedup, 'of_ideal': speedup / ideal, 'tok_s': tokens / med[name]})
+        print(f'  {kind} batch {batch}: dense {med["dense"] * 1e3:.1f} ms, '
+              + ', '.join(f'{n} {med[n] * 1e3:.1f} ms' for n in models)
+              + f' (load {"/".join(f"{x:.1f}" for x in os.getloadavg())})', flush=True)
     return rows
 
 
