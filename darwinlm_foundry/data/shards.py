@@ -99,6 +99,67 @@ def _split_thresholds(splits: dict[str, float | int | None], keys: np.ndarray | 
     return bounds
 
 
+def _stratified_assignment(docs: Iterator[tuple[str, Any]], splits: dict[str, float | int | None]
+                           ) -> dict[tuple[str, float], str | None]:
+    """Split of every (source file, key) of ``docs`` ((file, document) pairs) when each source file is split
+    on its own in the given fractions of its characters.
+
+    A source's documents are taken in key order (the seeded hash: a random order); when it has at least one per
+    split, the first ones seed every split (so every domain reaches calibration, search and held-out, which a
+    corpus-wide draw can miss for a small source); each further one goes to the split furthest below its share
+    so far. Every split then holds its fraction of every source within about two documents.
+    """
+    if any(isinstance(v, int) for v in splits.values()):
+        raise ValueError(f'stratify splits each source by fractions of its text; {splits} has document counts. '
+                         'Give fractions (and at most one None for the rest).')
+    rest = 1.0 - sum(v for v in splits.values() if v is not None)
+    fracs: dict[str | None, float] = {n: (rest if v is None else float(v)) for n, v in splits.items()}
+    if None not in splits.values() and rest > 1e-9:
+        fracs[None] = rest  # fractions below 1 in all: the rest stays unassigned, as without stratify
+    active = [n for n, f in fracs.items() if f > 0]
+    per_source: dict[str, list[tuple[float, int]]] = {}
+    for source, doc in docs:
+        per_source.setdefault(source, []).append((doc.key, len(doc.text)))
+    out: dict[tuple[str, float], str | None] = {}
+    for source, items in per_source.items():
+        items.sort()
+        chars = dict.fromkeys(active, 0)
+        seeded = len(items) >= len(active)
+        total = 0
+        for i, (key, n) in enumerate(items):
+            total += n
+            name = (active[i] if seeded and i < len(active)
+                    else max(active, key=lambda s: fracs[s] * total - chars[s]))  # ties: the earlier split
+            chars[name] += n
+            out.setdefault((source, key), name)  # identical texts (same key) stay with the first one's split
+    return out
+
+
+def _assigned_docs(files: list[tuple[str, Any]], splits: dict[str, float | int | None], *, text_key: str,
+                   score_key: str | None, min_score: float | None, seed: int, max_chars: int | None,
+                   stratify: bool, stats: dict) -> Iterator[tuple[str | None, str, Any]]:
+    """(split or None, source name, document) of every document that passes the filter, in file order: the
+    one assignment the converter writes and :func:`split_texts_by_source` reads back."""
+    args = (text_key, score_key, min_score, seed)
+
+    def docs(count: dict):
+        for path, fs in files:
+            for doc in _iter_docs([(path, fs)], *args, count, max_chars):
+                yield path, doc
+
+    if stratify:  # per file (not per short name: two dirs may hold files of the same name)
+        table = _stratified_assignment(docs({'read': 0, 'filtered_out': 0, 'empty': 0}), splits)
+        for path, doc in docs(stats):
+            yield table[(path, doc.key)], source_name(path), doc
+        return
+    keys = None
+    if any(not isinstance(v, float) for v in splits.values()):  # counts: bounds come from every document's key
+        keys = np.array([doc.key for _, doc in docs({'read': 0, 'filtered_out': 0, 'empty': 0})])
+    bounds = _split_thresholds(splits, keys)
+    for path, doc in docs(stats):
+        yield split_of(doc.key, bounds), source_name(path), doc
+
+
 def split_of(key: float, bounds: Sequence[tuple[str, float]]) -> str | None:
     """Name of the split whose key range holds ``key`` (None: unassigned)."""
     for name, upper in bounds:
@@ -210,6 +271,8 @@ def convert_to_mds(source: str | os.PathLike | Sequence[str | os.PathLike],
                    min_score: float | None = None,
                    splits: Mapping[str, float | int | None] | None = None,
                    seed: int = 0,
+                   max_doc_chars: int | None = None,
+                   stratify: bool = False,
                    compression: str | None = None,
                    overwrite: bool = False) -> dict[str, Any]:
     """Convert JSON-lines / parquet text to tokenised MDS splits under ``out_dir/<split>/``.
@@ -232,6 +295,12 @@ def convert_to_mds(source: str | os.PathLike | Sequence[str | os.PathLike],
             then approximately the fractions); counts take an extra reading pass and are exact.
             Default :data:`DEFAULT_SPLITS`. A split with 0 documents is not written.
         seed: changes the document-to-split assignment.
+        max_doc_chars: cut longer documents into pieces of at most this many characters (at paragraph breaks)
+            before assigning splits, so that a few long documents (books, papers) reach every split; the pieces
+            are the "documents" of the split counts. None keeps documents whole.
+        stratify: split every source file on its own in the given fractions (by characters, ranked by the
+            seeded hash), so that every domain of a mixed corpus reaches calibration, search and held-out in
+            proportion; fractions only (one None = the rest). False: one corpus-wide draw.
         compression: MDS shard compression (e.g. ``'zstd'``); None writes raw shards.
         overwrite: replace an existing conversion with different settings. An existing conversion with
             the same settings and unchanged source files is reused (returned as is).
@@ -254,6 +323,13 @@ def convert_to_mds(source: str | os.PathLike | Sequence[str | os.PathLike],
         'tokenizer': _tokenizer_info(tokenizer), 'sources': _source_info(files),
         'doc_format': 'tokenizer(text) special tokens + EOS after each document (llm-foundry ConcatTokensDataset)',
     }
+    if max_doc_chars is not None:  # recorded only when set: conversions made before these options keep their key
+        if isinstance(max_doc_chars, bool) or not isinstance(max_doc_chars, int) or max_doc_chars < 1:
+            raise ValueError(f'max_doc_chars must be a positive int (characters) or None, got {max_doc_chars!r}')
+        settings['max_doc_chars'] = max_doc_chars
+    if stratify:
+        settings['stratify'] = True
+        _stratified_assignment(iter(()), split_spec)  # bad split kinds fail here, before reading
     fingerprint = _settings_fingerprint(settings)
 
     manifest_path = out_dir / MANIFEST_NAME
@@ -272,12 +348,9 @@ def convert_to_mds(source: str | os.PathLike | Sequence[str | os.PathLike],
 
     t0 = time.time()
     stats = {'read': 0, 'filtered_out': 0, 'empty': 0, 'unassigned': 0}
-    needs_counts = any(not isinstance(v, float) for v in split_spec.values())
-    keys = None
-    if needs_counts:
-        pass_stats = {'read': 0, 'filtered_out': 0, 'empty': 0}
-        keys = np.array([d.key for d in _iter_docs(files, text_key, score_key, min_score, seed, pass_stats)])
-    bounds = _split_thresholds(split_spec, keys)
+    assigned = _assigned_docs(files, split_spec, text_key=text_key, score_key=score_key, min_score=min_score,
+                              seed=seed, max_chars=max_doc_chars, stratify=stratify, stats=stats)
+    by_source: dict[str, dict[str, int]] = {}
 
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix='.staging-', dir=out_dir))
@@ -301,11 +374,12 @@ def convert_to_mds(source: str | os.PathLike | Sequence[str | os.PathLike],
                     entry['samples'] += 1
 
         batch: list[tuple[str, str]] = []
-        for doc in _iter_docs(files, text_key, score_key, min_score, seed, stats):
-            name = split_of(doc.key, bounds)
+        for name, source, doc in assigned:
             if name is None:
                 stats['unassigned'] += 1
                 continue
+            counts = by_source.setdefault(source, {})
+            counts[name] = counts.get(name, 0) + 1
             batch.append((name, doc.text))
             if len(batch) >= _TOKENIZE_BATCH:
                 flush(batch)
@@ -343,6 +417,7 @@ def convert_to_mds(source: str | os.PathLike | Sequence[str | os.PathLike],
         'split_order': list(split_spec),  # the manifest's keys are sorted; the split bounds follow this order
         'documents': {**stats, 'kept': sum(e['docs'] for e in per_split.values())},
         'split_counts': per_split,
+        'source_docs': {src: dict(sorted(c.items())) for src, c in sorted(by_source.items())},  # per source, split
         'total_tokens': sum(e['tokens'] for e in per_split.values()),
         'seconds': round(time.time() - t0, 3),
     }
@@ -365,17 +440,13 @@ def split_texts_by_source(shards_dir: str | os.PathLike, split: str = 'heldout')
     if split not in spec:
         raise ValueError(f'{shards_dir} has no split {split!r} (splits: {order})')
     files = _expand_sources([src['path'] for src in manifest['sources']])
-    args = (manifest['text_key'], manifest['score_key'], manifest['min_score'], manifest['seed'])
-    keys = None
-    if any(not isinstance(v, float) for v in spec.values()):  # counts: bounds come from every document's key
-        keys = np.array([d.key for d in _iter_docs(files, *args, {'read': 0, 'filtered_out': 0, 'empty': 0})])
-    bounds = _split_thresholds(spec, keys)
     out: dict[str, list[str]] = {}
-    for path, fs in files:
-        texts = [d.text for d in _iter_docs([(path, fs)], *args, {'read': 0, 'filtered_out': 0, 'empty': 0})
-                 if split_of(d.key, bounds) == split]
-        if texts:
-            out.setdefault(source_name(path), []).extend(texts)
+    for name, source, doc in _assigned_docs(
+            files, spec, text_key=manifest['text_key'], score_key=manifest['score_key'],
+            min_score=manifest['min_score'], seed=manifest['seed'], max_chars=manifest.get('max_doc_chars'),
+            stratify=manifest.get('stratify', False), stats={'read': 0, 'filtered_out': 0, 'empty': 0}):
+        if name == split:
+            out.setdefault(source, []).append(doc.text)
     return out
 
 

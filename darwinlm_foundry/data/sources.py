@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ['EMBEDDED_SOURCES', 'embedded_text_files', 'embedded_tokenizer_dir', 'embedded_tokenizer', 'load_tokenizer',
-           'source_name']
+           'segments', 'source_name']
 
 _TEXT_SUFFIXES = ('.jsonl', '.json', '.jsonl.gz', '.json.gz', '.parquet')
 _ASSETS = Path(__file__).resolve().parent.parent / 'assets'
@@ -200,9 +200,33 @@ def _doc_key(text: str, seed: int) -> float:
     return int.from_bytes(digest, 'big') / 2.0**64
 
 
+def segments(text: str, max_chars: int | None) -> list[str]:
+    """``text`` cut into pieces of at most ``max_chars`` characters, at a paragraph break where one lies in
+    the second half of the piece (else a line break, else a space, else anywhere). None: ``[text]``.
+
+    A corpus of few long documents (a book, a paper) otherwise lands whole in one split: cut first, its
+    pieces spread over every split like other documents.
+    """
+    if max_chars is None or len(text) <= max_chars:
+        return [text]
+    pieces, start = [], 0
+    while len(text) - start > max_chars:
+        end = start + max_chars
+        for sep in ('\n\n', '\n', ' '):
+            cut = text.rfind(sep, start + max_chars // 2, end)
+            if cut >= 0:
+                end = cut + len(sep)
+                break
+        pieces.append(text[start:end])
+        start = end
+    pieces.append(text[start:])
+    return [p for p in pieces if p.strip()]
+
+
 def _iter_docs(files: list[tuple[str, Any]], text_key: str, score_key: str | None, min_score: float | None,
-               seed: int, stats: dict) -> Iterator[_Doc]:
-    """Yield the documents that pass the score filter; count read / filtered / empty ones in ``stats``."""
+               seed: int, stats: dict, max_chars: int | None = None) -> Iterator[_Doc]:
+    """Yield the documents (pieces of at most ``max_chars`` characters, see :func:`segments`) that pass the
+    score filter; count read / filtered / empty records in ``stats``."""
     for path, fs in files:
         records = (_iter_parquet_records(path, fs, [text_key] + ([score_key] if score_key else []))
                    if path.endswith('.parquet') else _iter_json_records(path, fs))
@@ -224,7 +248,8 @@ def _iter_docs(files: list[tuple[str, Any]], text_key: str, score_key: str | Non
             if not isinstance(text, str) or not text.strip():
                 stats['empty'] += 1
                 continue
-            yield _Doc(text, _doc_key(text, seed))
+            for piece in segments(text, max_chars):
+                yield _Doc(piece, _doc_key(piece, seed))
 
 
 def source_name(path: str) -> str:

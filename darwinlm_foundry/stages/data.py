@@ -23,7 +23,7 @@ def run_data(cfg, stage_dir, refs, run, outputs) -> Dict[str, Any]:
                   else cfg.source)
         convert_to_mds(source, out, load_tokenizer(tokenizer), seq_len=cfg.seq_len, text_key=cfg.text_key,
                        score_key=cfg.score_key, min_score=cfg.min_score, splits=cfg.splits, seed=cfg.seed,
-                       overwrite=True)
+                       max_doc_chars=cfg.max_doc_chars, stratify=cfg.stratify, overwrite=True)
 
     if rank() == 0:
         convert()

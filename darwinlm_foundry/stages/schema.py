@@ -28,6 +28,8 @@ class DataStage:
     text_key: str = 'text'
     score_key: Optional[str] = 'score'
     seed: int = 0
+    max_doc_chars: Optional[int] = None  # cut longer documents into pieces before splitting (books, papers)
+    stratify: bool = False  # split every source file on its own, so every domain reaches every split
     shards: Optional[str] = None  # use already converted shards (local path or URI) instead of converting
 
 

@@ -104,24 +104,24 @@ def test_reproduce_smoke_and_resume(smollm2_wheel, tmp_path):
     assert 'done in' not in again
 
 
-def test_split_seed_gives_every_source_heldout_text(tmp_path, llama2_tokenizer):
-    """The conversion seed the study picks really puts held-out text in every source file (checked against the
-    converter's own split, read back per source), including a source of only two documents."""
+def test_study_split_gives_every_source_calibration_search_and_heldout_text(tmp_path, llama2_tokenizer):
+    """The study's conversion settings (stratified, long documents cut) put text of every source file into
+    calibration, search and held-out, including a source of only two (long) documents."""
     from darwinlm_foundry.data.shards import convert_to_mds, split_texts_by_source
     reproduce = _load_reproduce()
     files = []
-    for name, n_docs in (('two', 2), ('few', 5), ('many', 60)):
+    for name, n_docs, words in (('two', 2, 8000), ('few', 5, 2000), ('many', 60, 40)):
         path = tmp_path / f'{name}.jsonl'
-        path.write_text(''.join(json.dumps({'text': f'{name} document {i}: ' + 'words of text ' * 40}) + '\n'
+        path.write_text(''.join(json.dumps({'text': '\n\n'.join(f'{name} document {i}, paragraph {j}: '
+                                                                   + 'words of text ' * 20
+                                                                   for j in range(max(1, words // 60)))}) + '\n'
                                 for i in range(n_docs)))
         files.append(path)
-    seed, rule = reproduce.choose_split_seed(files, reproduce.SPLITS)
-    assert f'seed {seed}' in rule
-    convert_to_mds([str(f) for f in files], tmp_path / 'mds', llama2_tokenizer, seq_len=32, score_key=None,
-                   splits=reproduce.SPLITS, seed=seed)
-    held = split_texts_by_source(tmp_path / 'mds', 'heldout')
-    assert set(held) == {'two', 'few', 'many'}
-    assert len(held['two']) == 1  # the other document is outside held-out
+    m = convert_to_mds([str(f) for f in files], tmp_path / 'mds', llama2_tokenizer, seq_len=32, score_key=None,
+                       **reproduce.DATA)
+    for split in ('calibration', 'search', 'heldout'):
+        assert set(split_texts_by_source(tmp_path / 'mds', split)) == {'two', 'few', 'many'}, split
+        assert all(split in c for c in m['source_docs'].values())
 
 
 def test_budget_overrides_and_token_accounting():

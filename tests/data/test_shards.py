@@ -368,3 +368,53 @@ def test_split_texts_by_source_are_exactly_the_split_documents(tmp_path, tok, su
     assert all((texts[i] in held) == (split == 'heldout') for i, split in owner.items())
     packed = data.pack_documents(tok, by_source['c4_part'], SEQ)
     assert packed.shape[1] == SEQ and packed[0, 0] == tok.bos_token_id
+
+
+def test_segments_cut_at_breaks_and_lose_nothing():
+    from darwinlm_foundry.data.sources import segments
+    paragraphs = [f'Paragraph {i}. ' + 'word ' * (7 * i % 23 + 3) for i in range(60)]
+    text = '\n\n'.join(paragraphs)
+    for max_chars in (50, 120, 400, len(text)):
+        pieces = segments(text, max_chars)
+        assert ''.join(pieces) == text and all(0 < len(p) <= max_chars for p in pieces)
+        if max_chars >= 400:  # every paragraph is shorter than half a piece: every cut is at a paragraph break
+            assert all(p.endswith('\n\n') for p in pieces[:-1])
+    assert segments(text, None) == [text]
+    unbroken = 'x' * 1000
+    assert segments(unbroken, 300) == ['x' * 300] * 3 + ['x' * 100]
+
+
+def test_stratified_split_gives_every_source_its_share(tmp_path, tok, subset):
+    """stratify + max_doc_chars: a source of two long documents and one of three short ones reach every split,
+    each split holds about its fraction of every source's characters, the pieces are disjoint across splits,
+    and split_texts_by_source reads back exactly the converter's pieces."""
+    from darwinlm_foundry.data.sources import segments
+    _, texts = subset
+    book = '\n\n'.join(texts[:75]), '\n\n'.join(texts[75:150])  # two long "books" of C4 paragraphs
+    sources = {'book': list(book), 'wiki': texts[150:]}
+    for name, docs in sources.items():
+        (tmp_path / f'{name}.jsonl').write_text(''.join(json.dumps({'text': t}) + '\n' for t in docs))
+    splits = {'calibration': 0.1, 'search': 0.1, 'heldout': 0.2, 'train': None}
+    max_chars = 2000
+    m = data.convert_to_mds([tmp_path / f'{n}.jsonl' for n in sources], tmp_path / 'mds', tok, seq_len=SEQ,
+                            splits=splits, score_key=None, stratify=True, max_doc_chars=max_chars)
+    assert m['stratify'] is True and m['max_doc_chars'] == max_chars
+    pieces = {n: [p for t in docs for p in segments(t, max_chars)] for n, docs in sources.items()}
+    check_conversion(tmp_path / 'mds', m, tok, [p for ps in pieces.values() for p in ps])
+    read = {s: data.split_texts_by_source(tmp_path / 'mds', s) for s in splits}
+    for name, ps in pieces.items():
+        got = {s: read[s].get(name, []) for s in splits}
+        assert sorted(p for g in got.values() for p in g) == sorted(ps)  # each piece in exactly one split
+        assert {s: len(g) for s, g in got.items() if g} == m['source_docs'][name]
+        total = sum(map(len, ps))
+        for s, frac in {**splits, 'train': 0.6}.items():
+            share = sum(map(len, got[s])) / total
+            if name == 'book':  # many pieces: every split within two pieces of its fraction
+                assert abs(share - frac) <= 2 * max_chars / total, (s, share)
+    assert all(m['source_docs']['book'].get(s, 0) > 0 for s in splits)
+    plain = data.convert_to_mds(tmp_path / 'book.jsonl', tmp_path / 'plain', tok, seq_len=SEQ, score_key=None)
+    assert 'stratify' not in plain and 'max_doc_chars' not in plain  # old conversions keep their fingerprint
+    with pytest.raises(ValueError, match='stratify splits each source by fractions'):
+        data.convert_to_mds(tmp_path / 'book.jsonl', tmp_path / 'bad', tok, seq_len=SEQ, score_key=None,
+                            splits={'train': 10, 'heldout': None}, stratify=True)
+    assert not (tmp_path / 'bad').exists()  # rejected before anything is written
