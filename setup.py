@@ -34,7 +34,7 @@ setup(
     package_data={'darwinlm_foundry': ['assets/*', 'assets/**/*']},
     include_package_data=True,
     install_requires=INSTALL_REQUIRES,
-    extras_require={'test': ['pytest>=7', 'pytest-timeout']},
+    extras_require={'test': ['pytest>=7', 'pytest-timeout', 'pytest-xdist']},
     entry_points={
         'llmfoundry_models': [
             'darwinlm = darwinlm_foundry.modeling.composer_model:ComposerDarwinLM',

@@ -341,6 +341,7 @@ def search(ctx: Context, db, source_dir: str, out_dir: Path, seed: int, *, tas: 
     probe = getattr(result, 'probe_fitness_history', None)  # the parent on a fixed sample (comparable)
     return {'levels': result.winner.to_dict(), 'fitness_history': result.fitness_history(),
             'probe_fitness_history': probe() if probe else None,
+            'parents': [h['winner'] for h in result.history],  # the parent after each generation
             'start_probe_fitness': getattr(result, 'start_probe_fitness', None), 'winner_json': result.json_path,
             'seconds': round(time.time() - t0, 1), 'tas': tas, 'generations': generations,
             'train_tokens': list(settings.train_tokens)}

@@ -19,6 +19,15 @@ os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 transformers.logging.set_verbosity_error()
 
+def pytest_collection_modifyitems(config, items):
+    """The longest tests first (``slow(seconds=...)``, longest first, then other ``slow`` ones): with
+    ``-n 2`` (the README's command, pytest-xdist) they start at once on both workers instead of ending the run."""
+    def cost(item):
+        mark = item.get_closest_marker('slow')
+        return 0 if mark is None else mark.kwargs.get('seconds', 1)
+    items.sort(key=cost, reverse=True)  # stable: the rest keep their order
+
+
 # family -> (config class, extra kwargs). MHA Llama-2, GQA Llama-3, GQA Mistral, GQA + q/k/v bias Qwen2.
 FAMILIES = {
     'llama_mha': (transformers.LlamaConfig, dict(num_key_value_heads=4)),

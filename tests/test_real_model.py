@@ -45,6 +45,7 @@ def test_conversion_is_clean_and_cached(smollm2_dir, tmp_path):
         resolve_model_source(str(tmp_path / 'missing.whl'), str(tmp_path), package=PACKAGE)
 
 
+@pytest.mark.slow(seconds=100)
 def test_database_stitch_export_reload_match_masked_logits(smollm2_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 

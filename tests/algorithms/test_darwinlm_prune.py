@@ -133,6 +133,7 @@ def test_registered_for_foundry_yaml(tmp_path):
     assert isinstance(algo, DarwinLMPrune) and algo.config.levels == 6
 
 
+@pytest.mark.slow(seconds=40)
 def test_database_under_composer_launcher_matches_one_process(tmp_path, wiki_shards, llama2_tokenizer):
     """`composer -n 2` (gloo): calibration split over ranks, Hessians summed, solves spread, rank 0 writes.
 

@@ -34,7 +34,7 @@ def _run(out: Path, wheel: Path) -> str:
 
 
 @pytest.mark.real_model
-@pytest.mark.slow
+@pytest.mark.slow(seconds=250)
 @pytest.mark.timeout(1800)
 def test_reproduce_smoke_and_resume(smollm2_wheel, tmp_path):
     from darwinlm_foundry.structure.levels import LevelSpec

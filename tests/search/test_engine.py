@@ -370,6 +370,7 @@ def test_rank_local_view_restores_composer_dist():
     assert cdist.dist is before
 
 
+@pytest.mark.slow(seconds=80)
 @pytest.mark.parametrize('mode', ['offspring_parallel', 'fsdp'])
 def test_two_process_launch_agrees(mode, pretrained, database, tokens, tmp_path):
     """Both distributed modes under `composer -n 2` agree across ranks and with one process.

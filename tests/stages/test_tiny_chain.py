@@ -26,7 +26,7 @@ KILL = _bench('kill_resume')
 smallest = KILL.smallest_tiny_chain
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=500)
 @pytest.mark.timeout(2700)
 def test_tiny_chain_end_to_end_then_skipped(tmp_path):
     cfg = smallest(load_run_yaml(str(REPO / 'yamls' / 'darwinlm_tiny.yaml')), tmp_path / 'run')

@@ -46,6 +46,7 @@ def final_weights(run_dir):
     return out
 
 
+@pytest.mark.slow(seconds=120)
 @pytest.mark.timeout(900)
 def test_killed_train_stage_resumes_to_same_weights(tmp_path, wiki_shards, llama2_tokenizer):
     model_dir = tmp_path / 'dense'

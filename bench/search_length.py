@@ -1,0 +1,98 @@
+"""How much better than uniform does the SmolLM2 search get with more generations? Measured, one long search.
+
+The quick reproduction runs 5 generations per level-5 search (3 seeds, two selections, on 2 cores); the paper
+runs 200. This bench runs ONE KL-only level-5 search of ``--generations`` generations with the quick mode's
+budgets (offspring, survivors, fitness tokens; ``--set KEY=VALUE`` changes them as in ``reproduce.py``) on a
+finished reproduction's database, shards and held-out domains, and scores the parent after the generations in
+``--at`` on the held-out text of every domain (the reproduction's scorer), against the uniform level-5 model.
+The search resumes per generation (``--out``/search), so an interrupted run loses at most one generation.
+
+Needs ``python bench/reproduce.py`` first (its ``quick`` directory is the default ``--run``). LAST line::
+
+    generations=<G> uniform_ppl=<u> ratio_at_<g>=<searched ppl / uniform ppl> ... probe_kl_start=<k> probe_kl_end=<k>
+
+    python bench/search_length.py [--run runs/reproduce/quick] [--generations 30] [--at 5,10,20,30] [--seed 0]
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import reproduce  # the study's budgets, search call and per-domain held-out scorer (bench/reproduce.py)
+from fitness_noise import find_run
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('--run', default=str(reproduce.REPO / 'runs' / 'reproduce' / 'quick'),
+                   help='a finished reproduction directory')
+    p.add_argument('--generations', type=int, default=30)
+    p.add_argument('--at', default='5,10,20,30', help='generations after which the parent is scored held-out')
+    p.add_argument('--level', type=int, default=5)
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE', help='a quick-budget override')
+    p.add_argument('--out', default=None, help='output directory (default <run>/search_length)')
+    args = p.parse_args(argv)
+    at = sorted({g for g in map(int, args.at.split(',')) if 0 < g <= args.generations} | {args.generations})
+
+    from transformers import AutoTokenizer
+
+    from darwinlm_foundry.data.shards import pack_documents, split_texts_by_source
+    from darwinlm_foundry.obs.database import SparsityDatabase, dense_tensor_getter
+    from darwinlm_foundry.search.space import uniform
+
+    t0 = time.time()
+    run = Path(args.run).resolve()
+    paths = find_run(run)
+    out = Path(args.out or run / 'search_length').resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    budget = reproduce._override(reproduce.QUICK, args.set)
+    tokenizer = AutoTokenizer.from_pretrained(paths['dense'])
+    texts = split_texts_by_source(paths['shards'], 'heldout')
+    domains = {d: torch.from_numpy(pack_documents(tokenizer, texts[d], budget.seq_len,
+                                                  budget.heldout_sequences)).long() for d in sorted(texts) if texts[d]}
+    dense = reproduce.load_dense(str(paths['dense']))
+    scorer = reproduce.DomainScorer(dense, domains)
+    db = SparsityDatabase.open(paths['db'], dense, verify='size')
+    ctx = reproduce.Context(budget=budget, out=out, shards=paths['shards'], tokenizer=tokenizer, ledger=None,
+                            dense_dir=str(paths['dense']), heldout=lambda: domains, _scorer=scorer)
+    found = reproduce.search(ctx, db, str(paths['dense']), out / 'search', args.seed, tas=False, level=args.level,
+                             generations=args.generations)
+    getter = dense_tensor_getter(str(paths['dense']))
+    parents = {0: uniform(dense.config.num_hidden_layers, args.level).to_dict(),
+               **{g: found['parents'][g - 1] for g in at}}
+    rows = []
+    for g, levels in parents.items():
+        s = scorer.score(db.stitch(levels, getter).eval())
+        rows.append({'generation': g, 'ppl': s['ppl'], 'kl': s['kl'], 'params': s['params'],
+                     'domains': {reproduce.short_domain(d): v['ppl'] for d, v in s['domains'].items()},
+                     'probe_kl': (found['start_probe_fitness'] if g == 0 else found['probe_fitness_history'][g - 1]),
+                     'levels': levels})
+    base = rows[0]['ppl']
+    doc = {'run': str(run), 'level': args.level, 'seed': args.seed, 'generations': args.generations,
+           'budget': budget.describe(), 'search_seconds': found['seconds'], 'seconds': round(time.time() - t0, 1),
+           'rows': rows}
+    (out / 'search_length.json').write_text(json.dumps(doc, indent=1))
+    names = list(rows[0]['domains'])
+    print(f'KL-only level-{args.level} search, seed {args.seed}: {budget.offspring} offspring, survivors '
+          f'{list(budget.survivors)}, fitness tokens {list(budget.fitness_tokens)}; {found["seconds"]:.0f} s of search')
+    print('| generations | held-out ppl | / uniform | KL to dense | parent probe KL | ' + ' | '.join(names) + ' |')
+    print('|---|---|---|---|---|' + '---|' * len(names))
+    for r in rows:
+        print(f'| {r["generation"]} | {r["ppl"]:.2f} | {r["ppl"] / base:.3f} | {r["kl"]:.4f} | '
+              f'{r["probe_kl"] if r["probe_kl"] is None else round(r["probe_kl"], 4)} | '
+              + ' | '.join(f'{r["domains"][d]:.1f}' for d in names) + ' |')
+    print(f'written {out / "search_length.json"} in {doc["seconds"]:.0f} s')
+    probe = [r['probe_kl'] for r in rows if r['probe_kl'] is not None]
+    print(f'generations={args.generations} uniform_ppl={base:.2f} '
+          + ' '.join(f'ratio_at_{r["generation"]}={r["ppl"] / base:.3f}' for r in rows[1:])
+          + (f' probe_kl_start={probe[0]:.4f} probe_kl_end={probe[-1]:.4f}' if probe else ''), flush=True)
+    return doc
+
+
+if __name__ == '__main__':
+    sys.exit(0 if main() else 1)
