@@ -99,6 +99,18 @@ def _split_thresholds(splits: dict[str, float | int | None], keys: np.ndarray | 
     return bounds
 
 
+def _stratified_fractions(splits: dict[str, float | int | None]) -> dict[str | None, float]:
+    """Every split's fraction of each source (None: the unassigned rest when the fractions sum below 1)."""
+    if any(isinstance(v, int) for v in splits.values()):
+        raise ValueError(f'stratify splits each source by fractions of its text; {splits} has document counts. '
+                         'Give fractions (and at most one None for the rest).')
+    rest = 1.0 - sum(v for v in splits.values() if v is not None)
+    fracs: dict[str | None, float] = {n: (rest if v is None else float(v)) for n, v in splits.items()}
+    if None not in splits.values() and rest > 1e-9:
+        fracs[None] = rest  # fractions below 1 in all: the rest stays unassigned, as without stratify
+    return fracs
+
+
 def _stratified_assignment(docs: Iterator[tuple[str, Any]], splits: dict[str, float | int | None]
                            ) -> dict[tuple[str, float], str | None]:
     """Split of every (source file, key) of ``docs`` ((file, document) pairs) when each source file is split
@@ -109,13 +121,7 @@ def _stratified_assignment(docs: Iterator[tuple[str, Any]], splits: dict[str, fl
     corpus-wide draw can miss for a small source); each further one goes to the split furthest below its share
     so far. Every split then holds its fraction of every source within about two documents.
     """
-    if any(isinstance(v, int) for v in splits.values()):
-        raise ValueError(f'stratify splits each source by fractions of its text; {splits} has document counts. '
-                         'Give fractions (and at most one None for the rest).')
-    rest = 1.0 - sum(v for v in splits.values() if v is not None)
-    fracs: dict[str | None, float] = {n: (rest if v is None else float(v)) for n, v in splits.items()}
-    if None not in splits.values() and rest > 1e-9:
-        fracs[None] = rest  # fractions below 1 in all: the rest stays unassigned, as without stratify
+    fracs = _stratified_fractions(splits)
     active = [n for n, f in fracs.items() if f > 0]
     per_source: dict[str, list[tuple[float, int]]] = {}
     for source, doc in docs:
@@ -329,7 +335,7 @@ def convert_to_mds(source: str | os.PathLike | Sequence[str | os.PathLike],
         settings['max_doc_chars'] = max_doc_chars
     if stratify:
         settings['stratify'] = True
-        _stratified_assignment(iter(()), split_spec)  # bad split kinds fail here, before reading
+        _stratified_fractions(split_spec)  # document counts fail here, before reading
     fingerprint = _settings_fingerprint(settings)
 
     manifest_path = out_dir / MANIFEST_NAME
