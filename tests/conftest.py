@@ -20,8 +20,8 @@ os.environ.setdefault('HF_HUB_OFFLINE', '1')
 transformers.logging.set_verbosity_error()
 
 def pytest_collection_modifyitems(config, items):
-    """The longest tests first (``slow(seconds=...)``, longest first, then other ``slow`` ones): with
-    ``-n 2`` (the README's command, pytest-xdist) they start at once on both workers instead of ending the run."""
+    """The longest tests first (``slow(seconds=...)``, longest first, then other ``slow`` ones): under
+    ``-n 2`` (pytest-xdist) they start at once on both workers instead of ending the run."""
     def cost(item):
         mark = item.get_closest_marker('slow')
         return 0 if mark is None else mark.kwargs.get('seconds', 1)
