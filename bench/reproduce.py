@@ -61,7 +61,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gzip
 import json
 import math
 import os
@@ -235,6 +234,14 @@ def resolve_model(model_arg: str, cache: Path, layers: int, out: Path) -> tuple[
         shutil.rmtree(target, ignore_errors=True)
         os.replace(tmp, target)
     return str(target), {**info, 'layers': layers}
+
+
+def heldout_tokens(shards: Path, tokenizer, budget: Budget) -> dict:
+    """Domain -> LongTensor of its first ``budget.heldout_sequences`` held-out sequences (domains with any)."""
+    from darwinlm_foundry.data.shards import pack_documents, split_texts_by_source
+    texts = split_texts_by_source(shards, 'heldout')
+    packed = {d: pack_documents(tokenizer, texts[d], budget.seq_len, budget.heldout_sequences) for d in sorted(texts)}
+    return {d: torch.from_numpy(rows).long() for d, rows in packed.items() if len(rows)}
 
 
 def short_domain(name: str) -> str:
@@ -768,7 +775,7 @@ def main(argv=None) -> dict:
 
     from transformers import AutoTokenizer
 
-    from darwinlm_foundry.data.shards import convert_to_mds, pack_documents, split_texts_by_source
+    from darwinlm_foundry.data.shards import convert_to_mds
     from darwinlm_foundry.data.sources import embedded_text_files, source_name
     from darwinlm_foundry.utils.logging import quiet
 
@@ -790,22 +797,13 @@ def main(argv=None) -> dict:
                                           'model': {'sha256': model_info['sha256'], 'layers': budget.layers}})
 
     def heldout_domains():
-        texts = split_texts_by_source(shards, 'heldout')
-        tokens = {d: pack_documents(tokenizer, texts[d], budget.seq_len, budget.heldout_sequences).shape[0]
-                  * budget.seq_len for d in sorted(texts)}
-        return {'domains': {d: n for d, n in tokens.items() if n},
-                'missing': sorted({source_name(str(f)) for f in files} - {d for d, n in tokens.items() if n})}
+        tokens = {d: t.numel() for d, t in heldout_tokens(shards, tokenizer, budget).items()}
+        return {'domains': tokens, 'missing': sorted({source_name(str(f)) for f in files} - set(tokens))}
     heldout_info = dict(ledger.step('heldout/domains', heldout_domains))
     heldout_info['total_tokens'] = sum(heldout_info['domains'].values())
 
-    def heldout_tokens() -> dict:
-        texts = split_texts_by_source(shards, 'heldout')
-        return {d: torch.from_numpy(pack_documents(tokenizer, texts[d], budget.seq_len,
-                                                   budget.heldout_sequences)).long()
-                for d in heldout_info['domains']}
-
     ctx = Context(budget=budget, out=out, shards=shards, tokenizer=tokenizer, ledger=ledger, dense_dir=dense_dir,
-                  heldout=heldout_tokens)
+                  heldout=lambda: heldout_tokens(shards, tokenizer, budget))
     log(f'model {dense_dir}; data {shards}; held-out domains {heldout_info["domains"]}, '
         f'missing {heldout_info["missing"]}')
 

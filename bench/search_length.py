@@ -20,8 +20,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 import reproduce  # the study's budgets, search call and per-domain held-out scorer (bench/reproduce.py)
 from fitness_noise import find_run
 
@@ -41,7 +39,6 @@ def main(argv=None) -> dict:
 
     from transformers import AutoTokenizer
 
-    from darwinlm_foundry.data.shards import pack_documents, split_texts_by_source
     from darwinlm_foundry.obs.database import SparsityDatabase, dense_tensor_getter
     from darwinlm_foundry.search.space import uniform
 
@@ -52,9 +49,7 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     budget = reproduce._override(reproduce.QUICK, args.set)
     tokenizer = AutoTokenizer.from_pretrained(paths['dense'])
-    texts = split_texts_by_source(paths['shards'], 'heldout')
-    domains = {d: torch.from_numpy(pack_documents(tokenizer, texts[d], budget.seq_len,
-                                                  budget.heldout_sequences)).long() for d in sorted(texts) if texts[d]}
+    domains = reproduce.heldout_tokens(paths['shards'], tokenizer, budget)
     dense = reproduce.load_dense(str(paths['dense']))
     scorer = reproduce.DomainScorer(dense, domains)
     db = SparsityDatabase.open(paths['db'], dense, verify='size')
