@@ -9,8 +9,8 @@ The public names of the first three are re-exported here (importing them is chea
 llm-foundry are imported only where shards are written, fetched or loaded).
 """
 
-from darwinlm_foundry.data.loaders import (build_text_loader, check_shards, sample_sequences, stop_streaming,
-                                           text_dataloader_cfg)
+from darwinlm_foundry.data.loaders import (build_text_loader, check_shards, sample_sequences,
+                                           serialized_shm_registration, stop_streaming, text_dataloader_cfg)
 from darwinlm_foundry.data.shards import (DEFAULT_SPLITS, MANIFEST_NAME, TOKENS_COLUMN, convert_to_mds, doc_tokens,
                                           pack_documents, read_manifest, split_of, split_texts_by_source)
 from darwinlm_foundry.data.sources import (EMBEDDED_SOURCES, embedded_text_files, embedded_tokenizer,
@@ -19,4 +19,4 @@ from darwinlm_foundry.data.sources import (EMBEDDED_SOURCES, embedded_text_files
 __all__ = ['EMBEDDED_SOURCES', 'embedded_text_files', 'embedded_tokenizer', 'embedded_tokenizer_dir', 'load_tokenizer',
            'source_name', 'DEFAULT_SPLITS', 'MANIFEST_NAME', 'TOKENS_COLUMN', 'convert_to_mds', 'doc_tokens',
            'pack_documents', 'read_manifest', 'split_of', 'split_texts_by_source', 'build_text_loader',
-           'check_shards', 'sample_sequences', 'stop_streaming', 'text_dataloader_cfg']
+           'check_shards', 'sample_sequences', 'serialized_shm_registration', 'stop_streaming', 'text_dataloader_cfg']

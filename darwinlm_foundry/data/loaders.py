@@ -5,10 +5,14 @@ token samples from a local split (for calibration and the search).
 * :func:`text_dataloader_cfg` returns the ``train_loader:`` dict foundry's ``build_text_dataloader``
   takes; :func:`build_text_loader` builds it (imports llm-foundry).
 * :func:`sample_sequences` draws seeded token sequences from a local split (for the search).
+* :func:`serialized_shm_registration` makes concurrent processes on one node take distinct streaming
+  shared-memory prefixes (streaming alone races).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -23,7 +27,8 @@ import numpy as np
 from darwinlm_foundry.data.shards import MANIFEST_NAME
 from darwinlm_foundry.data.sources import _is_uri, _strip_file_scheme
 
-__all__ = ['check_shards', 'text_dataloader_cfg', 'build_text_loader', 'stop_streaming', 'sample_sequences']
+__all__ = ['check_shards', 'text_dataloader_cfg', 'build_text_loader', 'stop_streaming', 'sample_sequences',
+           'serialized_shm_registration']
 
 
 # ----------------------------------------------------------------------------- checks and loaders
@@ -168,7 +173,51 @@ def build_text_loader(cfg: Mapping[str, Any], tokenizer, device_batch_size: int)
     cfg['dataset'].pop('batch_size', None)  # foundry sets it from device_batch_size
     from llmfoundry.data.dataloader import build_dataloader
 
-    return build_dataloader(cfg, tokenizer, device_batch_size)
+    with serialized_shm_registration():
+        return build_dataloader(cfg, tokenizer, device_batch_size)
+
+
+def _shm_lock_path() -> str:
+    # Shared-memory names are node-global (/dev/shm), so the lock lives there too: a per-user TMPDIR would not
+    # exclude another process.
+    return os.path.join('/dev/shm' if os.path.isdir('/dev/shm') else tempfile.gettempdir(),
+                        'darwinlm_streaming_prefix.lock')
+
+
+@contextlib.contextmanager
+def serialized_shm_registration():
+    """While active, every ``StreamingDataset`` built in this process registers its shared-memory prefix under
+    a node-wide file lock.
+
+    streaming picks a prefix by probing ``/dev/shm`` for the first free one and then creating it; two processes
+    (two jobs on one node, two test workers) that probe at the same moment pick the same one and the second
+    dies with ``FileExistsError: '/0000NN_locals'``. Only the local leader takes the lock: the other ranks wait
+    for it at streaming's own barriers inside the registration, and the lock is held for the registration
+    alone, not for the dataset's life. Wrap code that builds datasets inside libraries (foundry's ``train()``).
+    """
+    import streaming.base.dataset as sd
+
+    original = sd.get_shm_prefix
+    if getattr(original, '_darwinlm_serialized', False):  # nested: already installed
+        yield
+        return
+
+    def locked(streams_local, streams_remote, world, *args, **kwargs):
+        if not world.is_local_leader:
+            return original(streams_local, streams_remote, world, *args, **kwargs)
+        with open(_shm_lock_path(), 'a+') as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                return original(streams_local, streams_remote, world, *args, **kwargs)
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    locked._darwinlm_serialized = True
+    sd.get_shm_prefix = locked
+    try:
+        yield
+    finally:
+        sd.get_shm_prefix = original
 
 
 def stop_streaming(loader) -> None:

@@ -17,7 +17,10 @@ def foundry_train(cfg: Dict[str, Any]):
     """llm-foundry's own train loop on a plain foundry config (our registry entries are visible to it)."""
     from llmfoundry.command_utils import train
     from omegaconf import OmegaConf
-    return train(OmegaConf.create(cfg))
+
+    from darwinlm_foundry.data.loaders import serialized_shm_registration
+    with serialized_shm_registration():  # two jobs on one node would otherwise race for streaming's prefix
+        return train(OmegaConf.create(cfg))
 
 
 def run_train(cfg, stage_dir, refs, run, outputs):

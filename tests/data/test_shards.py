@@ -43,7 +43,8 @@ def read_split(root, split):
     """All samples of a split, in order, read with streaming's StreamingDataset (not our reader)."""
     from streaming import StreamingDataset
 
-    ds = StreamingDataset(local=str(root), split=split, shuffle=False, batch_size=1)
+    with data.serialized_shm_registration():  # test workers build datasets concurrently
+        ds = StreamingDataset(local=str(root), split=split, shuffle=False, batch_size=1)
     return [np.asarray(ds[i]['tokens']) for i in range(ds.num_samples)]
 
 
