@@ -184,8 +184,26 @@ def _shm_lock_path() -> str:
                         'darwinlm_streaming_prefix.lock')
 
 
+def _flock_within(fh, timeout: float) -> bool:
+    """Take an exclusive flock on ``fh`` within ``timeout`` seconds; False (and a warning) when it stays held."""
+    import time
+    import warnings
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                warnings.warn(f'{fh.name} stayed locked for {timeout:.0f} s (a process hung while registering a '
+                              'streaming dataset?); registering without it', RuntimeWarning, stacklevel=3)
+                return False
+            time.sleep(0.05)
+
+
 @contextlib.contextmanager
-def serialized_shm_registration():
+def serialized_shm_registration(timeout: float = 60.0):
     """While active, every ``StreamingDataset`` built in this process registers its shared-memory prefix under
     a node-wide file lock.
 
@@ -193,7 +211,9 @@ def serialized_shm_registration():
     (two jobs on one node, two test workers) that probe at the same moment pick the same one and the second
     dies with ``FileExistsError: '/0000NN_locals'``. Only the local leader takes the lock: the other ranks wait
     for it at streaming's own barriers inside the registration, and the lock is held for the registration
-    alone, not for the dataset's life. Wrap code that builds datasets inside libraries (foundry's ``train()``).
+    alone, not for the dataset's life. A lock still held after ``timeout`` seconds (its holder hung) is
+    skipped with a warning, so one stuck process cannot stop every later job on the node. Wrap code that
+    builds datasets inside libraries (foundry's ``train()``).
     """
     import streaming.base.dataset as sd
 
@@ -206,11 +226,12 @@ def serialized_shm_registration():
         if not world.is_local_leader:
             return original(streams_local, streams_remote, world, *args, **kwargs)
         with open(_shm_lock_path(), 'a+') as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
+            held = _flock_within(fh, timeout)
             try:
                 return original(streams_local, streams_remote, world, *args, **kwargs)
             finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+                if held:
+                    fcntl.flock(fh, fcntl.LOCK_UN)
 
     locked._darwinlm_serialized = True
     sd.get_shm_prefix = locked
