@@ -29,8 +29,12 @@ blocks dominate the compute; ``smollm2``: SmolLM2-135M from the wheel ``.whl/llm
 text (``--calib-seqs`` x ``--calib-len`` tokens), search data from the same text. The LAST line is::
 
     offspring_per_min_ratio=<tas> offspring_per_min_ratio_kl=<kl> flop_bound=<kl> flop_bound_tas=<tas>
-    fraction_of_flop_bound=<kl> fraction_of_flop_bound_tas=<tas> scoring_efficiency=<ours kl> gemm_gflops=<g>
-    model=<m> level=<L>
+    fraction_of_flop_bound=<kl> fraction_of_flop_bound_tas=<tas> fraction_paired_median=<kl>
+    fraction_paired_median_tas=<tas> scoring_efficiency=<ours kl> gemm_gflops=<g> model=<m> level=<L>
+
+(``fraction_paired_median``: per offspring, naive time / ours time (timed back to back) / that offspring's FLOP
+ratio; the median over offspring. It agrees with the total-based fraction on a quiet machine and stays steady
+when the load changes during the run.)
 
 (``offspring_per_min_ratio`` keeps its earlier meaning: fine-tuned offspring, ours / naive.)
 
@@ -177,6 +181,7 @@ def _measure(engines, candidates, gemm: list):
         engine.evaluate(candidates[:1], 0, 0)  # warm-up: imports, first Trainer, allocator, masked base
         print(f'warm-up {name}: {time.perf_counter() - t0:.1f} s (load {load()})', flush=True)
     seconds = {name: 0.0 for name in engines}
+    per_offspring = {name: [] for name in engines}
     before = {name: dict(e.stats) for name, e in engines.items()}
     for i, candidate in enumerate(candidates):
         line = []
@@ -185,12 +190,13 @@ def _measure(engines, candidates, gemm: list):
             engine.evaluate([candidate], 0, 0)
             dt = time.perf_counter() - t0
             seconds[name] += dt
+            per_offspring[name].append(dt)
             line.append(f'{name} {dt:.2f}s')
         gemm.extend(gemm_gflops(reps=2))
         print(f'offspring {i + 1}/{len(candidates)}: {", ".join(line)}; GEMM {gemm[-1]:.1f} GFLOP/s (load {load()})',
               flush=True)
     parts = {name: {k: engines[name].stats[k] - before[name][k] for k in STAT_KEYS} for name in engines}
-    return seconds, parts
+    return seconds, parts, per_offspring
 
 
 def _share_dense_targets(engines, stem):
@@ -268,7 +274,7 @@ def main():
                                                db, getter, TensorTokens(tokens), offspring_format=fmt)
     _share_dense_targets(list(engines.values()), os.path.join(args.work, 'targets'))
     gemm_during = []
-    seconds, parts = _measure(engines, candidates, gemm_during)
+    seconds, parts, per_offspring = _measure(engines, candidates, gemm_during)
     gemm_after = gemm_gflops()
     gemm = statistics.median(gemm_before + gemm_during + gemm_after)
     print(f'fp32 GEMM 2048^3: {gemm:.1f} GFLOP/s (median of {len(gemm_before + gemm_during + gemm_after)}; before '
@@ -299,10 +305,16 @@ def main():
                   f'({fwd / parts[name]["fitness_seconds"] / 1e9:.1f} GFLOP/s = {eff:.2f} of GEMM), other '
                   f'{other:.2f} s', flush=True)
         ratio, bound = rates['ours'] / rates['naive'], flops['naive'] / flops['ours']
-        out[kind] = {'ratio': ratio, 'bound': bound, 'fraction': ratio / bound}
+        # Paired: each offspring's naive / ours time, the two timed back to back (same load), against that
+        # offspring's own FLOP ratio; the median is robust to a load spike during one evaluation.
+        paired = statistics.median(
+            t_naive / t_ours / (work_flops(spec, dense_levels, args, tas) / work_flops(spec, c.to_dict(), args, tas))
+            for t_ours, t_naive, c in zip(per_offspring[f'ours_{kind}'], per_offspring[f'naive_{kind}'], candidates))
+        out[kind] = {'ratio': ratio, 'bound': bound, 'fraction': ratio / bound, 'fraction_paired_median': paired}
         print(f'{kind}: offspring/min ours / naive = {ratio:.3f}; FLOP bound {bound:.3f} (naive '
               f'{flops["naive"] / n / 1e9:.2f} GFLOP, ours {flops["ours"] / n / 1e9:.2f} GFLOP per offspring); '
-              f'fraction of bound {ratio / bound:.3f}', flush=True)
+              f'fraction of bound {ratio / bound:.3f} (median over offspring of the paired fraction {paired:.3f})',
+              flush=True)
     print(json.dumps({'model': args.model, 'threads': torch.get_num_threads(), 'device': args.device,
                       'offspring': n, 'total_seconds': round(time.perf_counter() - t0, 1),
                       'gemm_gflops': round(gemm, 1), **{k: round(v, 4) if isinstance(v, float) else
@@ -314,6 +326,8 @@ def main():
     print(f'offspring_per_min_ratio={fmt("tas", "ratio")} offspring_per_min_ratio_kl={fmt("kl", "ratio")} '
           f'flop_bound={fmt("kl", "bound")} flop_bound_tas={fmt("tas", "bound")} '
           f'fraction_of_flop_bound={fmt("kl", "fraction")} fraction_of_flop_bound_tas={fmt("tas", "fraction")} '
+          f'fraction_paired_median={fmt("kl", "fraction_paired_median")} '
+          f'fraction_paired_median_tas={fmt("tas", "fraction_paired_median")} '
           f'scoring_efficiency={eff:.3f} gemm_gflops={gemm:.1f} model={args.model} level={args.level}', flush=True)
     shutil.rmtree(args.work, ignore_errors=True)  # database (random model), spilled targets, engine outputs
 
