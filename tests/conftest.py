@@ -19,6 +19,13 @@ os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 transformers.logging.set_verbosity_error()
 
+if os.environ.get('PYTEST_XDIST_WORKER'):
+    # Under -n N the workers share the cores: each (and the processes it launches) gets cores / N threads,
+    # instead of every worker spinning up one thread per core and all of them fighting for the same cores.
+    _threads = max(1, (os.cpu_count() or 1) // int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', '1')))
+    os.environ.setdefault('OMP_NUM_THREADS', str(_threads))
+    torch.set_num_threads(int(os.environ['OMP_NUM_THREADS']))
+
 def pytest_collection_modifyitems(config, items):
     """The longest tests first (``slow(seconds=...)``, longest first, then other ``slow`` ones): under
     ``-n 2`` (pytest-xdist) they start at once on both workers instead of ending the run."""
