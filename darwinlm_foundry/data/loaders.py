@@ -17,7 +17,9 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 import urllib.parse
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -186,9 +188,6 @@ def _shm_lock_path() -> str:
 
 def _flock_within(fh, timeout: float) -> bool:
     """Take an exclusive flock on ``fh`` within ``timeout`` seconds; False (and a warning) when it stays held."""
-    import time
-    import warnings
-
     deadline = time.monotonic() + timeout
     while True:
         try:
