@@ -286,8 +286,9 @@ def main():
     out = {}
     for kind in kinds:
         tas = kind == 'tas'
-        flops = {'ours': sum(work_flops(spec, c.to_dict(), args, tas) for c in candidates),
-                 'naive': n * work_flops(spec, dense_levels, args, tas)}
+        ours_each, naive_each = [work_flops(spec, c.to_dict(), args, tas) for c in candidates], \
+            work_flops(spec, dense_levels, args, tas)
+        flops = {'ours': sum(ours_each), 'naive': n * naive_each}
         rates = {}
         for side in ('ours', 'naive'):
             name = f'{side}_{kind}'
@@ -307,9 +308,9 @@ def main():
         ratio, bound = rates['ours'] / rates['naive'], flops['naive'] / flops['ours']
         # Paired: each offspring's naive / ours time, the two timed back to back (same load), against that
         # offspring's own FLOP ratio; the median is robust to a load spike during one evaluation.
-        paired = statistics.median(
-            t_naive / t_ours / (work_flops(spec, dense_levels, args, tas) / work_flops(spec, c.to_dict(), args, tas))
-            for t_ours, t_naive, c in zip(per_offspring[f'ours_{kind}'], per_offspring[f'naive_{kind}'], candidates))
+        paired = statistics.median(t_naive / t_ours / (naive_each / ours)
+                                   for t_ours, t_naive, ours in zip(per_offspring[f'ours_{kind}'],
+                                                                    per_offspring[f'naive_{kind}'], ours_each))
         out[kind] = {'ratio': ratio, 'bound': bound, 'fraction': ratio / bound, 'fraction_paired_median': paired}
         print(f'{kind}: offspring/min ours / naive = {ratio:.3f}; FLOP bound {bound:.3f} (naive '
               f'{flops["naive"] / n / 1e9:.2f} GFLOP, ours {flops["ours"] / n / 1e9:.2f} GFLOP per offspring); '

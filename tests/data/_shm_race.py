@@ -4,6 +4,7 @@ Run in a fresh process (fork is safe there: no other threads yet), never inside 
 Usage: python _shm_race.py ROOT GUARDED N; prints one JSON list, one entry per process.
 """
 
+import contextlib
 import json
 import multiprocessing as mp
 import sys
@@ -15,10 +16,7 @@ def _build(root, guarded, barrier, results):
     from darwinlm_foundry.data.loaders import serialized_shm_registration
     barrier.wait()
     try:
-        if guarded:
-            with serialized_shm_registration():
-                ds = StreamingDataset(local=root, split='train', shuffle=False, batch_size=1)
-        else:
+        with serialized_shm_registration() if guarded else contextlib.nullcontext():
             ds = StreamingDataset(local=root, split='train', shuffle=False, batch_size=1)
         results.put(['ok', ds._shm_prefix_int, int(ds[3]['tokens'][0])])
         barrier.wait(timeout=60)  # keep every dataset (and its prefix) alive until all are built
