@@ -175,7 +175,8 @@ STAT_KEYS = ('stitch_seconds', 'fit_seconds', 'trainer_init_seconds', 'fitness_s
 
 def _measure(engines, candidates, gemm: list):
     """Evaluate every candidate with each engine, interleaved, so that all see the same machine load (and a
-    GEMM timing after each candidate, appended to ``gemm``); return (seconds, stats deltas) per engine."""
+    GEMM timing after each candidate, appended to ``gemm``), in forward order for even candidates and reverse
+    order for odd ones; return (seconds, stats deltas, per-candidate seconds) per engine."""
     for name, engine in engines.items():
         t0 = time.perf_counter()
         engine.evaluate(candidates[:1], 0, 0)  # warm-up: imports, first Trainer, allocator, masked base
@@ -185,7 +186,9 @@ def _measure(engines, candidates, gemm: list):
     before = {name: dict(e.stats) for name, e in engines.items()}
     for i, candidate in enumerate(candidates):
         line = []
-        for name, engine in engines.items():
+        # counterbalanced order: the engine timed first after a GEMM (caches flushed) alternates between sides
+        order = list(engines.items()) if i % 2 == 0 else list(engines.items())[::-1]
+        for name, engine in order:
             t0 = time.perf_counter()
             engine.evaluate([candidate], 0, 0)
             dt = time.perf_counter() - t0

@@ -23,6 +23,7 @@ Needs torch, safetensors and transformers (no Composer).
 
 from __future__ import annotations
 
+import copy
 import glob
 import hashlib
 import json
@@ -38,7 +39,7 @@ from safetensors.torch import save_file
 from darwinlm_foundry.obs.calibration import (PhaseClock, identity_reduce, iter_layer_hessians, solve_units,
                                           unit_output_weight)
 from darwinlm_foundry.structure.levels import KINDS, LevelSpec, normalise_levels
-from darwinlm_foundry.structure.units import Unit, prunable_units
+from darwinlm_foundry.structure.units import Unit, layer_heads, layer_intermediate_size, prunable_units
 from darwinlm_foundry.utils.io import atomic_write_json
 
 __all__ = ['FORMAT_VERSION', 'DatabaseError', 'BuildInterrupted', 'SparsityDatabase', 'build_database',
@@ -338,7 +339,8 @@ class SparsityDatabase:
             return None
         return self._file(rec).get_tensor(f'weight.L{level}')
 
-    def stitch(self, levels, dense_get_tensor: Callable[[str], torch.Tensor], config=None):
+    def stitch(self, levels, dense_get_tensor: Callable[[str], torch.Tensor], config=None,
+               shared: Optional[dict] = None):
         """The shrunk DarwinLM model with every unit at ``levels``, built straight from the dense tensors.
 
         ``levels``: ``{Unit: level}`` for every unit, ``{'attn': [...], 'mlp': [...]}``, a ``LevelConfig``
@@ -346,11 +348,20 @@ class SparsityDatabase:
         :func:`dense_tensor_getter`). ``config``: that model's config (default: the one given to
         :meth:`open`, the getter's, or the one recorded in the manifest). Only the kept weights are
         materialised; the result records ``levels`` and the level steps in its config.
+
+        ``shared``: a dict the caller keeps across calls (e.g. the offspring of one selection step, which
+        differ in a few units): the first call builds the model whole and remembers its parts; later calls
+        build only units at levels not seen yet and assemble the model from the remembered parts
+        (:func:`~darwinlm_foundry.structure.shrinking.assemble_shrunk_model`: same values, no copies). Such
+        models share tensors with each other: score them, do not train them.
         """
         from darwinlm_foundry.structure.shrinking import build_shrunk_model
 
         spec = self.level_spec
         levels = normalise_levels(levels, spec.num_layers)
+        config = config or self.config or getattr(dense_get_tensor, 'config', None) or self._manifest_config()
+        if shared and 'template' in shared:
+            return self._stitch_shared(levels, dense_get_tensor, config, shared)
         kept, weights = {}, {}
         for kind in KINDS:
             for layer, level in enumerate(levels[kind]):
@@ -361,11 +372,60 @@ class SparsityDatabase:
                 kept[unit] = self.kept(unit, level).tolist()
                 if kept[unit]:
                     weights[unit] = self.weight(unit, level)
-        config = config or self.config or getattr(dense_get_tensor, 'config', None) or self._manifest_config()
         model = build_shrunk_model(config, dense_get_tensor, kept, weights)
+        self._record_levels(model, levels)
+        if shared is not None:
+            shared['template'] = model
+            for layer, parts in enumerate(model.model.layers):
+                shared[Unit(layer, 'attn'), levels['attn'][layer]] = (parts.self_attn, parts.input_layernorm,
+                                                                       model.config.layer_heads[layer])
+                shared[Unit(layer, 'mlp'), levels['mlp'][layer]] = (
+                    parts.mlp, parts.post_attention_layernorm, model.config.layer_intermediate_sizes[layer])
+        return model
+
+    def _record_levels(self, model, levels: dict) -> None:
         model.config.levels = {k: list(v) for k, v in levels.items()}
-        model.config.level_steps = spec.steps
-        model.config.num_levels = spec.num_levels
+        model.config.level_steps = self.level_spec.steps
+        model.config.num_levels = self.level_spec.num_levels
+
+    def _stitch_shared(self, levels: dict, dense_get_tensor, config, shared: dict):
+        """:meth:`stitch` from the parts in ``shared`` (building and adding the units it lacks)."""
+        from darwinlm_foundry.structure.shrinking import assemble_shrunk_model, build_unit_modules
+        template = shared['template']
+        new_config = copy.copy(template.config)  # shallow: the per-layer lists are replaced below
+        new_config.layer_heads = list(template.config.layer_heads)
+        new_config.layer_intermediate_sizes = list(template.config.layer_intermediate_sizes)
+        missing = []
+        for kind in KINDS:
+            for layer, level in enumerate(levels[kind]):
+                unit = Unit(layer, kind)
+                entry = shared.get((unit, level))
+                if entry is None:
+                    self._record(unit, level)
+                    kept = None if level == self.current_level(unit) else self.kept(unit, level).tolist()
+                    if kind == 'attn':
+                        heads = layer_heads(config, layer)
+                        shape = heads if kept is None else [heads[i] for i in kept]
+                    else:
+                        shape = layer_intermediate_size(config, layer) if kept is None else len(kept)
+                    missing.append((unit, level, kept))
+                else:
+                    shape = entry[2]
+                if kind == 'attn':
+                    new_config.layer_heads[layer] = shape
+                else:
+                    new_config.layer_intermediate_sizes[layer] = shape
+        dtype = template.model.embed_tokens.weight.dtype
+        for unit, level, kept in missing:
+            module, norm = build_unit_modules(config, new_config, unit, dense_get_tensor, kept,
+                                              None if kept is None else self.weight(unit, level), dtype=dtype)
+            shape = new_config.layer_heads[unit.layer] if unit.kind == 'attn' else \
+                new_config.layer_intermediate_sizes[unit.layer]
+            shared[unit, level] = (module, norm, shape)
+        units = {Unit(layer, kind): shared[Unit(layer, kind), level][:2]
+                 for kind in KINDS for layer, level in enumerate(levels[kind])}
+        model = assemble_shrunk_model(template, new_config, units)
+        self._record_levels(model, levels)
         return model
 
     def _manifest_config(self):

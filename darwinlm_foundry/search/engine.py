@@ -169,6 +169,10 @@ class EvolutionarySearch(CandidateScoring):
         self._probe_memo: Optional[tuple] = None  # (config, probe fitness) of the last parent scored
         self._dense_model: Optional[torch.nn.Module] = None
         self._masked_base: Optional[torch.nn.Module] = None
+        # KL-only steps assemble their candidates from shared units (False: build each whole; same values);
+        # (step key, parts) of the step evaluated last
+        self.share_units = True
+        self._step_parts: Optional[tuple] = None
         self._loader = _TokenBatches(settings.micro_batch_size)
         self.bounds = self._bounds()
         self.start = self._start_config()
@@ -319,8 +323,14 @@ class EvolutionarySearch(CandidateScoring):
                  self.mode, self.world_size)
 
         def make_evaluate(g):
-            # each step computes its dense targets when it starts and drops them when it ends (evaluate)
-            return lambda candidates, k: self.evaluate(candidates, g, k)
+            # each step computes its dense targets when it starts and drops them when it ends (evaluate), and
+            # its candidates' shared units when it ends (a step is evaluated in one call here)
+            def evaluate(candidates, k):
+                try:
+                    return self.evaluate(candidates, g, k)
+                finally:
+                    self._step_parts = None
+            return evaluate
 
         def hook(st: SearchState, result: GenerationResult):
             rec = st.history[-1]

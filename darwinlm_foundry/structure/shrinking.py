@@ -40,21 +40,25 @@ def _normalise_kept(config, kept: Mapping[Unit, Sequence[int]]) -> Dict[Unit, li
             raise TypeError(f'kept keys must be darwinlm_foundry.structure.units.Unit, got {unit!r}.')
         if unit not in sizes:
             raise ValueError(f'{unit} does not exist: the model has {config.num_hidden_layers} layers.')
-        idx = [int(i) for i in (indices.tolist() if torch.is_tensor(indices) else indices)]
-        if len(set(idx)) != len(idx):
-            dup = sorted({i for i in idx if idx.count(i) > 1})
+        idx = sorted(int(i) for i in (indices.tolist() if torch.is_tensor(indices) else indices))
+        size = sizes[unit]
+        if any(a == b for a, b in zip(idx, idx[1:])):
+            dup = sorted({a for a, b in zip(idx, idx[1:]) if a == b})
             raise ValueError(f'{unit}: kept indices {dup} are duplicated.')
-        bad = [i for i in idx if not 0 <= i < sizes[unit]]
-        if bad:
-            raise ValueError(f'{unit}: kept indices {bad} are out of range [0, {sizes[unit]}) '
+        if idx and (idx[0] < 0 or idx[-1] >= size):  # sorted: the ends are the extremes
+            bad = [i for i in idx if not 0 <= i < size]
+            raise ValueError(f'{unit}: kept indices {bad} are out of range [0, {size}) '
                              f'(indices refer to the structures the model has now).')
-        out[unit] = sorted(idx)
+        out[unit] = idx
     return out
 
 
 def shrunk_config(config, kept: Mapping[Unit, Sequence[int]]) -> DarwinLMConfig:
     """Config of the model after keeping ``kept`` (indices of current structures) in each listed unit."""
-    kept = _normalise_kept(config, kept)
+    return _shrunk_config(config, _normalise_kept(config, kept))
+
+
+def _shrunk_config(config, kept: Dict[Unit, list]) -> DarwinLMConfig:
     new = to_darwinlm_config(config)
     for unit, idx in kept.items():
         if unit.kind == 'attn':
@@ -91,10 +95,11 @@ def _optional(get_tensor, name):
         return None
 
 
-def _keep(out, get_tensor, prefix, projections, by_rows, index, replacement):
+def _keep(out, get_tensor, prefix, projections, by_rows, index, replacement, fresh):
     """Load one unit's ``projections`` (weights and biases; absent ones stay None) into ``out`` and keep
     ``index``: rows of the ``by_rows`` projections, columns of the last one, the output matrix (or its OBS
-    ``replacement``). ``index`` None keeps everything; no output matrix means the unit is already removed."""
+    ``replacement``). ``index`` None keeps everything; no output matrix means the unit is already removed.
+    Names whose tensor ``index_select`` made here (new memory) are added to ``fresh``."""
     for proj in projections:
         for param in ('weight', 'bias'):
             out[f'{prefix}{proj}.{param}'] = _optional(get_tensor, f'{prefix}{proj}.{param}')
@@ -106,27 +111,44 @@ def _keep(out, get_tensor, prefix, projections, by_rows, index, replacement):
             t = out[f'{prefix}{proj}.{param}']
             if t is not None:
                 out[f'{prefix}{proj}.{param}'] = t.index_select(0, index)
-    out[output] = replacement if replacement is not None else out[output].index_select(1, index)
+                fresh.add(f'{prefix}{proj}.{param}')
+    if replacement is not None:
+        out[output] = replacement
+    else:
+        out[output] = out[output].index_select(1, index)
+        fresh.add(output)
 
 
-def _unit_tensors(config, layer, kept_attn, kept_mlp, get_tensor, output_weights):
-    """State-dict entries of one layer after keeping ``kept_attn`` heads / ``kept_mlp`` columns (None = all)."""
-    prefix = f'model.layers.{layer}.'
-    hd = head_dim(config)
-    grouped = config.num_key_value_heads != config.num_attention_heads
+def _unit_state(config, unit: Unit, kept, get_tensor, output_weight, fresh) -> dict:
+    """State-dict entries (full names) of one unit after keeping ``kept`` heads / MLP columns (None = all): its
+    norm and projections; absent tensors (biases, an already removed unit) left out."""
+    prefix = f'model.layers.{unit.layer}.'
     out = {}
-    for name in ('input_layernorm.weight', 'post_attention_layernorm.weight'):
-        out[prefix + name] = _optional(get_tensor, prefix + name)  # absent where the unit is already removed
-    # kept heads: rows of q (and of k / v under plain multi-head attention; GQA keeps K/V whole), columns of
-    # o_proj; kept MLP channels: rows of gate / up, columns of down_proj
-    attn_rows = None if kept_attn is None else _rows(kept_attn, hd)
-    mlp_cols = None if kept_mlp is None else torch.as_tensor(kept_mlp, dtype=torch.long)
-    _keep(out, get_tensor, prefix + 'self_attn.', ('q_proj', 'k_proj', 'v_proj', 'o_proj'),
-          ('q_proj',) if grouped else ('q_proj', 'k_proj', 'v_proj'), attn_rows,
-          output_weights.get(Unit(layer, 'attn')))
-    _keep(out, get_tensor, prefix + 'mlp.', ('gate_proj', 'up_proj', 'down_proj'), ('gate_proj', 'up_proj'),
-          mlp_cols, output_weights.get(Unit(layer, 'mlp')))
+    if unit.kind == 'attn':
+        out[prefix + 'input_layernorm.weight'] = _optional(get_tensor, prefix + 'input_layernorm.weight')
+        # kept heads: rows of q (and of k / v under plain multi-head attention; GQA keeps K/V whole), columns
+        # of o_proj
+        grouped = config.num_key_value_heads != config.num_attention_heads
+        _keep(out, get_tensor, prefix + 'self_attn.', ('q_proj', 'k_proj', 'v_proj', 'o_proj'),
+              ('q_proj',) if grouped else ('q_proj', 'k_proj', 'v_proj'),
+              None if kept is None else _rows(kept, head_dim(config)), output_weight, fresh)
+    else:
+        # kept MLP channels: rows of gate / up, columns of down_proj
+        out[prefix + 'post_attention_layernorm.weight'] = _optional(get_tensor,
+                                                                    prefix + 'post_attention_layernorm.weight')
+        _keep(out, get_tensor, prefix + 'mlp.', ('gate_proj', 'up_proj', 'down_proj'), ('gate_proj', 'up_proj'),
+              None if kept is None else torch.as_tensor(kept, dtype=torch.long), output_weight, fresh)
     return {k: v for k, v in out.items() if v is not None}
+
+
+def _owned(state: dict, fresh: set, dtype) -> dict:
+    """``state`` in ``dtype``, sharing no storage with the source or the caller: what came straight from them is
+    copied; what ``index_select`` or a dtype cast made here is already new memory."""
+    out = {}
+    for name, tensor in state.items():
+        t = tensor.detach().to(dtype)
+        out[name] = t if name in fresh or t.dtype != tensor.dtype else t.clone()
+    return out
 
 
 def build_shrunk_model(config, get_tensor: Callable[[str], torch.Tensor],
@@ -147,7 +169,7 @@ def build_shrunk_model(config, get_tensor: Callable[[str], torch.Tensor],
     kept = _normalise_kept(config, kept)
     output_weights = dict(output_weights or {})
     _check_output_weights(config, kept, output_weights)
-    new_config = shrunk_config(config, kept)
+    new_config = _shrunk_config(config, kept)
     from transformers.modeling_utils import no_init_weights
     # every weight is assigned below: skip the random init (a third of the build time on a 30-layer model)
     with torch.device('meta'), no_init_weights():
@@ -156,14 +178,15 @@ def build_shrunk_model(config, get_tensor: Callable[[str], torch.Tensor],
              'model.norm.weight': get_tensor('model.norm.weight')}
     if not new_config.tie_word_embeddings:
         state['lm_head.weight'] = get_tensor('lm_head.weight')
+    fresh = set()
     for layer in range(new_config.num_hidden_layers):
-        state.update(_unit_tensors(config, layer, kept.get(Unit(layer, 'attn')), kept.get(Unit(layer, 'mlp')),
-                     get_tensor, output_weights))
+        for kind in ('attn', 'mlp'):
+            unit = Unit(layer, kind)
+            state.update(_unit_state(config, unit, kept.get(unit), get_tensor, output_weights.get(unit), fresh))
     expected = model.state_dict()
     state = {k: v for k, v in state.items() if k in expected}  # drops tensors of removed units
     dtype = state['model.embed_tokens.weight'].dtype
-    # Clone so the new model never aliases (or keeps memory-mapped) source storage.
-    state = {k: v.detach().to(dtype).clone() for k, v in state.items()}
+    state = _owned(state, fresh, dtype)  # the new model never aliases (or keeps memory-mapped) source storage
     missing = set(expected) - set(state) - ({'lm_head.weight'} if new_config.tie_word_embeddings else set())
     if missing:
         raise RuntimeError(f'source model lacks tensors {sorted(missing)[:5]}...')
@@ -174,6 +197,82 @@ def build_shrunk_model(config, get_tensor: Callable[[str], torch.Tensor],
     model.to(state['model.embed_tokens.weight'].device)
     model.config.torch_dtype = dtype
     return model.eval()
+
+
+def build_unit_modules(config, new_config: DarwinLMConfig, unit: Unit, get_tensor: Callable[[str], torch.Tensor],
+                       kept: Optional[Sequence[int]], output_weight: Optional[torch.Tensor] = None, dtype=None):
+    """One unit of the shrunk model built alone, as ``(module, norm)``: the attention (or MLP) keeping ``kept``
+    (None: everything; empty: the unit is removed and both are None) and its pre-norm.
+
+    ``config``: the source model's config (``get_tensor`` reads its tensors); ``new_config``: the shrunk model's,
+    whose entry for this unit (``layer_heads`` / ``layer_intermediate_sizes``) already says what is kept. Same
+    tensors as :func:`build_shrunk_model` gives that unit.
+    """
+    from transformers.modeling_utils import no_init_weights
+
+    from darwinlm_foundry.modeling.modeling_darwinlm import DarwinLMAttention, DarwinLMMLP, LlamaRMSNorm
+    if kept is not None and len(kept) == 0:
+        return None, None
+    fresh = set()
+    state = _unit_state(config, unit, kept, get_tensor, output_weight, fresh)
+    prefix = f'model.layers.{unit.layer}.'
+    norm_name = prefix + ('input_layernorm.weight' if unit.kind == 'attn' else 'post_attention_layernorm.weight')
+    if len(state) <= 1:  # only a norm or nothing: removed in the source already
+        return None, None
+    state = _owned(state, fresh, dtype or next(iter(state.values())).dtype)
+    with torch.device('meta'), no_init_weights():
+        if unit.kind == 'attn':
+            module = DarwinLMAttention(new_config, unit.layer, 0)
+        else:
+            module = DarwinLMMLP(new_config, new_config.layer_intermediate_sizes[unit.layer])
+        norm = LlamaRMSNorm(new_config.hidden_size, eps=new_config.rms_norm_eps)
+    norm.load_state_dict({'weight': state.pop(norm_name)}, assign=True)
+    cut = len(prefix + ('self_attn.' if unit.kind == 'attn' else 'mlp.'))
+    module.load_state_dict({k[cut:]: v for k, v in state.items()}, assign=True)
+    return module.eval(), norm.eval()
+
+
+def _shallow_module(module: torch.nn.Module) -> torch.nn.Module:
+    """A new module object with ``module``'s attributes, parameters and submodules (the same objects: shared)."""
+    new = module.__class__.__new__(module.__class__)
+    new.__dict__ = dict(module.__dict__)
+    for registry in ('_parameters', '_buffers', '_modules'):
+        new.__dict__[registry] = dict(module.__dict__[registry])
+    return new
+
+
+def assemble_shrunk_model(template: DarwinLMForCausalLM, config: DarwinLMConfig,
+                          units: Mapping[Unit, tuple]) -> DarwinLMForCausalLM:
+    """A shrunk model made of existing parts, copying no tensor: ``template``'s embedding, final norm, LM head and
+    rotary embedding, and per unit the ``(module, norm)`` in ``units`` (every unit of the model; ``(None,
+    None)``: removed), e.g. from :func:`build_unit_modules` or the layers of earlier models.
+
+    For scoring many related models (the offspring of one selection step, which differ from each other in a few
+    units) without building each whole. The parts stay shared, so the result must not be trained. Each call
+    renumbers the shared attention modules' KV-cache slots for this model (removed layers take none), so only
+    the most recent assembled model may run with a KV cache.
+    """
+    from darwinlm_foundry.modeling.modeling_darwinlm import DarwinLMDecoderLayer
+    layers, slot = [], 0
+    for layer in range(config.num_hidden_layers):
+        attn, attn_norm = units[Unit(layer, 'attn')]
+        mlp, mlp_norm = units[Unit(layer, 'mlp')]
+        shell = DarwinLMDecoderLayer.__new__(DarwinLMDecoderLayer)
+        torch.nn.Module.__init__(shell)
+        shell.hidden_size = config.hidden_size
+        shell.self_attn, shell.input_layernorm = attn, attn_norm
+        shell.mlp, shell.post_attention_layernorm = mlp, mlp_norm
+        if attn is not None:
+            attn.layer_idx = slot
+            slot += 1
+        layers.append(shell)
+    inner = _shallow_module(template.model)
+    inner.layers = torch.nn.ModuleList(layers)
+    inner.config = config
+    model = _shallow_module(template)
+    model.model = inner
+    model.config = config
+    return model
 
 
 def state_dict_getter(model) -> Callable[[str], torch.Tensor]:

@@ -72,6 +72,43 @@ def test_stitch_from_checkpoint_directory_is_lazy_and_identical(built, tmp_path)
     SparsityDatabase.open(db.db_dir, tmp_path / 'dense', verify='size')
 
 
+@pytest.mark.parametrize('gradual', [False, True])
+def test_shared_stitch_equals_whole_stitch(built, tmp_path, gradual):
+    """Models assembled from a step's shared parts equal whole stitches (logits, KV-cache continuation, shapes,
+    parameter counts) in any order, reuse every part they can, and leave the parts of earlier models intact."""
+    model, db = built
+    if gradual:  # a pruned source with a removed attention unit, and its own database
+        model = db.stitch({'attn': [2, 3, 10], 'mlp': [2, 0, 5]}, dense_tensor_getter(model))
+        db = build_database(model, _batches(1), tmp_path)
+    getter = dense_tensor_getter(model)
+    current = {k: list(v) for k, v in db.level_spec.current_levels.items()}
+    g = torch.Generator().manual_seed(3)
+    configs = [current] + [{k: [min(10, max(lv, int(x))) for lv, x in zip(current[k], torch.randint(0, 11, (3,),
+                                                                                                     generator=g))]
+                            for k in current} for _ in range(6)]
+    configs.append(configs[1])  # a repeat is assembled from parts only
+    ids = torch.randint(0, 128, (2, 14), generator=torch.Generator().manual_seed(4))
+    shared, first = {}, None
+    for levels in configs:
+        whole, assembled = db.stitch(levels, getter), db.stitch(levels, getter, shared=shared)
+        first = first or assembled
+        assert assembled.config.layer_heads == whole.config.layer_heads
+        assert assembled.config.layer_intermediate_sizes == whole.config.layer_intermediate_sizes
+        assert assembled.config.levels == whole.config.levels == levels
+        assert sum(p.numel() for p in assembled.parameters()) == db.level_spec.parameter_count(levels)
+        with torch.no_grad():
+            ref = whole(ids).logits
+            assert torch.equal(assembled(ids).logits, ref)
+            past = assembled(ids[:, :9], use_cache=True).past_key_values
+            assert (assembled(ids[:, 9:], past_key_values=past).logits - ref[:, 9:]).abs().max().item() <= 1e-5
+        assert assembled.model.embed_tokens is first.model.embed_tokens  # shared, never copied
+    # one entry per (unit, level) used, plus the template: nothing was built twice
+    used = {(u, lv[u.kind][u.layer]) for lv in configs for u in db.units}
+    assert len(shared) == len(used) + 1
+    with torch.no_grad():  # the first model still computes what it did
+        assert torch.equal(first(ids).logits, db.stitch(configs[0], getter)(ids).logits)
+
+
 def test_database_contents_and_size(built):
     model, db = built
     spec = db.level_spec

@@ -225,6 +225,7 @@ class _ReferenceSearch(EvolutionarySearch):
     def __init__(self, *args, **kw):
         super().__init__(*args, **kw)
         self.cache = DenseLogitCache()  # full logits, computed in one call
+        self.share_units = False  # every candidate stitched whole
 
     def _release_file_maps(self):
         pass
@@ -249,7 +250,8 @@ class _ReferenceSearch(EvolutionarySearch):
 @pytest.mark.parametrize('mode', ['one_shot', 'training_aware'])
 def test_memory_lean_fitness_equals_the_reference_path(mode, runs, pretrained, database, tokens, tmp_path):
     """Targets computed a micro-batch at a time in prepared form, one step's at a time (in a file while
-    candidates train), released file maps, freed optimizer state, trimmed heap: the same candidates win with
+    candidates train), released file maps, freed optimizer state, trimmed heap, KL-only candidates assembled
+    from a step's shared units: the same candidates win with
     bit-identical fitness as with whole-sample logits prepared in one piece. Fine-tuning fits with activation
     checkpointing (the reference run here) give the same fitness bit for bit too."""
     _, lean, _ = runs[mode]
@@ -360,6 +362,40 @@ def test_state_from_before_the_probe_resumes(runs, pretrained, database, tokens,
     assert _strip(resumed.history, ('seconds', 'probe_fitness')) == _strip(full.history, ('seconds', 'probe_fitness'))
     assert resumed.probe_fitness_history() == [None, None] + full.probe_fitness_history()[2:]
     assert resumed.start_probe_fitness is None
+
+
+def test_collections_inside_a_step_see_only_its_own_objects():
+    """The search's per-candidate ``gc.collect()`` frees a cycle made inside the step without walking the
+    process's older objects, and leaves the collector as it found it (a caller's own freeze included)."""
+    import gc
+    import weakref
+
+    from darwinlm_foundry.search.candidates import _collect_new_objects_only
+
+    class Node:
+        pass
+
+    older = [Node() for _ in range(1000)]
+    assert gc.get_freeze_count() == 0
+    with _collect_new_objects_only():
+        frozen = gc.get_freeze_count()
+        assert frozen >= len(older)
+        cycle = Node()
+        cycle.self = cycle
+        ref = weakref.ref(cycle)
+        del cycle
+        gc.collect()
+        assert ref() is None  # the step's cycle is freed
+        assert gc.get_freeze_count() == frozen  # the older objects stayed frozen (never walked)
+    assert gc.get_freeze_count() == 0
+    gc.freeze()
+    try:
+        count = gc.get_freeze_count()
+        with _collect_new_objects_only():
+            pass
+        assert gc.get_freeze_count() == count  # a caller's freeze is kept
+    finally:
+        gc.unfreeze()
 
 
 def test_rank_local_view_restores_composer_dist():

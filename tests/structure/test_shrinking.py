@@ -65,6 +65,25 @@ def test_shrunk_equals_masked(family, attn_implementation, compensate):
         assert (cont - ref[:, 7:]).abs().max().item() <= 1e-5
 
 
+def test_shrunk_model_owns_its_memory(family):
+    """No tensor of the shrunk model shares storage with the source model or the given output weights (kept
+    units, untouched units and replacements alike), so the source can change or be unmapped afterwards."""
+    model = tiny_model(family)
+    kept = random_kept(model, 3, removed=REMOVED)
+    weights = random_output_weights(model, {u: k for u, k in kept.items() if u.layer % 2}, 3)
+    shrunk = shrink_model(model, kept, weights)
+    source = {t.untyped_storage().data_ptr() for t in [*model.state_dict().values(), *weights.values()]}
+    for name, tensor in shrunk.state_dict().items():
+        assert tensor.untyped_storage().data_ptr() not in source, name
+    before = logits(shrunk, torch.arange(8)[None])
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+        for w in weights.values():
+            w.add_(1.0)
+    assert torch.equal(logits(shrunk, torch.arange(8)[None]), before)
+
+
 def test_generate_matches_masked(family):
     model = tiny_model(family)
     kept = random_kept(model, 5, removed=REMOVED)
