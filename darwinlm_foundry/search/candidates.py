@@ -404,12 +404,14 @@ class CandidateScoring:
         targets = None
         key = self._fitness_key(generation, step)
         if s.fitness != 'ppl':
-            if train_tokens is not None and self.cache.directory is None:
-                # fine-tuning steps: the targets wait in a file while each candidate trains (the fit's own
+            rows = self._rows(fit_tokens)
+            if train_tokens is not None and self.cache.directory is None and \
+                    self._targets_bytes(rows) > s.spill_targets_mib * 2 ** 20:
+                # fine-tuning steps: large targets wait in a file while each candidate trains (the fit's own
                 # peak is the search's largest), then are read back a micro-batch at a time
-                targets = self._spill_dense_targets(self._rows(fit_tokens), f'step_{generation}_{step}')
+                targets = self._spill_dense_targets(rows, f'step_{generation}_{step}')
             else:
-                targets = self.dense_targets(key, self._rows(fit_tokens))
+                targets = self.dense_targets(key, rows)
                 self._release_dense()
         fit_seed = derive_seed(s.seed, 'fit', generation, step)
         n = len(candidates)
@@ -480,6 +482,12 @@ class CandidateScoring:
             return None
         return self.data.sample(self._n_seqs(size), self.settings.seq_len,
                                 derive_seed(self.settings.seed, 'probe'))
+
+    def _targets_bytes(self, tokens: torch.Tensor) -> int:
+        """Bytes of the prepared dense targets of ``tokens`` (fp32 probabilities per vocabulary entry, or the
+        top-k values and indices)."""
+        per_token = 12 * self.cache.topk if self.cache.topk else 4 * self.spec.vocab_size
+        return tokens.numel() * per_token
 
     def _spill_dense_targets(self, tokens: torch.Tensor, name: str):
         """Dense targets of ``tokens`` computed one micro-batch at a time, each block written to a scratch file

@@ -45,7 +45,10 @@ class SearchSettings:
     Runtime (not part of the fingerprint): ``output_dir``, ``device``, ``precision``, ``distributed``,
     ``keep_dense_resident``, ``dense_cache_dir`` (memory-map dense targets there; None keeps them in memory),
     ``progress_bar``, ``activation_checkpointing`` (fine-tuning fits recompute each layer's activations in the
-    backward pass instead of keeping them: the same weights bit for bit, less memory, a slower fit).
+    backward pass instead of keeping them: the same weights bit for bit, less memory, a slower fit),
+    ``spill_targets_mib`` (a fine-tuning step whose dense targets take more than this many MiB keeps them in a
+    scratch file while its candidates train, read back a micro-batch at a time; smaller ones stay in memory,
+    where writing and re-reading them would cost more than they weigh; 0: always spill; same values either way).
     """
 
     target_level: Optional[int] = 5
@@ -73,10 +76,11 @@ class SearchSettings:
     progress_bar: bool = True
     probe_tokens: Optional[int] = None
     activation_checkpointing: bool = False
+    spill_targets_mib: float = 256
 
     # Fields that may change between a run and its resume without changing the result.
     RUNTIME_FIELDS = ('output_dir', 'device', 'precision', 'distributed', 'keep_dense_resident', 'dense_cache_dir',
-                      'progress_bar', 'activation_checkpointing')
+                      'progress_bar', 'activation_checkpointing', 'spill_targets_mib')
     # Fields that do not change the search (left out of the fingerprint, so states written before they existed
     # still resume), but are checked on resume by other means (the probe size is recorded in the state).
     UNFINGERPRINTED_FIELDS = ('probe_tokens',)
@@ -101,6 +105,8 @@ class SearchSettings:
         for name in ('generations', 'probe_tokens'):
             if getattr(self, name) is not None and int(getattr(self, name)) < 0:
                 raise ValueError(f'{name} must be >= 0, got {getattr(self, name)}')
+        if float(self.spill_targets_mib) < 0:
+            raise ValueError(f'spill_targets_mib must be >= 0 (0: always spill), got {self.spill_targets_mib}')
         for name in ('seq_len', 'train_batch_size', 'micro_batch_size'):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f'{name} must be >= 1, got {getattr(self, name)}')

@@ -94,7 +94,7 @@ def database(pretrained, tokens, tmp_path_factory):
 def _settings(out, train=(0, 0), **kw):
     base = dict(target_level=5, generations=4, offspring=6, survivors=(3, 1), fitness_tokens=(512, 1024),
                 train_tokens=train, lr=1e-4, seq_len=SEQ, train_batch_size=8, micro_batch_size=8,
-                output_dir=str(out), progress_bar=False, seed=3)
+                output_dir=str(out), progress_bar=False, seed=3, spill_targets_mib=0)  # spill: the lean path
     base.update(kw)
     return SearchSettings(**base)
 
@@ -265,6 +265,25 @@ def test_memory_lean_fitness_equals_the_reference_path(mode, runs, pretrained, d
     assert ref.winner == lean.winner and ref.fitness == lean.fitness
     assert _strip(ref.history) == _strip(lean.history, drop=('seconds', 'probe_fitness'))
     assert ref.probe_fitness is None and 'probe_fitness' not in ref.history[0]
+
+
+def test_small_targets_of_fine_tuning_steps_stay_in_memory(pretrained, database, tokens, tmp_path):
+    """A fine-tuning step spills its dense targets only above ``spill_targets_mib``; the fitness is the same
+    bit for bit either way."""
+    from darwinlm_foundry.search.space import LevelBounds, make_offspring, make_rng
+    candidates = make_offspring(uniform(2, 5), 3, LevelBounds.full(2, max_level=9), make_rng(1))
+    fitness = {}
+    for mib in (0, 256):
+        engine = _engine(_settings(tmp_path / str(mib), (512, 1024), spill_targets_mib=mib), pretrained, database,
+                         tokens)
+        spills = []
+        spill = engine._spill_dense_targets
+        engine._spill_dense_targets = lambda rows, name: spills.append(name) or spill(rows, name)
+        fitness[mib] = engine.evaluate(candidates, 0, 0)
+        # 512 tokens x 512 vocabulary x 4 bytes = 1 MiB of targets
+        assert engine._targets_bytes(engine._rows(engine.fitness_sample(0, 0))) == 2 ** 20
+        assert spills == (['step_0_0'] if mib == 0 else [])
+    assert fitness[0] == fitness[256]
 
 
 def test_zero_generations_is_the_uniform_baseline(pretrained, database, tokens, tmp_path, monkeypatch, capsys):
