@@ -124,11 +124,15 @@ def _collect_new_objects_only():
 
 
 _DROP_OUTPUTS = None
+# Candidates whose estimated fit memory (``_candidate_memory_bytes``) is below this do not give their heap back
+# to the OS (after each batch and each candidate): trimming releases pages the next batch faults in again
+# (30-50 ms a trim on the tiny demo model, where the whole fit takes a few hundred MB and cannot pile up).
+TRIM_ABOVE_BYTES = 2 ** 30
 
 
-def _drop_outputs():
+def _drop_outputs(trim_every_batch: bool = True):
     """A Composer callback for the fits' memory: lets go of the model outputs before the backward pass, and
-    gives the heap freed by each batch back to the OS (:func:`_trim_heap`).
+    (``trim_every_batch``) gives the heap freed by each batch back to the OS (:func:`_trim_heap`).
 
     Composer keeps ``state.outputs`` (the logits: 4 x 512 x 49152 fp32 = 0.4 GB for SmolLM2) until the next
     batch, for train metrics; the fits have none and the loss is already computed, and autograd does not
@@ -140,15 +144,19 @@ def _drop_outputs():
 
         class DropOutputs(Callback):
 
+            def __init__(self, trim_every_batch: bool):
+                self.trim_every_batch = trim_every_batch
+
             def before_backward(self, state, logger):
                 if not state.train_metrics:
                     state.outputs = None
 
             def batch_end(self, state, logger):
-                _trim_heap()
+                if self.trim_every_batch:
+                    _trim_heap()
 
         _DROP_OUTPUTS = DropOutputs
-    return _DROP_OUTPUTS()
+    return _DROP_OUTPUTS(trim_every_batch)
 
 
 class CandidateScoring:
@@ -162,6 +170,10 @@ class CandidateScoring:
         hidden, vocab = self.spec.hidden_size, self.spec.vocab_size
         acts = s.micro_batch_size * s.seq_len * (self.spec.num_layers * hidden * 34 + vocab * 8)
         return 16 * params + acts
+
+    def _trims_heap(self) -> bool:
+        """Whether candidates are large enough to give their freed heap back to the OS (``TRIM_ABOVE_BYTES``)."""
+        return self._candidate_memory_bytes() >= TRIM_ABOVE_BYTES
 
     def _dense(self) -> torch.nn.Module:
         """The database's source model (stitched at its current levels = the model itself), on the device."""
@@ -370,8 +382,8 @@ class CandidateScoring:
             t0 = time.perf_counter()
             ctx = composer_rank_local() if self.mode == 'offspring_parallel' else contextlib.nullcontext()
             with ctx, _cached_env_report():
-                cmodel = HuggingFaceModel(model, tokenizer=self.tokenizer, use_logits=True, metrics=[],
-                                          shift_labels=True)
+                # no tokenizer: the fit saves nothing, and Composer would count its vocabulary every fit
+                cmodel = HuggingFaceModel(model, tokenizer=None, use_logits=True, metrics=[], shift_labels=True)
                 optimizer = DecoupledAdamW(cmodel.parameters(), lr=s.lr, betas=(0.9, 0.95), eps=1e-8,
                                            weight_decay=0.0)
                 kwargs = {}
@@ -384,7 +396,7 @@ class CandidateScoring:
                                        optimizers=optimizer, device=self._composer_device(), precision=self.precision,
                                        device_train_microbatch_size=min(s.micro_batch_size, per_rank_batch),
                                        seed=seed, progress_bar=False, log_to_console=False, loggers=[],
-                                       callbacks=[_drop_outputs()],
+                                       callbacks=[_drop_outputs(self._trims_heap())],
                                        save_folder=None, train_subset_num_batches=-1, **kwargs) as trainer:
                     t1 = time.perf_counter()
                     trainer.fit()
@@ -449,7 +461,8 @@ class CandidateScoring:
                 del model, scored
                 if train_tokens is not None:
                     gc.collect()  # the fit's Trainer is a reference cycle that still holds the candidate
-                _trim_heap()
+                if self._trims_heap():
+                    _trim_heap()
         del shared
         # this step's sample is never scored again (keys name the generation and step)
         self._drop_spilled(targets)
@@ -513,11 +526,13 @@ class CandidateScoring:
         for name in getattr(targets, 'fields', ()):
             with contextlib.suppress(OSError):
                 os.remove(f'{targets.stem}.{name}.bin')
-        if self._scratch is not None and self._probe_targets is None and not os.listdir(self._scratch):
+        probe_in_file = hasattr(self._probe_targets, 'fields')  # spilled (in-memory targets have no files)
+        if self._scratch is not None and not probe_in_file and not os.listdir(self._scratch):
             self._drop_scratch()
 
     def _drop_scratch(self) -> None:
-        self._probe_targets = None
+        if hasattr(self._probe_targets, 'fields'):
+            self._probe_targets = None
         if self._scratch is not None:
             shutil.rmtree(self._scratch, ignore_errors=True)
             self._scratch = None
@@ -537,10 +552,17 @@ class CandidateScoring:
             tokens = self._rows(self.probe_sample())
             targets = None
             if self.settings.fitness != 'ppl':
-                # needed once per generation: kept in a file, not in memory (for SmolLM2's 49152-token
-                # vocabulary 0.8 GB at 4096 tokens, as much as the largest selection step's targets)
+                # needed once per generation: kept in a file, not in memory, when large (for SmolLM2's
+                # 49152-token vocabulary 0.8 GB at 4096 tokens, as much as the largest selection step's targets)
                 if self._probe_targets is None:
-                    self._probe_targets = self._spill_dense_targets(tokens, 'probe')
+                    if self._targets_bytes(tokens) > self.settings.spill_targets_mib * 2 ** 20:
+                        self._probe_targets = self._spill_dense_targets(tokens, 'probe')
+                    else:
+                        converter = DenseLogitCache(topk=self.cache.topk, prepared=True,
+                                                    compute_rows=self.settings.micro_batch_size)
+                        self._probe_targets = converter.get_or_compute(
+                            ('probe',), tokens, lambda t: self._logits(self._dense(), t))
+                        self._release_dense()
                 targets = self._probe_targets
             model = self.build_candidate(config).to(self.device)
             sums[0], sums[1] = self._fitness_sums(model, tokens, targets)

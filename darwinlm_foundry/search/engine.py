@@ -164,7 +164,7 @@ class EvolutionarySearch(CandidateScoring):
         self.cache = DenseLogitCache(directory=settings.dense_cache_dir,
                                      topk=settings.topk if settings.fitness == 'topk_kl' else None,
                                      prepared=True, compute_rows=settings.micro_batch_size)
-        self._probe_targets = None  # the probe sample's dense targets, spilled to a file (see probe_fitness)
+        self._probe_targets = None  # the probe sample's dense targets, in a file when large (see probe_fitness)
         self._scratch: Optional[str] = None  # directory of spilled targets, removed when run() ends
         self._probe_memo: Optional[tuple] = None  # (config, probe fitness) of the last parent scored
         self._dense_model: Optional[torch.nn.Module] = None
@@ -374,6 +374,7 @@ class EvolutionarySearch(CandidateScoring):
                 bar.close()
             self._dense_model = None
             self._drop_scratch()
+            self._probe_targets = None  # in memory when small (see probe_fitness)
             self._release_file_maps()
         probe = state.history[-1].get('probe_fitness') if state.history else state.extra.get('start_probe_fitness')
         fitness = state.parent_fitness

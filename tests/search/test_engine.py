@@ -268,8 +268,8 @@ def test_memory_lean_fitness_equals_the_reference_path(mode, runs, pretrained, d
 
 
 def test_small_targets_of_fine_tuning_steps_stay_in_memory(pretrained, database, tokens, tmp_path):
-    """A fine-tuning step spills its dense targets only above ``spill_targets_mib``; the fitness is the same
-    bit for bit either way."""
+    """A fine-tuning step (and the probe) spill their dense targets only above ``spill_targets_mib``; the
+    fitness is the same bit for bit either way."""
     from darwinlm_foundry.search.space import LevelBounds, make_offspring, make_rng
     candidates = make_offspring(uniform(2, 5), 3, LevelBounds.full(2, max_level=9), make_rng(1))
     fitness = {}
@@ -279,10 +279,10 @@ def test_small_targets_of_fine_tuning_steps_stay_in_memory(pretrained, database,
         spills = []
         spill = engine._spill_dense_targets
         engine._spill_dense_targets = lambda rows, name: spills.append(name) or spill(rows, name)
-        fitness[mib] = engine.evaluate(candidates, 0, 0)
+        fitness[mib] = engine.evaluate(candidates, 0, 0) + [engine.probe_fitness(candidates[0])]
         # 512 tokens x 512 vocabulary x 4 bytes = 1 MiB of targets
         assert engine._targets_bytes(engine._rows(engine.fitness_sample(0, 0))) == 2 ** 20
-        assert spills == (['step_0_0'] if mib == 0 else [])
+        assert spills == (['step_0_0', 'probe'] if mib == 0 else [])
     assert fitness[0] == fitness[256]
 
 
