@@ -417,8 +417,7 @@ class CandidateScoring:
         key = self._fitness_key(generation, step)
         if s.fitness != 'ppl':
             rows = self._rows(fit_tokens)
-            if train_tokens is not None and self.cache.directory is None and \
-                    self._targets_bytes(rows) > s.spill_targets_mib * 2 ** 20:
+            if train_tokens is not None and self.cache.directory is None and self._spills(rows):
                 # fine-tuning steps: large targets wait in a file while each candidate trains (the fit's own
                 # peak is the search's largest), then are read back a micro-batch at a time
                 targets = self._spill_dense_targets(rows, f'step_{generation}_{step}')
@@ -502,6 +501,10 @@ class CandidateScoring:
         per_token = 12 * self.cache.topk if self.cache.topk else 4 * self.spec.vocab_size
         return tokens.numel() * per_token
 
+    def _spills(self, tokens: torch.Tensor) -> bool:
+        """Whether dense targets kept across fits go to a scratch file (``spill_targets_mib``)."""
+        return self._targets_bytes(tokens) > self.settings.spill_targets_mib * 2 ** 20
+
     def _spill_dense_targets(self, tokens: torch.Tensor, name: str):
         """Dense targets of ``tokens`` computed one micro-batch at a time, each block written to a scratch file
         as it comes (:class:`~darwinlm_foundry.search.fitness.SpilledTargets`: read back a micro-batch at a time,
@@ -555,7 +558,7 @@ class CandidateScoring:
                 # needed once per generation: kept in a file, not in memory, when large (for SmolLM2's
                 # 49152-token vocabulary 0.8 GB at 4096 tokens, as much as the largest selection step's targets)
                 if self._probe_targets is None:
-                    if self._targets_bytes(tokens) > self.settings.spill_targets_mib * 2 ** 20:
+                    if self._spills(tokens):
                         self._probe_targets = self._spill_dense_targets(tokens, 'probe')
                     else:
                         converter = DenseLogitCache(topk=self.cache.topk, prepared=True,

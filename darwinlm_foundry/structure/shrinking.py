@@ -11,6 +11,7 @@ from typing import Callable, Dict, Mapping, Optional, Sequence
 import torch
 
 from darwinlm_foundry.modeling import DarwinLMConfig, DarwinLMForCausalLM
+from darwinlm_foundry.modeling.modeling_darwinlm import DarwinLMAttention, DarwinLMDecoderLayer, DarwinLMMLP
 from darwinlm_foundry.structure.families import family_of, family_traits
 from darwinlm_foundry.structure.units import Unit, head_dim, layer_heads, layer_intermediate_size, prunable_units
 
@@ -209,8 +210,7 @@ def build_unit_modules(config, new_config: DarwinLMConfig, unit: Unit, get_tenso
     tensors as :func:`build_shrunk_model` gives that unit.
     """
     from transformers.modeling_utils import no_init_weights
-
-    from darwinlm_foundry.modeling.modeling_darwinlm import DarwinLMAttention, DarwinLMMLP, LlamaRMSNorm
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
     if kept is not None and len(kept) == 0:
         return None, None
     fresh = set()
@@ -252,7 +252,6 @@ def assemble_shrunk_model(template: DarwinLMForCausalLM, config: DarwinLMConfig,
     renumbers the shared attention modules' KV-cache slots for this model (removed layers take none), so only
     the most recent assembled model may run with a KV cache.
     """
-    from darwinlm_foundry.modeling.modeling_darwinlm import DarwinLMDecoderLayer
     layers, slot = [], 0
     for layer in range(config.num_hidden_layers):
         attn, attn_norm = units[Unit(layer, 'attn')]
