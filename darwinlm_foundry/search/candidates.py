@@ -269,16 +269,19 @@ class CandidateScoring:
         return tokens[:usable][self.rank::self.world_size]
 
     # -- dense targets -----------------------------------------------------------------------------
-    def _autocast(self):
-        if self.precision == 'amp_bf16' and self.device.type == 'cuda':
-            return torch.autocast('cuda', dtype=torch.bfloat16)
+    def _autocast(self, dense: bool = False):
+        """bf16 autocast under ``amp_bf16`` (on a CPU with AMX tiles, bf16 matmuls run 3-6x faster than fp32).
+        ``dense``: for the dense targets, which stay fp32 on a CPU (computed once per sample, they are the
+        reference every candidate is scored against)."""
+        if self.precision == 'amp_bf16' and not (dense and self.device.type == 'cpu'):
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     @torch.no_grad()
     def _logits(self, model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
         outs = []
         mb = self.settings.micro_batch_size
-        with self._autocast():
+        with self._autocast(dense=True):
             for i in range(0, len(tokens), mb):
                 outs.append(model(input_ids=tokens[i:i + mb].to(self.device)).logits.float())
         return torch.cat(outs)
@@ -341,7 +344,7 @@ class CandidateScoring:
         (0.4 GB per 2048 SmolLM2 tokens) costs page faults."""
         from darwinlm_foundry.modeling.modeling_darwinlm import DarwinLMForCausalLM
 
-        return (self.settings.fitness == 'kl' and self.device.type == 'cpu' and self.precision == 'fp32'
+        return (self.settings.fitness == 'kl' and self.device.type == 'cpu'
                 and isinstance(model, DarwinLMForCausalLM) and model.lm_head.bias is None)
 
     @staticmethod
@@ -393,13 +396,16 @@ class CandidateScoring:
                                                              'mixed_precision': 'DEFAULT',
                                                              'use_orig_params': True}}
                 with transient_trainer(model=cmodel, train_dataloader=self._loader, max_duration=f'{steps}ba',
-                                       optimizers=optimizer, device=self._composer_device(), precision=self.precision,
+                                       optimizers=optimizer, device=self._composer_device(),
+                                       precision=self.precision if self.device.type == 'cuda' else 'fp32',
                                        device_train_microbatch_size=min(s.micro_batch_size, per_rank_batch),
                                        seed=seed, progress_bar=False, log_to_console=False, loggers=[],
                                        callbacks=[_drop_outputs(self._trims_heap())],
                                        save_folder=None, train_subset_num_batches=-1, **kwargs) as trainer:
                     t1 = time.perf_counter()
-                    trainer.fit()
+                    # Composer's amp_bf16 is a no-op on a CPU: autocast the fit here (fp32 master weights)
+                    with (self._autocast() if self.device.type == 'cpu' else contextlib.nullcontext()):
+                        trainer.fit()
                     optimizer.state.clear()  # Adam moments and gradients are not needed to score the model
                     model.zero_grad(set_to_none=True)
             self.stats['trainer_init_seconds'] += t1 - t0

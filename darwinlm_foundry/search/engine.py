@@ -368,7 +368,7 @@ class EvolutionarySearch(CandidateScoring):
                     self.levels_fn(state.parent, 0)
             run_search(state, s.generations, make_evaluate, self.bounds, self.schedule,
                        self.state_path if self.rank == 0 else None, on_generation=hook,
-                       score_parent=self.probe_fitness if s.probe_size else None)
+                       score_parent=self.probe_fitness if s.probe_size else None, max_switches=s.max_switches)
         finally:
             if bar is not None:
                 bar.close()

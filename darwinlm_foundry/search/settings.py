@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Mapping, Optional
 
 from darwinlm_foundry.search.selection import SelectionSchedule
-from darwinlm_foundry.search.space import MAX_LEVEL
+from darwinlm_foundry.search.space import DEFAULT_MAX_SWITCHES, MAX_LEVEL
 from darwinlm_foundry.utils.config import from_mapping
 
 __all__ = ['SearchSettings']
@@ -35,14 +35,18 @@ class SearchSettings:
     ``ceil(train_tokens / seq_len)`` sequences in optimizer steps of ``train_batch_size`` sequences,
     ``micro_batch_size`` at a time (also the fitness batch). Fitness: ``'kl'``, ``'topk_kl'`` (dense top-``topk``
     stored, for 128K vocabularies) or ``'ppl'``. ``max_level``: highest level a unit may take (default: the
-    highest level at which level switches keep the parameter count exact, from the database).
+    highest level at which level switches keep the parameter count exact, from the database). Mutation:
+    ``max_switches`` -- an offspring makes min(U{1,m}, U{1,m}) level switches, m = ``max_switches`` (default 3:
+    mostly one; larger m takes bigger steps).
     Probe: ``probe_tokens`` -- after every generation the parent, as stitched (no fine-tuning), is also scored
     on one fixed probe sample of this many tokens (the same tokens every generation, drawn with a fixed seed;
     default: the last ``fitness_tokens`` step; 0: no probe) and recorded as ``probe_fitness``: the selection's
     own fitness is measured on fresh samples every generation and so jumps, the probe fitness is comparable
     across generations. It never influences the search and is not fingerprinted (a state written before the
     setting existed resumes), but a resume must keep its size.
-    Runtime (not part of the fingerprint): ``output_dir``, ``device``, ``precision``, ``distributed``,
+    Runtime (not part of the fingerprint): ``output_dir``, ``device``, ``precision`` (``'auto'``: ``amp_bf16`` on a
+    GPU, ``fp32`` on a CPU; ``amp_bf16`` on a CPU autocasts the candidates' forwards and fits to bf16, 2-3x faster
+    where the CPU has AMX tiles, while the dense targets and the KL itself stay fp32), ``distributed``,
     ``keep_dense_resident``, ``dense_cache_dir`` (memory-map dense targets there; None keeps them in memory),
     ``progress_bar``, ``activation_checkpointing`` (fine-tuning fits recompute each layer's activations in the
     backward pass instead of keeping them: the same weights bit for bit, less memory, a slower fit),
@@ -66,6 +70,7 @@ class SearchSettings:
     fitness: str = 'kl'
     topk: Optional[int] = None
     max_level: Optional[int] = None
+    max_switches: int = DEFAULT_MAX_SWITCHES
     seed: int = 0
     output_dir: str = 'darwinlm_search'
     device: str = 'auto'
@@ -114,6 +119,8 @@ class SearchSettings:
             raise ValueError(f'fitness must be one of {_FITNESS}, got {self.fitness!r}')
         if self.fitness == 'topk_kl' and not (self.topk and int(self.topk) >= 1):
             raise ValueError("fitness 'topk_kl' needs topk >= 1 (how many dense logits to keep per token)")
+        if isinstance(self.max_switches, bool) or int(self.max_switches) != self.max_switches or self.max_switches < 1:
+            raise ValueError(f'max_switches must be an integer >= 1, got {self.max_switches!r}')
         if self.max_level is not None and not 0 <= int(self.max_level) <= MAX_LEVEL:
             raise ValueError(f'max_level must lie in 0..{MAX_LEVEL}, got {self.max_level}')
         if self.device not in _DEVICES:
@@ -139,8 +146,11 @@ class SearchSettings:
 
     def result_fields(self) -> dict:
         """The settings that determine the result (fingerprinted; runtime fields and the probe left out)."""
-        return {k: v for k, v in self.to_dict().items()
-                if k not in self.RUNTIME_FIELDS and k not in self.UNFINGERPRINTED_FIELDS}
+        fields = {k: v for k, v in self.to_dict().items()
+                  if k not in self.RUNTIME_FIELDS and k not in self.UNFINGERPRINTED_FIELDS}
+        if fields['max_switches'] == DEFAULT_MAX_SWITCHES:  # states written before the setting existed resume
+            del fields['max_switches']
+        return fields
 
     @property
     def probe_size(self) -> int:

@@ -406,13 +406,21 @@ def admits_switch(config: LevelConfig, bounds: LevelBounds) -> bool:
         for g in GROUPS)
 
 
-def num_switches(rng: Rng) -> int:
-    """min(U{1,3}, U{1,3}): 1, 2, 3 switches with probabilities 5/9, 3/9, 1/9."""
-    return min(1 + _randbelow(rng, 3), 1 + _randbelow(rng, 3))
+DEFAULT_MAX_SWITCHES = 3
 
 
-def mutate(parent: LevelConfig, bounds: LevelBounds, rng: Rng, n_switches: int | None = None) -> LevelConfig:
-    """One offspring of ``parent``: ``n_switches`` (default min(U{1,3}, U{1,3})) level switches.
+def num_switches(rng: Rng, max_switches: int = DEFAULT_MAX_SWITCHES) -> int:
+    """min(U{1,m}, U{1,m}) for ``m = max_switches``: small steps most often (m = 3: 1, 2, 3 switches with
+    probabilities 5/9, 3/9, 1/9)."""
+    if max_switches < 1:
+        raise ValueError(f'max_switches must be >= 1, got {max_switches}')
+    return min(1 + _randbelow(rng, max_switches), 1 + _randbelow(rng, max_switches))
+
+
+def mutate(parent: LevelConfig, bounds: LevelBounds, rng: Rng, n_switches: int | None = None,
+           max_switches: int = DEFAULT_MAX_SWITCHES) -> LevelConfig:
+    """One offspring of ``parent``: ``n_switches`` (default min(U{1,m}, U{1,m}), m = ``max_switches``) level
+    switches.
 
     Each switch picks a group uniformly among those that admit one, then a unit that can go up one level
     and a different unit of the same group that can go down one level (uniformly among the valid ones),
@@ -421,7 +429,7 @@ def mutate(parent: LevelConfig, bounds: LevelBounds, rng: Rng, n_switches: int |
     """
     bounds.check(parent)
     if n_switches is None:
-        n_switches = num_switches(rng)
+        n_switches = num_switches(rng, max_switches)
     levels = {g: list(parent.group(g)) for g in GROUPS}
     for _ in range(n_switches):
         moves = {g: _movable(levels[g], bounds.lower.group(g), bounds.upper.group(g)) for g in GROUPS}
@@ -441,8 +449,9 @@ def mutate(parent: LevelConfig, bounds: LevelBounds, rng: Rng, n_switches: int |
 
 
 def make_offspring(parent: LevelConfig, n: int, bounds: LevelBounds, rng: Rng,
-                   max_tries: int | None = None) -> list[LevelConfig]:
-    """``n`` distinct mutants of ``parent``, none equal to it, each with exactly its size.
+                   max_tries: int | None = None, max_switches: int = DEFAULT_MAX_SWITCHES) -> list[LevelConfig]:
+    """``n`` distinct mutants of ``parent`` (:func:`mutate` with ``max_switches``), none equal to it, each with
+    exactly its size.
 
     Gives up after ``max_tries`` mutations (default ``50 * n + 100``); when the space is too small it
     returns fewer than ``n`` (possibly none) and emits a ``RuntimeWarning`` saying how many.
@@ -462,7 +471,7 @@ def make_offspring(parent: LevelConfig, n: int, bounds: LevelBounds, rng: Rng,
     tries = 0
     while len(out) < n and tries < max_tries:
         tries += 1
-        child = mutate(parent, bounds, rng)
+        child = mutate(parent, bounds, rng, max_switches=max_switches)
         if child in seen:
             continue
         assert_same_size(child, parent)  # invariant of mutate; cheap to keep honest

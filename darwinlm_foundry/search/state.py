@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 from darwinlm_foundry.search.selection import GenerationResult, SelectionSchedule, run_generation
-from darwinlm_foundry.search.space import (LevelBounds, LevelConfig, Rng, assert_same_size, make_offspring, make_rng,
+from darwinlm_foundry.search.space import (DEFAULT_MAX_SWITCHES, LevelBounds, LevelConfig, Rng, assert_same_size, make_offspring, make_rng,
                                            rng_from_state, rng_state)
 from darwinlm_foundry.utils.io import atomic_write_json
 
@@ -199,11 +199,12 @@ def run_search(state: SearchState, n_generations: int,
                make_evaluate: Callable[[int], Callable[[list, int], Sequence[float]]],
                bounds: LevelBounds, schedule: SelectionSchedule, checkpoint_path: Optional[str],
                on_generation: Optional[Callable[[SearchState, GenerationResult], None]] = None,
-               score_parent: Optional[Callable[[Any], Optional[float]]] = None) -> SearchState:
+               score_parent: Optional[Callable[[Any], Optional[float]]] = None,
+               max_switches: int = DEFAULT_MAX_SWITCHES) -> SearchState:
     """Run generations until ``state.generation == n_generations`` (a total, so a resume continues).
 
-    Per generation ``g``: ``schedule.offspring`` distinct offspring of the parent by mutation with the
-    state's RNG; ``run_generation(parent, offspring, schedule, make_evaluate(g))``; the winner becomes the
+    Per generation ``g``: ``schedule.offspring`` distinct offspring of the parent by mutation (at most
+    ``max_switches`` level switches each) with the state's RNG; ``run_generation(parent, offspring, schedule, make_evaluate(g))``; the winner becomes the
     parent; ``score_parent(winner)`` (if given: e.g. its fitness on a fixed probe sample, comparable across
     generations; it must not draw from the state's RNG) goes into the record as ``probe_fitness``; the state
     (with the advanced RNG) is saved to ``checkpoint_path`` (if not None); then ``on_generation(state, result)``
@@ -218,7 +219,7 @@ def run_search(state: SearchState, n_generations: int,
     while state.generation < n_generations:
         g = state.generation
         start = time.perf_counter()
-        offspring = make_offspring(state.parent, schedule.offspring, bounds, rng)
+        offspring = make_offspring(state.parent, schedule.offspring, bounds, rng, max_switches=max_switches)
         for child in offspring:
             assert_same_size(child, state.parent)
         result = run_generation(state.parent, offspring, schedule, make_evaluate(g))

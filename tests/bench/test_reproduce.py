@@ -69,7 +69,13 @@ def test_reproduce_smoke_and_resume(smollm2_wheel, tmp_path):
     assert models['uniform5']['params'] - models['shortgpt5']['params'] == dropped * spec.removal_overhead('attn')
     # the same training tokens on both sides of comparisons 8 and 9
     n = doc['budget_tokens']['posttrain_N_tokens']
-    assert models['darwinlm5_kl+train']['train_tokens'] == models['darwinlm5_tas+train']['train_tokens'] == n
+    assert (models['darwinlm5_kl+train']['train_tokens'] == models['darwinlm5_tas+train']['train_tokens']
+            == models['darwinlm5_kl_matched+train']['train_tokens'] == n)
+    # the KL-only search ran kl_generations; its side of the TAS comparison is its parent after as many
+    # generations as the TAS search ran
+    kl_search, b = seed['searches']['darwinlm5_kl'], doc['budget']
+    assert len(kl_search['parents']) == b['kl_generations'] > b['generations']
+    assert models['darwinlm5_kl_matched']['levels'] == kl_search['parents'][b['generations'] - 1]
     assert models['darwinlm6+train2N']['train_tokens'] == models['gradual6+train']['train_tokens'] == 2 * n
     # post-training changed the models (a silent no-op fit would make comparisons 8 and 9 meaningless)
     for k in ('darwinlm5_kl', 'darwinlm5_tas', 'gradual6'):
@@ -133,6 +139,10 @@ def test_budget_overrides_and_token_accounting():
     assert reproduce.QUICK.tokens()['posttrain_N_tokens'] == 4 * 2 * 512
     with pytest.raises(ValueError, match='one entry per selection step'):
         reproduce._override(reproduce.QUICK, ['survivors=4,2,1'])
+    with pytest.raises(ValueError, match='kl_generations'):
+        reproduce._override(reproduce.QUICK, ['generations=40'])
+    assert reproduce.QUICK.runs_tas(reproduce.QUICK.seeds[0]) and not reproduce.QUICK.runs_tas(reproduce.QUICK.seeds[1])
+    assert all(reproduce.FULL.runs_tas(s) for s in reproduce.FULL.seeds)
     with pytest.raises(ValueError, match='KEY=VALUE'):
         reproduce._override(reproduce.QUICK, ['no_such_field=1'])
     assert reproduce.short_domain('redpajama_c4-rp1') == 'c4' and reproduce.short_domain('redpajama_book2') == 'book'

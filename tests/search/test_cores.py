@@ -87,6 +87,27 @@ def test_num_switches_distribution():
     np.testing.assert_allclose(counts[1:] / 9000, [5 / 9, 3 / 9, 1 / 9], atol=0.02)
 
 
+@pytest.mark.parametrize('m', [1, 6])
+def test_num_switches_distribution_for_other_maxima(m):
+    """min of two U{1,m}: P(k) = ((m - k + 1)^2 - (m - k)^2) / m^2."""
+    rng = make_rng(0)
+    counts = np.bincount([num_switches(rng, m) for _ in range(20000)], minlength=m + 2)
+    want = [((m - k + 1) ** 2 - (m - k) ** 2) / m ** 2 for k in range(1, m + 1)]
+    assert counts[0] == counts[m + 1] == 0
+    np.testing.assert_allclose(counts[1:m + 1] / 20000, want, atol=0.015)
+    with pytest.raises(ValueError, match='max_switches'):
+        num_switches(rng, 0)
+
+
+def test_offspring_with_one_switch_at_most_move_exactly_one_level_pair():
+    """``max_switches=1`` reaches make_offspring's mutations: every child is one switch from the parent (the
+    default makes some with two or three)."""
+    bounds, parent = LevelBounds.full(6), uniform(6, 5)
+    moved = lambda c: sum(int(np.abs(np.subtract(c.group(g), parent.group(g))).sum()) for g in GROUPS)
+    assert {moved(c) for c in make_offspring(parent, 40, bounds, make_rng(4), max_switches=1)} == {2}
+    assert max(moved(c) for c in make_offspring(parent, 40, bounds, make_rng(4))) > 2
+
+
 @pytest.mark.parametrize('bounds_kind', ['full', 'custom'])
 def test_mutation_keeps_size_groups_and_bounds(bounds_kind):
     num_layers = 6
@@ -361,6 +382,26 @@ def test_prepared_kl_of_a_model_with_itself_at_real_vocabulary_scale():
     logits[:, :50] += 8  # a peaked distribution: most mass on a few tokens, as for real text
     kl = DenseTargets(logits=logits).prepare().kl(logits, reduction='none')
     assert kl.abs().max() < 2e-4, kl.abs().max()
+
+
+def test_prepared_kl_stays_fp32_under_bf16_autocast():
+    """A CPU search under amp_bf16 scores inside bf16 autocast, which would run the KL's einsum (a bmm) in bf16;
+    the prepared KL, fused LM head or not, gives the fp32 values bit for bit there (the head's matmul aside)."""
+    from darwinlm_foundry.search.fitness import DenseTargets
+    g = torch.Generator().manual_seed(0)
+    dense, student = 17 + 2 * torch.randn(2, 8, 4096, generator=g), 17 + 2 * torch.randn(2, 8, 4096, generator=g)
+    t = DenseTargets(logits=dense).prepare()
+    ref = t.kl(student, reduction='none')
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        assert torch.equal(t.kl(student, reduction='none'), ref)
+    # fused head: hidden states and head weight whose fp32 product is the student logits' row space
+    hidden, head = torch.randn(2, 8, 64, generator=g), torch.randn(4096, 64, generator=g)
+    fused = t.kl_hidden(hidden, head, reduction='none')
+    assert torch.allclose(fused, t.kl(torch.nn.functional.linear(hidden, head), reduction='none'), atol=1e-5)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        bf16 = t.kl_hidden(hidden, head, reduction='none')
+    assert torch.equal(bf16, t.kl(torch.nn.functional.linear(hidden.bfloat16(), head.bfloat16()), reduction='none'))
+    assert not torch.equal(bf16, fused)
 
 
 def bucket_kl(dense, student, k):

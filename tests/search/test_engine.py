@@ -132,6 +132,12 @@ def test_settings_validation():
     s = SearchSettings.from_dict({'target_level': 6, 'survivors': [2, 1], 'fitness_tokens': [64, 128],
                                   'train_tokens': [0, 0], 'offspring': 4})
     assert s.schedule.survivors == (2, 1) and s.schedule.offspring == 4 and s.lr == 1e-5
+    # mutation strength: fingerprinted when it differs from the default (states from before the key resume)
+    assert 'max_switches' not in s.result_fields()
+    assert SearchSettings(max_switches=6).result_fields()['max_switches'] == 6
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match='max_switches'):
+            SearchSettings(max_switches=bad)
 
 
 @pytest.mark.parametrize('mode', ['one_shot', 'training_aware'])
@@ -284,6 +290,28 @@ def test_small_targets_of_fine_tuning_steps_stay_in_memory(pretrained, database,
         assert engine._targets_bytes(engine._rows(engine.fitness_sample(0, 0))) == 2 ** 20
         assert spills == (['step_0_0', 'probe'] if mib == 0 else [])
     assert fitness[0] == fitness[256]
+
+
+def test_bf16_autocast_on_a_cpu_scores_and_fits_near_fp32(pretrained, database, tokens, tmp_path):
+    """precision amp_bf16 on a CPU: candidates' forwards and fine-tuning fits run under bf16 autocast (Composer's
+    own amp_bf16 refuses CPUs, so the fit is autocast around it) while the dense targets stay fp32: the fitness of
+    every candidate, scored alone or after a fit, is within bf16 rounding of the fp32 one but not equal to it."""
+    from darwinlm_foundry.search.space import LevelBounds, make_offspring, make_rng
+    candidates = make_offspring(uniform(2, 5), 3, LevelBounds.full(2, max_level=9), make_rng(1))
+    fitness, targets = {}, {}
+    for precision in ('fp32', 'amp_bf16'):
+        for train in ((0, 0), (512, 1024)):
+            engine = _engine(_settings(tmp_path / f'{precision}{train[0]}', train, precision=precision,
+                                       spill_targets_mib=256), pretrained, database, tokens)
+            fitness[precision, train] = engine.evaluate(candidates, 0, 1)
+        rows = engine._rows(engine.fitness_sample(0, 1))
+        targets[precision] = engine.dense_targets(('t',), rows).rows(0, len(rows))
+    for train in ((0, 0), (512, 1024)):
+        assert fitness['amp_bf16', train] == pytest.approx(fitness['fp32', train], rel=2e-2)
+        assert fitness['amp_bf16', train] != fitness['fp32', train]
+    assert fitness['fp32', (512, 1024)] != fitness['fp32', (0, 0)]  # the fit trained
+    a, b = targets['fp32']._prepared, targets['amp_bf16']._prepared
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
 def test_zero_generations_is_the_uniform_baseline(pretrained, database, tokens, tmp_path, monkeypatch, capsys):
