@@ -368,7 +368,8 @@ def search(ctx: Context, db, source_dir: str, out_dir: Path, seed: int, *, tas: 
     b = ctx.budget
     settings = SearchSettings(
         target_level=level, start_config=start, extra_levels=1 if start else 0, generations=generations,
-        offspring=b.offspring, max_switches=b.max_switches, survivors=tuple(b.survivors), fitness_tokens=tuple(b.fitness_tokens),
+        offspring=b.offspring, max_switches=b.max_switches, survivors=tuple(b.survivors),
+        fitness_tokens=tuple(b.fitness_tokens),
         train_tokens=tuple(b.tas_train_tokens) if tas else (0,) * len(b.fitness_tokens), lr=b.tas_lr,
         seq_len=b.seq_len, train_batch_size=b.tas_batch, micro_batch_size=2, seed=seed, output_dir=str(out_dir),
         device='cpu', precision=search_precision(b), progress_bar=False)
@@ -663,7 +664,8 @@ def timing(ledger: Ledger) -> dict:
              ('search KL-only level 5', r'/search/darwinlm5_kl$'), ('search TAS level 5', r'/search/darwinlm5_tas$'),
              ('search one-shot level 6', r'/search/darwinlm6$'), ('database (trained level 5)', r'database_trained5$'),
              ('search gradual 5 -> 6', r'/search/gradual6$'), ('post-train + score', r'\+train'),
-             ('stitch + score searched', r'^seed\d+/(darwinlm5_kl|darwinlm5_kl_matched|darwinlm5_tas|darwinlm6|gradual6)$'),
+             ('stitch + score searched',
+              r'^seed\d+/(darwinlm5_kl|darwinlm5_kl_matched|darwinlm5_tas|darwinlm6|gradual6)$'),
              ('setup (held-out, dense score)', r'^(heldout|dense)')]
     out = {name: {'wall_min': 0.0, 'cpu_min': 0.0, 'steps': 0} for name, _ in parts}
     for key, sec in ledger.seconds.items():

@@ -74,7 +74,8 @@ def main(argv=None) -> dict:
            'rows': rows}
     (out / 'search_length.json').write_text(json.dumps(doc, indent=1))
     names = list(rows[0]['domains'])
-    print(f'{"TAS" if args.tas else "KL-only"} level-{args.level} search, seed {args.seed}: {budget.offspring} offspring, survivors '
+    print(f'{"TAS" if args.tas else "KL-only"} level-{args.level} search, seed {args.seed}: {budget.offspring} offspring, '
+          f'survivors '
           f'{list(budget.survivors)}, fitness tokens {list(budget.fitness_tokens)}; {found["seconds"]:.0f} s of search')
     print('| generations | held-out ppl | / uniform | KL to dense | parent probe KL | ' + ' | '.join(names) + ' |')
     print('|---|---|---|---|---|' + '---|' * len(names))

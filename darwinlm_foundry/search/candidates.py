@@ -270,7 +270,7 @@ class CandidateScoring:
 
     # -- dense targets -----------------------------------------------------------------------------
     def _autocast(self, dense: bool = False):
-        """bf16 autocast under ``amp_bf16`` (on a CPU with AMX tiles, bf16 matmuls run 3-6x faster than fp32).
+        """bf16 autocast under ``amp_bf16`` (on a CPU with AMX tiles, bf16 matmuls run several times faster than fp32).
         ``dense``: for the dense targets, which stay fp32 on a CPU (computed once per sample, they are the
         reference every candidate is scored against)."""
         if self.precision == 'amp_bf16' and not (dense and self.device.type == 'cpu'):
@@ -339,8 +339,9 @@ class CandidateScoring:
 
     def _fused_head(self, model: torch.nn.Module) -> bool:
         """Score the KL with the LM head fused into it (:meth:`DenseTargets.kl_hidden`): full-vocabulary KL of a
-        DarwinLM model (every candidate, the masked base too) on the CPU in fp32, where the head's matmul a few
-        tokens at a time gives the values of the whole one and a fresh (tokens x vocab) logits block per batch
+        DarwinLM model (every candidate, the masked base too) on the CPU (fp32, or bf16 autocast: then the head's
+        matmul runs in bf16 and the KL in fp32), where the head's matmul a few tokens at a time gives the values of
+        the whole one and a fresh (tokens x vocab) logits block per batch
         (0.4 GB per 2048 SmolLM2 tokens) costs page faults."""
         from darwinlm_foundry.modeling.modeling_darwinlm import DarwinLMForCausalLM
 

@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 from darwinlm_foundry.search.selection import GenerationResult, SelectionSchedule, run_generation
-from darwinlm_foundry.search.space import (DEFAULT_MAX_SWITCHES, LevelBounds, LevelConfig, Rng, assert_same_size, make_offspring, make_rng,
-                                           rng_from_state, rng_state)
+from darwinlm_foundry.search.space import (DEFAULT_MAX_SWITCHES, LevelBounds, LevelConfig, Rng, assert_same_size,
+                                           make_offspring, make_rng, rng_from_state, rng_state)
 from darwinlm_foundry.utils.io import atomic_write_json
 
 __all__ = ['SearchState', 'SearchStateError', 'settings_fingerprint', 'run_search', 'STATE_FORMAT']
@@ -204,8 +204,8 @@ def run_search(state: SearchState, n_generations: int,
     """Run generations until ``state.generation == n_generations`` (a total, so a resume continues).
 
     Per generation ``g``: ``schedule.offspring`` distinct offspring of the parent by mutation (at most
-    ``max_switches`` level switches each) with the state's RNG; ``run_generation(parent, offspring, schedule, make_evaluate(g))``; the winner becomes the
-    parent; ``score_parent(winner)`` (if given: e.g. its fitness on a fixed probe sample, comparable across
+    ``max_switches`` level switches each) with the state's RNG; ``run_generation(parent, offspring, schedule,
+    make_evaluate(g))``; the winner becomes the parent; ``score_parent(winner)`` (if given: e.g. its fitness on a fixed probe sample, comparable across
     generations; it must not draw from the state's RNG) goes into the record as ``probe_fitness``; the state
     (with the advanced RNG) is saved to ``checkpoint_path`` (if not None); then ``on_generation(state, result)``
     is called (for logging; an exception there stops the search after the generation was saved). Mutates and
