@@ -106,6 +106,8 @@ class Budget:
     tas_seeds: int = 1                 # the first this many seeds also run TAS and the level-6 arms (0: all)
     offspring: int = 8
     max_switches: int = 3              # mutation: min(U{1,m}, U{1,m}) level switches per offspring
+    samples_by_source: bool = False    # True: fitness samples balanced over the 7 domains (no better on seed 0:
+                                       # 0.770 against 0.737 after 25 generations, search_length_bysource.txt)
     survivors: tuple = (2, 1)
     fitness_tokens: tuple = (1024, 2048)  # fewer let sample noise pick (bench/results/fitness_noise)
     tas_train_tokens: tuple = (0, 2048)  # per candidate and selection step (0: that step selects one-shot)
@@ -368,8 +370,8 @@ def search(ctx: Context, db, source_dir: str, out_dir: Path, seed: int, *, tas: 
     b = ctx.budget
     settings = SearchSettings(
         target_level=level, start_config=start, extra_levels=1 if start else 0, generations=generations,
-        offspring=b.offspring, max_switches=b.max_switches, survivors=tuple(b.survivors),
-        fitness_tokens=tuple(b.fitness_tokens),
+        offspring=b.offspring, max_switches=b.max_switches, samples_by_source=b.samples_by_source,
+        survivors=tuple(b.survivors), fitness_tokens=tuple(b.fitness_tokens),
         train_tokens=tuple(b.tas_train_tokens) if tas else (0,) * len(b.fitness_tokens), lr=b.tas_lr,
         seq_len=b.seq_len, train_batch_size=b.tas_batch, micro_batch_size=2, seed=seed, output_dir=str(out_dir),
         device='cpu', precision=search_precision(b), progress_bar=False)

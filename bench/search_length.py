@@ -75,8 +75,9 @@ def main(argv=None) -> dict:
     (out / 'search_length.json').write_text(json.dumps(doc, indent=1))
     names = list(rows[0]['domains'])
     print(f'{"TAS" if args.tas else "KL-only"} level-{args.level} search, seed {args.seed}: {budget.offspring} offspring, '
-          f'survivors '
-          f'{list(budget.survivors)}, fitness tokens {list(budget.fitness_tokens)}; {found["seconds"]:.0f} s of search')
+          f'survivors {list(budget.survivors)}, fitness tokens {list(budget.fitness_tokens)}'
+          f'{", samples balanced by source" if budget.samples_by_source else ""}, <= {budget.max_switches} switches; '
+          f'{found["seconds"]:.0f} s of search')
     print('| generations | held-out ppl | / uniform | KL to dense | parent probe KL | ' + ' | '.join(names) + ' |')
     print('|---|---|---|---|---|' + '---|' * len(names))
     for r in rows:

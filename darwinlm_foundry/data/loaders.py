@@ -30,7 +30,7 @@ from darwinlm_foundry.data.shards import MANIFEST_NAME
 from darwinlm_foundry.data.sources import _is_uri, _strip_file_scheme
 
 __all__ = ['check_shards', 'text_dataloader_cfg', 'build_text_loader', 'stop_streaming', 'sample_sequences',
-           'serialized_shm_registration']
+           'source_rows', 'serialized_shm_registration']
 
 
 # ----------------------------------------------------------------------------- checks and loaders
@@ -277,13 +277,42 @@ def _local_split_samples(split_dir: str) -> tuple[list, np.ndarray]:
     return readers, ends
 
 
+def source_rows(split_dir: str | os.PathLike) -> dict[str, 'np.ndarray']:
+    """Row indices of every source in a local split, from the conversion's manifest (``source_rows``: runs
+    ``[source, first, end)`` that tile the split's rows in order)."""
+    split_dir = Path(_strip_file_scheme(os.fspath(split_dir)))
+    mpath = split_dir.parent / MANIFEST_NAME
+    runs = None
+    if mpath.is_file():
+        runs = json.loads(mpath.read_text()).get('source_rows', {}).get(split_dir.name)
+    if runs is None:
+        raise ValueError(f'{split_dir} has no per-source row ranges ({mpath} lacks source_rows: written before '
+                         'they were recorded, or not by data.convert_to_mds); convert the text again with '
+                         'convert_to_mds (it redoes an older conversion of the same settings by itself), or sample '
+                         'without by_source')
+    samples = check_shards(split_dir)['num_samples']
+    if [r[1] for r in runs] != [0] + [r[2] for r in runs[:-1]] or runs[-1][2] != samples:
+        raise ValueError(f'the source row ranges in {mpath} do not tile the {samples} samples of {split_dir}: the '
+                         'split and the manifest come from different conversions; convert again')
+    out: dict[str, list] = {}
+    for name, first, end in runs:  # two runs of one name: two source files of the same short name
+        out.setdefault(name, []).append(np.arange(first, end))
+    return {name: np.concatenate(parts) for name, parts in sorted(out.items())}
+
+
 def sample_sequences(split_dir: str | os.PathLike, n_seqs: int, seq_len: int | None = None,
-                     seed: int = 0) -> 'torch.LongTensor':  # noqa: F821
+                     seed: int = 0, by_source: bool = False) -> 'torch.LongTensor':  # noqa: F821
     """``n_seqs`` distinct samples of a local MDS split as a ``(n_seqs, seq_len)`` LongTensor.
 
     Samples are drawn without replacement by a permutation seeded with ``seed``: the same seed always
     gives the same tensor, different seeds give different draws. ``seq_len`` (default: the stored
     length) may be shorter than the stored samples; each sample's first ``seq_len`` tokens are used.
+
+    ``by_source``: balanced over the conversion's source files instead of proportional to their size: the
+    sources are taken in seeded random rounds, one sample of each per round (a source with no samples left
+    drops out), so any ``n_seqs`` >= the number of sources holds every source, and a draw of fewer holds
+    that many different ones. Small samples drawn proportionally hold only the largest sources most of the
+    time (a search selecting on them then favours whatever helps the few domains it saw).
     """
     import torch
 
@@ -296,7 +325,16 @@ def sample_sequences(split_dir: str | os.PathLike, n_seqs: int, seq_len: int | N
         raise ValueError(f'asked for {n_seqs} sequences but {split_dir} holds {total} samples')
     readers, ends = _local_split_samples(split_dir)
     gen = torch.Generator().manual_seed(seed)
-    picks = torch.randperm(total, generator=gen)[:n_seqs].tolist()
+    if by_source:
+        groups = source_rows(split_dir)
+        queues = [rows[torch.randperm(len(rows), generator=gen).numpy()].tolist() for rows in groups.values()]
+        picks = []
+        while len(picks) < n_seqs:
+            for i in torch.randperm(len(queues), generator=gen).tolist():
+                if queues[i] and len(picks) < n_seqs:
+                    picks.append(queues[i].pop())
+    else:
+        picks = torch.randperm(total, generator=gen)[:n_seqs].tolist()
     rows = []
     for idx in picks:
         shard = int(np.searchsorted(ends, idx, side='right'))

@@ -342,8 +342,10 @@ def convert_to_mds(source: str | os.PathLike | Sequence[str | os.PathLike],
     if manifest_path.is_file():
         old = json.loads(manifest_path.read_text())
         if old.get('fingerprint') == fingerprint:
-            return old
-        if not overwrite:
+            if 'source_rows' in old:
+                return old
+            overwrite = True  # the same conversion by an older converter (no source row ranges): redo it
+        elif not overwrite:
             raise FileExistsError(f'{out_dir} already holds a conversion with different settings or sources; '
                                   'pass overwrite=True or choose another out_dir')
     elif out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
@@ -362,6 +364,9 @@ def convert_to_mds(source: str | os.PathLike | Sequence[str | os.PathLike],
     staging = Path(tempfile.mkdtemp(prefix='.staging-', dir=out_dir))
     per_split = {name: {'docs': 0, 'doc_tokens': 0, 'samples': 0} for name in split_spec}
     packers = {name: _Packer(seq_len) for name in split_spec}
+    # Per split, contiguous row ranges [source, first, end) in row order: documents are written in file order,
+    # so each source's rows are one run (a row is credited to the document that completes it).
+    source_rows: dict[str, list[list]] = {name: [] for name in split_spec}
     writers: dict[str, Any] = {}
     try:
         def writer_for(name: str):
@@ -370,13 +375,18 @@ def convert_to_mds(source: str | os.PathLike | Sequence[str | os.PathLike],
                                           compression=compression, size_limit=1 << 26)
             return writers[name]
 
-        def flush(batch: list[tuple[str, str]]) -> None:
-            for (name, _), ids in zip(batch, doc_tokens(tokenizer, [t for _, t in batch])):
+        def flush(batch: list[tuple[str, str, str]]) -> None:
+            for (name, source, _), ids in zip(batch, doc_tokens(tokenizer, [t for _, _, t in batch])):
                 entry = per_split[name]
                 entry['docs'] += 1
                 entry['doc_tokens'] += len(ids)
+                runs = source_rows[name]
                 for chunk in packers[name].add(ids):
                     writer_for(name).write({'tokens': chunk})
+                    if runs and runs[-1][0] == source:
+                        runs[-1][2] += 1
+                    else:
+                        runs.append([source, entry['samples'], entry['samples'] + 1])
                     entry['samples'] += 1
 
         batch: list[tuple[str, str]] = []
@@ -386,7 +396,7 @@ def convert_to_mds(source: str | os.PathLike | Sequence[str | os.PathLike],
                 continue
             counts = by_source.setdefault(source, {})
             counts[name] = counts.get(name, 0) + 1
-            batch.append((name, doc.text))
+            batch.append((name, source, doc.text))
             if len(batch) >= _TOKENIZE_BATCH:
                 flush(batch)
                 batch = []
@@ -424,6 +434,7 @@ def convert_to_mds(source: str | os.PathLike | Sequence[str | os.PathLike],
         'documents': {**stats, 'kept': sum(e['docs'] for e in per_split.values())},
         'split_counts': per_split,
         'source_docs': {src: dict(sorted(c.items())) for src, c in sorted(by_source.items())},  # per source, split
+        'source_rows': {name: runs for name, runs in source_rows.items() if runs},  # per split: [source, first, end)
         'total_tokens': sum(e['tokens'] for e in per_split.values()),
         'seconds': round(time.time() - t0, 3),
     }

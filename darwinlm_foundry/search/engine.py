@@ -148,6 +148,12 @@ class EvolutionarySearch(CandidateScoring):
             data = TensorTokens(data)
         elif isinstance(data, (str, os.PathLike)):
             data = ShardTokens(data)
+        if settings.samples_by_source and not getattr(data, 'by_source', False):
+            if not isinstance(data, ShardTokens):
+                raise ValueError(f'samples_by_source needs an MDS split of data.convert_to_mds (it records each '
+                                 f"row's source file), got {type(data).__name__}; give the split or set "
+                                 'samples_by_source: false')
+            data = ShardTokens(data.split_dir, by_source=True)
         self.data: TokenSource = data
         self.tokenizer = tokenizer
         self.log_fn = log_fn
@@ -229,10 +235,11 @@ class EvolutionarySearch(CandidateScoring):
                                          make_rng(derive_seed(s.seed, 'extra_levels')))
         return config
 
-    def fingerprint_fields(self) -> dict:
-        """What a resumed run must share with the run that wrote the state."""
+    def fingerprint_fields(self, legacy: bool = False) -> dict:
+        """What a resumed run must share with the run that wrote the state (``legacy``: as fingerprinted before
+        searches could be extended, with the number of generations)."""
         start = self.settings.start_config
-        return {'settings': self.settings.result_fields(), 'database': self.db.manifest['fingerprint'],
+        return {'settings': self.settings.result_fields(legacy), 'database': self.db.manifest['fingerprint'],
                 'level_spec': self.spec.to_dict(), 'data': self.data.describe(),
                 'start': self.start.to_dict() if start is not None else None,
                 'offspring_format': self.offspring_format}
@@ -283,7 +290,8 @@ class EvolutionarySearch(CandidateScoring):
         if self.rank == 0:
             state = SearchState.load_or_new(self.state_path, fp, lambda: SearchState.new(
                 self.start, derive_seed(self.settings.seed, 'mutation'), fp,
-                extra={'start': self.start.to_dict(), 'start_parameters': self.start_parameters}))
+                extra={'start': self.start.to_dict(), 'start_parameters': self.start_parameters}),
+                legacy=(settings_fingerprint(self.fingerprint_fields(legacy=True)),))
             state_dict = state.to_dict()
         # Rank 0 reads; everyone continues from its copy (no shared filesystem needed).
         state_dict = broadcast_object(state_dict)

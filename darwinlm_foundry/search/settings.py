@@ -30,14 +30,18 @@ class SearchSettings:
     Start: ``target_level`` (uniform start, e.g. 5) or ``start_config`` (a ``winner.json`` / ``layer: level``
     text file, e.g. the previous gradual stage's result), then ``extra_levels`` more levels per unit on average
     in each group spread at random (seeded; gradual mode, e.g. 1 for level 5 -> 6).
-    Selection (paper defaults): ``generations``, ``offspring``, ``survivors``, ``fitness_tokens``,
+    Selection (paper defaults): ``generations`` (a total: a finished search run again with a larger number
+    continues from its state), ``offspring``, ``survivors``, ``fitness_tokens``,
     ``train_tokens``, ``lr``. Data: ``seq_len`` tokens per sequence; a fit runs
     ``ceil(train_tokens / seq_len)`` sequences in optimizer steps of ``train_batch_size`` sequences,
     ``micro_batch_size`` at a time (also the fitness batch). Fitness: ``'kl'``, ``'topk_kl'`` (dense top-``topk``
     stored, for 128K vocabularies) or ``'ppl'``. ``max_level``: highest level a unit may take (default: the
     highest level at which level switches keep the parameter count exact, from the database). Mutation:
     ``max_switches`` -- an offspring makes min(U{1,m}, U{1,m}) level switches, m = ``max_switches`` (default 3:
-    mostly one; larger m takes bigger steps).
+    mostly one; larger m takes bigger steps). ``samples_by_source``: fitness and probe samples drawn balanced over
+    the split's source files (seeded rounds, one sequence of each source per round; needs an MDS split by
+    ``data.convert_to_mds``) instead of proportional to their size: with a mix of domains, a selection step's
+    few sequences otherwise hold only the largest ones, and offspring that help those and hurt the rest win.
     Probe: ``probe_tokens`` -- after every generation the parent, as stitched (no fine-tuning), is also scored
     on one fixed probe sample of this many tokens (the same tokens every generation, drawn with a fixed seed;
     default: the last ``fitness_tokens`` step; 0: no probe) and recorded as ``probe_fitness``: the selection's
@@ -72,6 +76,7 @@ class SearchSettings:
     topk: Optional[int] = None
     max_level: Optional[int] = None
     max_switches: int = DEFAULT_MAX_SWITCHES
+    samples_by_source: bool = False
     seed: int = 0
     output_dir: str = 'darwinlm_search'
     device: str = 'auto'
@@ -89,7 +94,8 @@ class SearchSettings:
                       'progress_bar', 'activation_checkpointing', 'spill_targets_mib')
     # Fields that do not change the search (left out of the fingerprint, so states written before they existed
     # still resume), but are checked on resume by other means (the probe size is recorded in the state).
-    UNFINGERPRINTED_FIELDS = ('probe_tokens',)
+    # ``generations`` is a total to run to: a finished search resumes with a larger one and continues.
+    UNFINGERPRINTED_FIELDS = ('probe_tokens', 'generations')
 
     def __post_init__(self):
         for name in ('survivors', 'fitness_tokens', 'train_tokens'):
@@ -122,6 +128,8 @@ class SearchSettings:
             raise ValueError("fitness 'topk_kl' needs topk >= 1 (how many dense logits to keep per token)")
         if isinstance(self.max_switches, bool) or int(self.max_switches) != self.max_switches or self.max_switches < 1:
             raise ValueError(f'max_switches must be an integer >= 1, got {self.max_switches!r}')
+        if not isinstance(self.samples_by_source, bool):
+            raise ValueError(f'samples_by_source must be true or false, got {self.samples_by_source!r}')
         if self.max_level is not None and not 0 <= int(self.max_level) <= MAX_LEVEL:
             raise ValueError(f'max_level must lie in 0..{MAX_LEVEL}, got {self.max_level}')
         if self.device not in _DEVICES:
@@ -145,12 +153,16 @@ class SearchSettings:
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
-    def result_fields(self) -> dict:
-        """The settings that determine the result (fingerprinted; runtime fields and the probe left out)."""
-        fields = {k: v for k, v in self.to_dict().items()
-                  if k not in self.RUNTIME_FIELDS and k not in self.UNFINGERPRINTED_FIELDS}
+    def result_fields(self, legacy: bool = False) -> dict:
+        """The settings that determine the result (fingerprinted; runtime fields, the probe and the number of
+        generations left out). ``legacy``: with ``generations``, as states written before searches could be
+        extended were fingerprinted (they resume with the same number)."""
+        fields = {k: v for k, v in self.to_dict().items() if k not in self.RUNTIME_FIELDS and
+                  (k not in self.UNFINGERPRINTED_FIELDS or (legacy and k == 'generations'))}
         if fields['max_switches'] == DEFAULT_MAX_SWITCHES:  # states written before the setting existed resume
             del fields['max_switches']
+        if not fields['samples_by_source']:  # likewise
+            del fields['samples_by_source']
         return fields
 
     @property

@@ -142,10 +142,13 @@ class SearchState:
         atomic_write_json(path, self.to_dict())
 
     @classmethod
-    def load(cls, path: str, expected_fingerprint: Union[Mapping[str, Any], str, None]) -> 'SearchState':
+    def load(cls, path: str, expected_fingerprint: Union[Mapping[str, Any], str, None],
+             legacy: Sequence[str] = ()) -> 'SearchState':
         """Read a saved state; refuse (``SearchStateError``) a corrupt file or one from other settings.
 
         ``expected_fingerprint``: the current settings (mapping) or their fingerprint; ``None`` skips the check.
+        ``legacy``: fingerprints of the same settings as older versions computed them; such a state is accepted
+        and takes the current fingerprint.
         """
         try:
             with open(path, encoding='utf-8') as f:
@@ -158,6 +161,9 @@ class SearchState:
                                    f'the search afresh, or point the run at another output directory.') from err
         if expected_fingerprint is not None:
             expected = settings_fingerprint(expected_fingerprint)
+            if state.fingerprint in legacy:  # rewritten at once: a later run with other totals resumes it too
+                state.fingerprint = expected
+                state.save(path)
             if state.fingerprint != expected:
                 raise SearchStateError(f'search state {path} was written with different settings (fingerprint '
                                        f'{state.fingerprint[:12]}..., now {expected[:12]}...). Resuming would mix '
@@ -167,10 +173,10 @@ class SearchState:
 
     @classmethod
     def load_or_new(cls, path: str, settings: Union[Mapping[str, Any], str],
-                    make_new: Callable[[], 'SearchState']) -> 'SearchState':
-        """Resume from ``path`` when it exists (same settings required), else ``make_new()``."""
+                    make_new: Callable[[], 'SearchState'], legacy: Sequence[str] = ()) -> 'SearchState':
+        """Resume from ``path`` when it exists (same settings required, see :meth:`load`), else ``make_new()``."""
         if os.path.exists(path):
-            return cls.load(path, settings)
+            return cls.load(path, settings, legacy)
         state = make_new()
         if state.fingerprint != settings_fingerprint(settings):
             raise ValueError('make_new() built a state whose fingerprint differs from the settings given')

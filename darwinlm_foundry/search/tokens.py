@@ -25,21 +25,29 @@ class TokenSource:
 
 
 class ShardTokens(TokenSource):
-    """Samples of a local MDS split (e.g. the converter's ``search`` split) via :func:`data.sample_sequences`."""
+    """Samples of a local MDS split (e.g. the converter's ``search`` split) via :func:`data.sample_sequences`;
+    ``by_source``: balanced over the conversion's source files (checked here, before any compute)."""
 
-    def __init__(self, split_dir: Union[str, os.PathLike]):
+    def __init__(self, split_dir: Union[str, os.PathLike], by_source: bool = False):
         self.split_dir = os.fspath(split_dir)
+        self.by_source = bool(by_source)
         if not os.path.isfile(os.path.join(self.split_dir, 'index.json')):
             raise FileNotFoundError(f'{self.split_dir} is not an MDS split (no index.json); point the search at '
                                     f'the search split written by data.convert_to_mds, e.g. <shards>/search')
+        if self.by_source:
+            from darwinlm_foundry.data.loaders import source_rows
+            source_rows(self.split_dir)  # raises, naming the fix, when the manifest has no source ranges
 
     def sample(self, n_seqs: int, seq_len: int, seed: int) -> torch.Tensor:
         from darwinlm_foundry.data.loaders import sample_sequences
-        return sample_sequences(self.split_dir, n_seqs, seq_len, seed=seed)
+        return sample_sequences(self.split_dir, n_seqs, seq_len, seed=seed, by_source=self.by_source)
 
     def describe(self) -> dict:
         with open(os.path.join(self.split_dir, 'index.json'), 'rb') as f:
-            return {'shards': hashlib.sha256(f.read()).hexdigest()}
+            out = {'shards': hashlib.sha256(f.read()).hexdigest()}
+        if self.by_source:  # recorded only when set: states written before the option existed resume
+            out['by_source'] = True
+        return out
 
 
 class TensorTokens(TokenSource):

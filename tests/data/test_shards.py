@@ -419,3 +419,63 @@ def test_stratified_split_gives_every_source_its_share(tmp_path, tok, subset):
         data.convert_to_mds(tmp_path / 'book.jsonl', tmp_path / 'bad', tok, seq_len=SEQ, score_key=None,
                             splits={'train': 10, 'heldout': None}, stratify=True)
     assert not (tmp_path / 'bad').exists()  # rejected before anything is written
+
+
+def test_source_rows_and_balanced_samples(tmp_path, tok, subset):
+    """The manifest's per-source row ranges credit every row to the source of the document that completes it
+    (checked against an independent tokenisation); ``by_source`` samples take the sources in rounds; a manifest
+    from before the ranges existed is redone by the converter and refused by the sampler, naming the fix."""
+    _, texts = subset
+    files = {'c4_a': texts[:60], 'wiki': texts[150:], 'c4_b': texts[60:150]}  # a small source between two large
+    for name, part in files.items():
+        (tmp_path / f'{name}.jsonl').write_text(''.join(json.dumps({'text': t}) + '\n' for t in part))
+    out = tmp_path / 'mds'
+    splits = {'search': 0.5, 'heldout': None}
+    m = data.convert_to_mds([tmp_path / f'{n}.jsonl' for n in files], out, tok, seq_len=SEQ, splits=splits,
+                            score_key=None, stratify=True)
+    for split in splits:
+        by_source = data.split_texts_by_source(out, split)
+        # the split's token stream in file order; the source of the document holding each row's last token
+        owner = [name for name in files for t in by_source.get(name, []) for _ in expected_tokens(tok, t)]
+        n = m['split_counts'][split]['samples']
+        want = [owner[(r + 1) * SEQ - 1] for r in range(n)]
+        runs = m['source_rows'][split]
+        assert runs[0][1] == 0 and runs[-1][2] == n and all(a[2] == b[1] for a, b in zip(runs, runs[1:]))
+        assert [name for name, first, end in runs for _ in range(first, end)] == want
+        assert [r[0] for r in runs] == [name for name in files if name in set(want)]  # file order, one run each
+    rows = [tuple(r.tolist()) for r in read_split(out, 'search')]
+    source_of = {row: name for name, first, end in m['source_rows']['search'] for row in rows[first:end]}
+    assert len(source_of) == len(rows)  # rows are distinct, so a sampled row names its source
+    sizes = {name: end - first for name, first, end in m['source_rows']['search']}
+    assert min(sizes.values()) >= 2 and len(sizes) == 3
+
+    def drawn(k, seed):
+        got = data.sample_sequences(out / 'search', k, SEQ, seed=seed, by_source=True)
+        return [source_of[tuple(r.tolist())] for r in got]
+
+    for seed in range(5):
+        assert sorted(drawn(3, seed)) == sorted(sizes)  # one of each
+        assert all(drawn(6, seed).count(name) == 2 for name in sizes)  # two rounds: two of each
+        assert sorted(drawn(2, seed)) == sorted(set(drawn(2, seed)))  # fewer than the sources: all different
+    assert (data.sample_sequences(out / 'search', 6, SEQ, seed=1, by_source=True) ==
+            data.sample_sequences(out / 'search', 6, SEQ, seed=1, by_source=True)).all()
+    everything = data.sample_sequences(out / 'search', len(rows), SEQ, seed=2, by_source=True)
+    assert sorted(tuple(r.tolist()) for r in everything) == sorted(rows)  # small sources run dry, then the rest
+
+    manifest = out / 'manifest.json'
+    old = json.loads(manifest.read_text())
+    bad = json.loads(json.dumps(old))
+    bad['source_rows']['search'][-1][2] -= 1  # a split and a manifest of different conversions
+    manifest.write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match='do not tile'):
+        data.sample_sequences(out / 'search', 2, SEQ, by_source=True)
+    del old['source_rows']  # as an older converter wrote it
+    manifest.write_text(json.dumps(old))
+    from darwinlm_foundry.search.tokens import ShardTokens
+    with pytest.raises(ValueError, match='convert the text again'):
+        ShardTokens(out / 'search', by_source=True)
+    ShardTokens(out / 'search')  # proportional samples need no ranges
+    again = data.convert_to_mds([tmp_path / f'{n}.jsonl' for n in files], out, tok, seq_len=SEQ, splits=splits,
+                                score_key=None, stratify=True)
+    assert again['source_rows'] == m['source_rows'] and again['fingerprint'] == m['fingerprint']
+    assert [tuple(r.tolist()) for r in read_split(out, 'search')] == rows

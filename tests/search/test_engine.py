@@ -138,6 +138,11 @@ def test_settings_validation():
     for bad in (0, 2.5, True):
         with pytest.raises(ValueError, match='max_switches'):
             SearchSettings(max_switches=bad)
+    # source-balanced samples: likewise fingerprinted only when on; they need an MDS split, said before compute
+    assert 'samples_by_source' not in s.result_fields()
+    assert SearchSettings(samples_by_source=True).result_fields()['samples_by_source'] is True
+    with pytest.raises(ValueError, match='samples_by_source must be true or false'):
+        SearchSettings(samples_by_source='yes')
 
 
 @pytest.mark.parametrize('mode', ['one_shot', 'training_aware'])
@@ -410,6 +415,33 @@ def test_state_from_before_the_probe_resumes(runs, pretrained, database, tokens,
     assert resumed.probe_fitness_history() == [None, None] + full.probe_fitness_history()[2:]
     assert resumed.start_probe_fitness is None
 
+
+
+def test_a_finished_search_extends_to_more_generations(runs, pretrained, database, tokens, tmp_path):
+    """``generations`` is a total: a finished 2-generation search run again with 4 continues and equals the
+    uninterrupted 4-generation search; a state fingerprinted the old way (with its number of generations) resumes
+    with that number, is rewritten in the new form, and then extends too."""
+    _, full, _ = runs['one_shot']
+    two = _engine(_settings(tmp_path / 'new', generations=2), pretrained, database, tokens).run()
+    assert _strip(two.history) == _strip(full.history)[:2]
+    extended = _engine(_settings(tmp_path / 'new'), pretrained, database, tokens)
+    result = extended.run()
+    assert extended.stats['evaluations'] == 2 * (6 + 3 + 1)  # only generations 2 and 3 ran
+    assert result.winner == full.winner and _strip(result.history) == _strip(full.history)
+
+    from darwinlm_foundry.search.state import settings_fingerprint
+    old = tmp_path / 'old'
+    engine2 = _engine(_settings(old, generations=2), pretrained, database, tokens)
+    engine2.run()
+    state = json.loads((old / STATE_FILE).read_text())
+    assert state['fingerprint'] == settings_fingerprint(engine2.fingerprint_fields())
+    state['fingerprint'] = settings_fingerprint(engine2.fingerprint_fields(legacy=True))  # as written before
+    (old / STATE_FILE).write_text(json.dumps(state))
+    with pytest.raises(RuntimeError, match='different settings'):  # the old form holds its total
+        _engine(_settings(old), pretrained, database, tokens).run()
+    _engine(_settings(old, generations=2), pretrained, database, tokens).run()  # resumes; rewritten in the new form
+    assert json.loads((old / STATE_FILE).read_text())['fingerprint'] == settings_fingerprint(engine2.fingerprint_fields())
+    assert _engine(_settings(old), pretrained, database, tokens).run().winner == full.winner
 
 def test_collections_inside_a_step_see_only_its_own_objects():
     """The search's per-candidate ``gc.collect()`` frees a cycle made inside the step without walking the
@@ -703,3 +735,9 @@ def test_auto_mode_does_not_depend_on_free_memory(monkeypatch):
         monkeypatch.setattr(engine_mod.os, 'sysconf', lambda name: pages[name])
         modes.append(EvolutionarySearch._resolve_mode(stub))
     assert modes == ['offspring_parallel', 'offspring_parallel']
+
+
+def test_samples_by_source_needs_an_mds_split(pretrained, database, tokens, tmp_path):
+    """Balanced samples need the converter's per-row sources: an in-memory tensor is refused at construction."""
+    with pytest.raises(ValueError, match='samples_by_source needs an MDS split'):
+        _engine(_settings(tmp_path, samples_by_source=True), pretrained, database, tokens)
