@@ -43,6 +43,7 @@ def main(argv=None) -> dict:
     p.add_argument('--models', default=','.join(DEFAULT_MODELS))
     p.add_argument('--searched', default='seed0/darwinlm5_kl', help='the arm compared with uniform5 in the LAST line')
     p.add_argument('--out', default=None, help='output directory (default <run>/icl_separation)')
+    p.add_argument('--threads', type=int, default=None, help='torch threads (default: every core)')
     args = p.parse_args(argv)
 
     from transformers import AutoTokenizer
@@ -75,7 +76,8 @@ def main(argv=None) -> dict:
         t0 = time.time()
         with quiet('composer', 'llmfoundry', 'streaming', 'transformers'):
             r = run_icl_eval(paths[name], tokenizer, icl_dir, tasks, limit=args.limit, device_eval_batch_size=8,
-                             max_seq_len=2048, device='cpu', progress=False)
+                             max_seq_len=2048, device='cpu', progress=False,
+                             num_threads=args.threads)
         accs[name] = r.tasks
         atomic_write_json(cache, {'model': name, 'path': paths[name], 'tasks': r.tasks, 'examples': counts,
                                   'seconds': round(time.time() - t0, 1)})

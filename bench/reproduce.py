@@ -362,14 +362,16 @@ def search_precision(b: Budget) -> str:
 
 
 def search(ctx: Context, db, source_dir: str, out_dir: Path, seed: int, *, tas: bool, level: Optional[int],
-           generations: int, start: Optional[str] = None) -> dict:
+           generations: int, start: Optional[str] = None, extra_levels: Optional[float] = None) -> dict:
+    """One search (``start``: a levels file to start from, by default with one extra level spread, gradual)."""
     from darwinlm_foundry.obs.database import dense_tensor_getter
     from darwinlm_foundry.search.engine import EvolutionarySearch
     from darwinlm_foundry.search.settings import SearchSettings
     from darwinlm_foundry.search.tokens import ShardTokens
     b = ctx.budget
     settings = SearchSettings(
-        target_level=level, start_config=start, extra_levels=1 if start else 0, generations=generations,
+        target_level=level, start_config=start, generations=generations,
+        extra_levels=(1 if start else 0) if extra_levels is None else extra_levels,
         offspring=b.offspring, max_switches=b.max_switches, samples_by_source=b.samples_by_source,
         survivors=tuple(b.survivors), fitness_tokens=tuple(b.fitness_tokens),
         train_tokens=tuple(b.tas_train_tokens) if tas else (0,) * len(b.fitness_tokens), lr=b.tas_lr,

@@ -35,6 +35,8 @@ def main(argv=None) -> dict:
     p.add_argument('--tas', action='store_true', help='training-aware selection (the TAS arm) instead of KL-only')
     p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE', help='a quick-budget override')
     p.add_argument('--out', default=None, help='output directory (default <run>/search_length)')
+    p.add_argument('--start', default=None, help="start from these levels (another search's winner.json) instead "
+                   'of uniform; held-out ratios stay relative to the uniform model')
     args = p.parse_args(argv)
     at = sorted({g for g in map(int, args.at.split(',')) if 0 < g <= args.generations} | {args.generations})
 
@@ -56,18 +58,22 @@ def main(argv=None) -> dict:
     db = SparsityDatabase.open(paths['db'], dense, verify='size')
     ctx = reproduce.Context(budget=budget, out=out, shards=paths['shards'], tokenizer=tokenizer, ledger=None,
                             dense_dir=str(paths['dense']), heldout=lambda: domains, _scorer=scorer)
-    found = reproduce.search(ctx, db, str(paths['dense']), out / 'search', args.seed, tas=args.tas, level=args.level,
-                             generations=args.generations)
+    found = reproduce.search(ctx, db, str(paths['dense']), out / 'search', args.seed, tas=args.tas,
+                             level=None if args.start else args.level, generations=args.generations,
+                             start=args.start, extra_levels=0)
     getter = dense_tensor_getter(str(paths['dense']))
-    parents = {0: uniform(dense.config.num_hidden_layers, args.level).to_dict(),
-               **{g: found['parents'][g - 1] for g in at}}
+    parents = {0: uniform(dense.config.num_hidden_layers, args.level).to_dict()}
+    if args.start:
+        parents['start'] = json.loads(Path(args.start).read_text())['levels']
+    parents.update({g: found['parents'][g - 1] for g in at})
     rows = []
     for g, levels in parents.items():
         s = scorer.score(db.stitch(levels, getter).eval())
+        probe = found['probe_fitness_history'][g - 1] if isinstance(g, int) and g else (
+            None if g == 0 and args.start else found['start_probe_fitness'])
         rows.append({'generation': g, 'ppl': s['ppl'], 'kl': s['kl'], 'params': s['params'],
                      'domains': {reproduce.short_domain(d): v['ppl'] for d, v in s['domains'].items()},
-                     'probe_kl': (found['start_probe_fitness'] if g == 0 else found['probe_fitness_history'][g - 1]),
-                     'levels': levels})
+                     'probe_kl': probe, 'levels': levels})
     base = rows[0]['ppl']
     doc = {'run': str(run), 'level': args.level, 'seed': args.seed, 'generations': args.generations,
            'budget': budget.describe(), 'search_seconds': found['seconds'], 'seconds': round(time.time() - t0, 1),
