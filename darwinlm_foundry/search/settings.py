@@ -157,8 +157,10 @@ class SearchSettings:
         """The settings that determine the result (fingerprinted; runtime fields, the probe and the number of
         generations left out). ``legacy``: with ``generations``, as states written before searches could be
         extended were fingerprinted (they resume with the same number)."""
-        fields = {k: v for k, v in self.to_dict().items() if k not in self.RUNTIME_FIELDS and
-                  (k not in self.UNFINGERPRINTED_FIELDS or (legacy and k == 'generations'))}
+        fields = {k: v for k, v in self.to_dict().items()
+                  if k not in self.RUNTIME_FIELDS and k not in self.UNFINGERPRINTED_FIELDS}
+        if legacy:
+            fields['generations'] = self.generations
         if fields['max_switches'] == DEFAULT_MAX_SWITCHES:  # states written before the setting existed resume
             del fields['max_switches']
         if not fields['samples_by_source']:  # likewise
