@@ -20,7 +20,9 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+import reproduce  # the reproduction's ICL row (accuracy and binomial SE per task and for the mean)
+
+REPO = reproduce.REPO
 DEFAULT_MODELS = ('dense', 'uniform5', 'shortgpt5', 'seed0/darwinlm5_kl', 'seed0/darwinlm5_kl+train')
 
 
@@ -84,31 +86,26 @@ def main(argv=None) -> dict:
         print(f'{name}: ' + ', '.join(f'{t} {a:.3f}' for t, a in r.tasks.items()) + f' ({time.time() - t0:.0f} s)',
               flush=True)
 
-    def se(a, n):
-        return math.sqrt(max(a * (1 - a), 0.0) / n)
-
-    def mean_and_se(name):
-        m = sum(accs[name][t] for t in counts) / len(counts)
-        return m, math.sqrt(sum(se(accs[name][t], counts[t]) ** 2 for t in counts)) / len(counts)
+    rows = {name: reproduce._icl_row(accs[name], counts) for name in names}  # per-task and mean acc with SE
 
     chance = {t.key: t.random_baseline for t in tasks}
     keys = list(counts)
     print(f'examples per task: {counts}; chance: {chance}; source: {icl_dir}')
     print('| model | ' + ' | '.join(keys) + ' | mean | mean - uniform (se) |')
     print('|---|' + '---:|' * (len(keys) + 2))
-    u, use = mean_and_se('uniform5') if 'uniform5' in accs else (None, None)
+    u, use = (rows['uniform5']['mean'], rows['uniform5']['mean_se']) if 'uniform5' in rows else (None, None)
     for name in names:
-        m, mse = mean_and_se(name)
-        diff = '-' if u is None or name == 'uniform5' else f'{m - u:+.3f} ({math.hypot(mse, use):.3f})'
-        print(f'| {name} | ' + ' | '.join(f'{accs[name][t]:.3f} ± {se(accs[name][t], counts[t]):.3f}' for t in keys)
-              + f' | {m:.3f} ± {mse:.3f} | {diff} |')
+        r = rows[name]
+        diff = '-' if u is None or name == 'uniform5' else \
+            f'{r["mean"] - u:+.3f} ({math.hypot(r["mean_se"], use):.3f})'
+        print(f'| {name} | ' + ' | '.join(f'{r["tasks"][t]["acc"]:.3f} ± {r["tasks"][t]["se"]:.3f}' for t in keys)
+              + f' | {r["mean"]:.3f} ± {r["mean_se"]:.3f} | {diff} |')
     summary = {'examples': min(counts.values())}
-    if u is not None and args.searched in accs:
-        s, sse = mean_and_se(args.searched)
-        d_se = math.hypot(sse, use)
+    if u is not None and args.searched in rows:
+        s, d_se = rows[args.searched]['mean'], math.hypot(rows[args.searched]['mean_se'], use)
         summary.update(searched_minus_uniform=round(s - u, 4), se=round(d_se, 4), z=round((s - u) / d_se, 2))
-    if u is not None and 'dense' in accs:
-        summary['dense_minus_uniform'] = round(mean_and_se('dense')[0] - u, 4)
+    if u is not None and 'dense' in rows:
+        summary['dense_minus_uniform'] = round(rows['dense']['mean'] - u, 4)
     atomic_write_json(out / f'summary_{args.limit}.json', {'accuracy': accs, 'examples': counts, 'chance': chance,
                                                            'summary': summary})
     print(' '.join(f'{k}={v}' for k, v in summary.items()))

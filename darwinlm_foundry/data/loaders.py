@@ -277,9 +277,10 @@ def _local_split_samples(split_dir: str) -> tuple[list, np.ndarray]:
     return readers, ends
 
 
-def source_rows(split_dir: str | os.PathLike) -> dict[str, 'np.ndarray']:
+def source_rows(split_dir: str | os.PathLike, num_samples: int | None = None) -> dict[str, 'np.ndarray']:
     """Row indices of every source in a local split, from the conversion's manifest (``source_rows``: runs
-    ``[source, first, end)`` that tile the split's rows in order)."""
+    ``[source, first, end)`` that tile the split's rows in order; ``num_samples``: the split's, when the caller
+    has read it already)."""
     split_dir = Path(_strip_file_scheme(os.fspath(split_dir)))
     mpath = split_dir.parent / MANIFEST_NAME
     runs = None
@@ -290,7 +291,7 @@ def source_rows(split_dir: str | os.PathLike) -> dict[str, 'np.ndarray']:
                          'they were recorded, or not by data.convert_to_mds); convert the text again with '
                          'convert_to_mds (it redoes an older conversion of the same settings by itself), or sample '
                          'without by_source')
-    samples = check_shards(split_dir)['num_samples']
+    samples = check_shards(split_dir)['num_samples'] if num_samples is None else num_samples
     if [r[1] for r in runs] != [0] + [r[2] for r in runs[:-1]] or runs[-1][2] != samples:
         raise ValueError(f'the source row ranges in {mpath} do not tile the {samples} samples of {split_dir}: the '
                          'split and the manifest come from different conversions; convert again')
@@ -326,7 +327,7 @@ def sample_sequences(split_dir: str | os.PathLike, n_seqs: int, seq_len: int | N
     readers, ends = _local_split_samples(split_dir)
     gen = torch.Generator().manual_seed(seed)
     if by_source:
-        groups = source_rows(split_dir)
+        groups = source_rows(split_dir, total)
         queues = [rows[torch.randperm(len(rows), generator=gen).numpy()].tolist() for rows in groups.values()]
         picks = []
         while len(picks) < n_seqs:
