@@ -145,7 +145,7 @@ def main(argv=None) -> dict:
     # The engine's bounds for a uniform start: 0 .. the highest exact-size level, per kind.
     bounds = LevelBounds(uniform(n_layers, 0), LevelConfig(**{g: [spec.max_exact_level(g)] * n_layers
                                                                for g in GROUPS}))
-    parent = uniform(n_layers, args.level)
+    parent = uniform(n_layers, args.level, mlp_split=spec.mlp_split)
     offspring = make_offspring(parent, args.offspring, bounds, make_rng(args.seed))
     getter = dense_tensor_getter(paths['dense'])
     models = [db.stitch(c.to_dict(), getter).eval() for c in [parent] + offspring]

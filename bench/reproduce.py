@@ -114,6 +114,7 @@ class Budget:
     tas_batch: int = 1                 # sequences per TAS optimizer step: 2048 tokens = 4 steps of 512 tokens
     tas_lr: float = 1e-4               # the paper's 1e-5 barely moves a model in 4 steps
     search_precision: str = 'auto'     # searches' forwards and TAS fits: 'auto' = amp_bf16 where the CPU has AMX
+    mlp_level_split: int = 1           # finer MLP levels: 2 = steps of 80 columns, level 5 = MLP level 10 of 18
     level6_generations: int = 3        # one-shot level-6 and gradual 5 -> 6 searches
     level6_selection: str = 'kl'       # 'kl' or 'tas' for those two searches
     posttrain_steps: int = 4           # N = steps x batch x seq_len tokens (4 x 2 x 512 = 4096)
@@ -148,9 +149,13 @@ class Budget:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
     def fingerprint(self) -> dict:
-        """What finished steps depend on (steps are keyed by seed, so adding seeds reuses the others)."""
-        return {k: v for k, v in self.describe().items() if k not in ('seeds', 'icl_seeds', 'icl_models',
-                                                                      'tas_seeds')}
+        """What finished steps depend on (steps are keyed by seed, so adding seeds reuses the others).
+
+        Fields added after runs were made (:data:`ADDED_LATER`) count only away from the value that reproduces
+        the older runs, so their ledgers stay valid.
+        """
+        return {k: v for k, v in self.describe().items()
+                if k not in ('seeds', 'icl_seeds', 'icl_models', 'tas_seeds') and ADDED_LATER.get(k, ()) != v}
 
     def runs_tas(self, seed: int) -> bool:
         """Whether ``seed`` also runs TAS and the level-6 arms (the first ``tas_seeds`` seeds; 0: every seed)."""
@@ -166,6 +171,8 @@ class Budget:
                 'calibration_tokens': self.calibration_sequences * self.seq_len}
 
 
+# Budget fields added after results were committed, with the value the earlier runs used.
+ADDED_LATER = {'max_switches': 3, 'samples_by_source': False, 'mlp_level_split': 1}
 QUICK = Budget()
 FULL = dataclasses.replace(QUICK, calibration_sequences=128, shared_database=False, signal_sequences=64,
                            generations=24, kl_generations=60, tas_seeds=0, offspring=16, survivors=(4, 2, 1),
@@ -191,7 +198,7 @@ class Ledger:
     machine when other jobs share the CPU).
     """
 
-    def __init__(self, path: Path, key: dict):
+    def __init__(self, path: Path, key: dict, restart: bool = False):
         self.path = path
         self.key = key
         self.data: dict[str, Any] = {}
@@ -200,10 +207,12 @@ class Ledger:
             data = json.loads(path.read_text())
             if {k: data.get(k) for k in self.key} == self.key:
                 self.data, self.seconds = data['steps'], data.get('seconds', {})
+            elif not restart:  # hours of work: never dropped without being asked to
+                raise SystemExit(f'{path} was written with other settings ({ledger_difference(data, key)}); use '
+                                 'another --out, or pass --restart to discard its steps and models')
             else:
                 # databases and search states refuse other settings: drop them with the models
-                print(f'[reproduce] {path} was written with another budget, model or data; starting over',
-                      flush=True)
+                print(f'[reproduce] {path} was written with other settings; --restart: starting over', flush=True)
                 for sub in ('work', 'models'):
                     shutil.rmtree(path.parent / sub, ignore_errors=True)
 
@@ -219,6 +228,19 @@ class Ledger:
         os.replace(tmp, self.path)
         print(f'[reproduce] {key}: done in {time.time() - t0:.0f} s', flush=True)
         return value
+
+
+def ledger_difference(stored: dict, key: dict) -> str:
+    """``name: stored -> now`` for each ledger key (budget fields one by one) that differs."""
+    diffs = []
+    for part, now in key.items():
+        was = stored.get(part)
+        if part == 'budget' and isinstance(was, dict):
+            diffs += [f'{k}: {was.get(k, "absent")} -> {now.get(k, "absent")}'
+                      for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)]
+        elif was != now:
+            diffs.append(f'{part}: {was} -> {now}')
+    return '; '.join(diffs)
 
 
 def log(msg: str) -> None:
@@ -345,9 +367,10 @@ def database(ctx: Context, key: str, model, db_dir: Path, draw: int, source: str
     built = {}
 
     def build():
+        split = ctx.budget.mlp_level_split  # a pruned model's database keeps the split it records
         built['db'] = build_database(model, calibration_batches(ctx, ctx.budget.calibration_sequences, draw),
                                      db_dir, calibration_source=f'{ctx.shards}/calibration draw {draw}',
-                                     model_name=source)
+                                     model_name=source, **({'mlp_split': split} if split > 1 else {}))
         return {'dir': str(db_dir), 'calibration_draw': draw, 'calibration_sequences': ctx.budget.calibration_sequences}
     ctx.ledger.step(key, build)
     return built.get('db') or SparsityDatabase.open(db_dir, model, verify='size')
@@ -430,7 +453,7 @@ def run_draw(ctx: Context, draw: int) -> dict:
     n_layers = dense.config.num_hidden_layers
     db = database(ctx, f'{key}/database', dense, work / 'db_dense', draw, ctx.dense_dir)
     spec = db.level_spec
-    max_level = min(spec.max_exact_level('attn'), spec.max_exact_level('mlp'))
+    max_level = {kind: spec.max_exact_level(kind) for kind in ('attn', 'mlp')}
 
     def local_signals():
         batches = calibration_batches(ctx, b.signal_sequences, draw)
@@ -446,20 +469,28 @@ def run_draw(ctx: Context, draw: int) -> dict:
 
     models = {}
     for level in (5, 6):
-        uni = uniform(n_layers, level).to_dict()
+        uni = uniform(n_layers, level, mlp_split=spec.mlp_split).to_dict()
         models[f'uniform{level}'] = _scored(ctx, f'{key}/uniform{level}', lambda: stitched(
             f'uniform{level}', uni, f'uniform level {level}, OBS'), {'level': level, 'levels': uni, 'arm': 2})
         if level == 6 and not b.level6_baselines:
             continue
+
+        def magnitude(uni=uni):
+            model = shrink_model(dense, magnitude_kept(dense, spec, uni))
+            # the steps its levels refer to, as a stitched model records them (finer MLP levels included)
+            model.config.level_steps, model.config.num_levels = spec.steps, spec.num_levels
+            model.config.mlp_level_split = spec.mlp_split if spec.mlp_split > 1 else None
+            return model
         models[f'magnitude{level}'] = _scored(ctx, f'{key}/magnitude{level}', lambda: export(
-            ctx, shrink_model(dense, magnitude_kept(dense, spec, uni)), mdir / f'magnitude{level}',
-            f'uniform level {level}, magnitude, no compensation', levels=uni),
-            {'level': level, 'levels': uni, 'arm': 3})
-        zip_levels = allocate_min_error(errors, n_layers, level, max_level=max_level).to_dict()
+            ctx, magnitude(), mdir / f'magnitude{level}', f'uniform level {level}, magnitude, no compensation',
+            levels=uni), {'level': level, 'levels': uni, 'arm': 3})
+        zip_levels = allocate_min_error(errors, n_layers, level, max_level=max_level,
+                                        mlp_split=spec.mlp_split).to_dict()
         models[f'ziplm{level}'] = _scored(ctx, f'{key}/ziplm{level}', lambda: stitched(
             f'ziplm{level}', zip_levels, f'level {level}, min summed OBS error'),
             {'level': level, 'levels': zip_levels, 'arm': 4})
-        drop = layer_drop_config(signals['block_influence'], level, max_level=spec.num_levels).to_dict()
+        drop = layer_drop_config(signals['block_influence'], level, max_level=spec.num_levels,
+                                 mlp_split=spec.mlp_split).to_dict()
         models[f'shortgpt{level}'] = _scored(ctx, f'{key}/shortgpt{level}', lambda: stitched(
             f'shortgpt{level}', drop, f'level {level}, layer dropping by block influence'),
             {'level': level, 'levels': drop, 'arm': 5})
@@ -826,6 +857,8 @@ def main(argv=None) -> dict:
                    help='override a budget field (repeatable), e.g. --set generations=12 --set offspring=16 '
                         '--set survivors=4,2,1; fields: ' + ', '.join(f.name for f in dataclasses.fields(Budget)))
     p.add_argument('--threads', type=int, default=0, help='torch CPU threads (0: torch default)')
+    p.add_argument('--restart', action='store_true',
+                   help='discard an output directory made with other settings (default: refuse and say what differs)')
     args = p.parse_args(argv)
     name = 'full' if args.full else 'smoke' if args.smoke else 'quick'
     budget = {'full': FULL, 'smoke': SMOKE, 'quick': QUICK}[name]
@@ -864,7 +897,8 @@ def main(argv=None) -> dict:
     manifest = convert_to_mds([str(f) for f in files], shards, tokenizer, seq_len=budget.seq_len, score_key=None,
                               overwrite=True, **DATA)
     ledger = Ledger(out / 'ledger.json', {'budget': budget.fingerprint(), 'data': manifest['fingerprint'],
-                                          'model': {'sha256': model_info['sha256'], 'layers': budget.layers}})
+                                          'model': {'sha256': model_info['sha256'], 'layers': budget.layers}},
+                    restart=args.restart)
 
     def heldout_domains():
         tokens = {d: t.numel() for d, t in heldout_tokens(shards, tokenizer, budget).items()}

@@ -62,7 +62,7 @@ def main(argv=None) -> dict:
                              level=None if args.start else args.level, generations=args.generations,
                              start=args.start, extra_levels=0)
     getter = dense_tensor_getter(str(paths['dense']))
-    parents = {0: uniform(dense.config.num_hidden_layers, args.level).to_dict()}
+    parents = {0: uniform(dense.config.num_hidden_layers, args.level, mlp_split=db.level_spec.mlp_split).to_dict()}
     if args.start:
         parents['start'] = json.loads(Path(args.start).read_text())['levels']
     parents.update({g: found['parents'][g - 1] for g in at})

@@ -47,7 +47,8 @@ def build_or_open_database(hf_model, db_dir: str, calibration: Optional[Calibrat
     hooks = dict(zip(('reduce_fn', 'gather_fn', 'rank', 'world_size'), torch_distributed_hooks())) if world > 1 else {}
     device = calibration.device or ('cuda' if torch.cuda.is_available() else 'cpu')
     spec = LevelSpec.from_config(hf_model.config, mlp_multiple=calibration.mlp_multiple,
-                                 num_levels=calibration.num_levels)
+                                 num_levels=calibration.num_levels,
+                                 mlp_split=calibration.mlp_level_split if calibration.mlp_level_split > 1 else None)
     build_database(hf_model, calibration_batches(calibration, rank, world), db_dir, level_spec=spec,
                    dampening=calibration.dampening, device=device,
                    calibration_source=f'{calibration.shards}/{calibration.split}', model_name=model_name, **hooks)
@@ -55,14 +56,15 @@ def build_or_open_database(hf_model, db_dir: str, calibration: Optional[Calibrat
     return SparsityDatabase.open(db_dir, hf_model, verify='size')
 
 
-def load_levels(levels, num_layers: int):
-    """A uniform level (int), a ``{'attn': [...], 'mlp': [...]}`` dict, a ``LevelConfig``, or a level file
-    (``winner.json`` or ``layer: level`` text, read by :meth:`LevelConfig.read_file`)."""
+def load_levels(levels, num_layers: int, mlp_split: int = 1):
+    """A uniform level (int; the MLP at ``level * mlp_split`` with finer MLP levels), a ``{'attn': [...], 'mlp':
+    [...]}`` dict, a ``LevelConfig``, or a level file (``winner.json`` or ``layer: level`` text, read by
+    :meth:`LevelConfig.read_file`)."""
     from darwinlm_foundry.search.space import LevelConfig, uniform
     if isinstance(levels, LevelConfig):
         return levels
     if isinstance(levels, int):
-        return uniform(num_layers, levels)
+        return uniform(num_layers, levels, mlp_split=mlp_split)
     if isinstance(levels, dict):
         return LevelConfig.from_dict(levels)
     return LevelConfig.read_file(str(levels))
@@ -113,7 +115,7 @@ def apply_darwinlm_prune(model: torch.nn.Module, database, levels=5,
         calibration = from_mapping(CalibrationConfig, calibration, 'darwinlm_prune.calibration')
     db = (database if isinstance(database, SparsityDatabase)
           else build_or_open_database(hf_model, str(database), calibration, model_name))
-    config = load_levels(levels, hf_model.config.num_hidden_layers)
+    config = load_levels(levels, hf_model.config.num_hidden_layers, db.level_spec.mlp_split)
     shrunk = db.stitch(config.to_dict(), dense_tensor_getter(hf_model), config=hf_model.config)
     if bare:
         ref = next(hf_model.parameters())

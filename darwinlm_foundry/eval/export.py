@@ -28,7 +28,7 @@ from typing import Any, Mapping, Optional
 
 import torch
 
-from darwinlm_foundry.structure.levels import KINDS, LevelSpec, normalise_levels
+from darwinlm_foundry.structure.levels import KINDS, LevelSpec
 from darwinlm_foundry.structure.shrinking import parameter_count, shrink_model
 from darwinlm_foundry.utils.params import count_parameters
 
@@ -65,9 +65,9 @@ def _resolve_levels(config, levels) -> tuple[Optional[dict], Optional[dict], Opt
             log.info('export: per-unit levels not derivable (%s); the card lists shapes only', reason)
             return None, None, None
         return {k: list(v) for k, v in spec.current_levels.items()}, spec.steps, spec.num_levels
-    levels = normalise_levels(levels, config.num_hidden_layers)
     if spec is None:
         raise ValueError(f'levels were given but the model shapes are not on levels: {reason}')
+    levels = spec.normalise(levels)
     for kind in KINDS:
         if list(spec.current_levels[kind]) != levels[kind]:
             raise ValueError(f'{kind} levels {levels[kind]} do not match the model, whose shapes are at levels '
@@ -95,7 +95,9 @@ def model_card(config, *, params: int, dense_params: int, base_model: str, data_
         f'**Base model:** {base_model}  ', f'**Data:** {data_note}', '',
         '## Per-layer shapes', '',
         f'Dense: {n_heads} query heads x {config.head_dim} (K/V heads {config.num_key_value_heads}), MLP width '
-        f'{width}. ' + (f'Levels 0 (dense) .. {config.num_levels}; level steps: {config.level_steps}.'
+        f'{width}. ' + (f'Levels 0 (dense) .. {config.num_levels}; level steps: {config.level_steps}' + (
+            f'; the MLP in {config.mlp_level_split} levels per level (0 .. '
+            f'{config.num_levels * config.mlp_level_split}).' if getattr(config, 'mlp_level_split', None) else '.')
                         if getattr(config, 'level_steps', None) and getattr(config, 'num_levels', None)
                         else 'Levels: n/a.'), '',
         '| layer | attn level | query heads kept | kept heads | MLP level | MLP width |',
@@ -176,6 +178,7 @@ def export_pruned(model, out_dir, *, tokenizer, base_model: str, data_note: str,
         info = {'base_model': base_model, 'data': data_note, 'parameters': params,
                 'dense_parameters': dense_params, 'fraction_of_dense': params / dense_params,
                 'levels': levels, 'level_steps': steps, 'num_levels': num_levels,
+                'mlp_level_split': getattr(config, 'mlp_level_split', None) or 1,
                 'layer_heads': config.layer_heads, 'layer_intermediate_sizes': config.layer_intermediate_sizes,
                 'dtype': str(next(model.parameters()).dtype).replace('torch.', ''), 'extra': dict(extra or {})}
         (tmp / EXPORT_INFO_FILE).write_text(json.dumps(info, indent=2, default=str) + '\n', encoding='utf-8')

@@ -28,6 +28,8 @@ class DarwinLMConfig(LlamaConfig):
         level_steps: optional record of the level step per kind (heads, columns) the levels refer to.
         num_levels: optional record of the top level (10, fewer for models with fewer than 10 heads), so that
             a pruned model re-opens with the levels it was pruned with (gradual pruning).
+        mlp_level_split: optional record of how many MLP levels one level step spans (``None``: 1), with
+            ``level_steps['mlp']`` the finer step.
     """
 
     model_type = 'darwinlm'
@@ -42,6 +44,7 @@ class DarwinLMConfig(LlamaConfig):
         levels=None,
         level_steps=None,
         num_levels=None,
+        mlp_level_split=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -58,6 +61,7 @@ class DarwinLMConfig(LlamaConfig):
         self.levels = levels
         self.level_steps = level_steps
         self.num_levels = num_levels
+        self.mlp_level_split = mlp_level_split
         self._validate_shapes()
 
     @property

@@ -45,11 +45,14 @@ class CalibrationConfig:
     dampening: float = 0.01
     mlp_multiple: int = 32
     num_levels: Optional[int] = None  # default: 10, fewer for models with < 10 heads (levels.auto_num_levels)
+    mlp_level_split: int = 1  # finer MLP levels: each level's MLP step cut into this many (LevelSpec.mlp_split)
     device: Optional[str] = None  # default: cuda when available
 
     def __post_init__(self):
         if self.num_sequences < 1 or self.seq_len < 2 or self.batch_size < 1:
             raise ValueError('num_sequences, seq_len and batch_size must be positive')
+        if self.mlp_level_split < 1:
+            raise ValueError(f'mlp_level_split must be >= 1, got {self.mlp_level_split}')
 
 
 ReduceFn = Callable[[torch.Tensor], Optional[torch.Tensor]]

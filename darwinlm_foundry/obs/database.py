@@ -38,7 +38,7 @@ from safetensors.torch import save_file
 
 from darwinlm_foundry.obs.calibration import (PhaseClock, identity_reduce, iter_layer_hessians, solve_units,
                                           unit_output_weight)
-from darwinlm_foundry.structure.levels import KINDS, LevelSpec, normalise_levels
+from darwinlm_foundry.structure.levels import KINDS, LevelSpec
 from darwinlm_foundry.structure.units import Unit, layer_heads, layer_intermediate_size, prunable_units
 from darwinlm_foundry.utils.io import atomic_write_json
 
@@ -358,7 +358,7 @@ class SparsityDatabase:
         from darwinlm_foundry.structure.shrinking import build_shrunk_model
 
         spec = self.level_spec
-        levels = normalise_levels(levels, spec.num_layers)
+        levels = spec.normalise(levels)
         config = config or self.config or getattr(dense_get_tensor, 'config', None) or self._manifest_config()
         if shared and 'template' in shared:
             return self._stitch_shared(levels, dense_get_tensor, config, shared)
@@ -387,6 +387,7 @@ class SparsityDatabase:
         model.config.levels = {k: list(v) for k, v in levels.items()}
         model.config.level_steps = self.level_spec.steps
         model.config.num_levels = self.level_spec.num_levels
+        model.config.mlp_level_split = self.level_spec.mlp_split if self.level_spec.mlp_split > 1 else None
 
     def _stitch_shared(self, levels: dict, dense_get_tensor, config, shared: dict):
         """:meth:`stitch` from the parts in ``shared`` (building and adding the units it lacks)."""
@@ -444,9 +445,10 @@ class SparsityDatabase:
         """Bytes the research code's format needs: a full output matrix per level (11 levels) per unit."""
         itemsize = torch.empty(0, dtype=getattr(torch, self.manifest['weight_dtype'])).element_size()
         total = 0
-        for rec in self.manifest['units'].values():
+        for name, rec in self.manifest['units'].items():
             if rec['file']:
-                total += (self.level_spec.num_levels + 1) * rec['rows'] * rec['columns'] * itemsize
+                kind = 'mlp' if 'mlp' in name else 'attn'
+                total += (self.level_spec.top(kind) + 1) * rec['rows'] * rec['columns'] * itemsize
         return total
 
 

@@ -28,7 +28,7 @@ import torch
 
 from darwinlm_foundry.obs.calibration import CalibrationBatch, HessianStat, unit_output_weight
 from darwinlm_foundry.search.space import GROUPS, MAX_LEVEL, LevelConfig
-from darwinlm_foundry.structure.levels import KINDS, LevelSpec, normalise_levels
+from darwinlm_foundry.structure.levels import KINDS, LevelSpec
 from darwinlm_foundry.structure.units import Unit, head_dim, prunable_units
 
 __all__ = ['structure_scores', 'magnitude_kept', 'unit_errors', 'allocate_min_error', 'block_influence',
@@ -93,7 +93,7 @@ def magnitude_kept(model, level_spec: LevelSpec, levels) -> dict[Unit, list[int]
     baseline does no compensation). The classic magnitude baseline of structured-pruning papers (e.g. the
     "magnitude" rows of LLM-Pruner / ZipLM), here at exactly the sizes of the database's levels.
     """
-    levels = normalise_levels(levels, level_spec.num_layers)
+    levels = level_spec.normalise(levels)
     shapes = {s.unit: s for s in prunable_units(model.config)}
     if len(shapes) != 2 * level_spec.num_layers:
         raise ValueError(f'the model has {len(shapes) // 2} layers, the level spec {level_spec.num_layers}')
@@ -187,7 +187,8 @@ def _integer_total(num_layers: int, target_level: float) -> int:
 
 
 def allocate_min_error(errors: Mapping[Unit, Mapping[int, float]], num_layers: int, target_level: float,
-                       max_level: Optional[int] = None, min_level: int = 0) -> LevelConfig:
+                       max_level: Optional[int] | Mapping[str, int] = None, min_level: int = 0,
+                       mlp_split: int = 1) -> LevelConfig:
     """Per-unit levels minimising the summed layer-wise error at the uniform model's level sums.
 
     In each group (``attn``, ``mlp``) separately, choose one level per unit in ``[min_level, max_level]``
@@ -197,16 +198,22 @@ def allocate_min_error(errors: Mapping[Unit, Mapping[int, float]], num_layers: i
     in ``errors[unit]`` (gradual mode: its database levels). Solved exactly by dynamic programming over
     (unit, level sum), O(layers * total * levels). This is the ZipLM-style allocation by local errors only
     (Kurtic et al., 2023), the baseline DarwinLM's search is meant to beat. Raises ``ValueError`` when no
-    allocation exists.
+    allocation exists. With finer MLP levels (``mlp_split``, ``LevelSpec.mlp_split``) ``target_level`` is nominal:
+    the MLP group sums to ``num_layers * target_level * mlp_split``; ``max_level`` may then be given per group.
     """
-    max_level = MAX_LEVEL if max_level is None else int(max_level)
     if num_layers < 1:
         raise ValueError(f'num_layers must be >= 1, got {num_layers}')
-    if not 0 <= min_level <= max_level:
-        raise ValueError(f'need 0 <= min_level <= max_level, got min_level={min_level}, max_level={max_level}')
-    total = _integer_total(num_layers, target_level)
+    scale = {g: int(mlp_split) if g == 'mlp' else 1 for g in GROUPS}
+    if isinstance(max_level, Mapping):
+        tops = {g: int(max_level[g]) for g in GROUPS}
+    else:
+        tops = {g: (MAX_LEVEL if max_level is None else int(max_level)) * scale[g] for g in GROUPS}
     result = {}
     for group in GROUPS:
+        max_level = tops[group]
+        if not 0 <= min_level <= max_level:
+            raise ValueError(f'need 0 <= min_level <= max_level, got min_level={min_level}, max_level={max_level}')
+        total = _integer_total(num_layers, target_level * scale[group])
         options = []
         for layer in range(num_layers):
             unit = Unit(layer, group)
@@ -221,7 +228,7 @@ def allocate_min_error(errors: Mapping[Unit, Mapping[int, float]], num_layers: i
         lo = sum(o[0][0] for o in options)
         hi = sum(o[-1][0] for o in options)
         if not lo <= total <= hi:
-            raise ValueError(f'{group}: level sum {total} (= {num_layers} * {target_level}) is infeasible; with the '
+            raise ValueError(f'{group}: level sum {total} (= {num_layers} * {target_level * scale[group]}) is infeasible; with the '
                              f'allowed levels the sum ranges over [{lo}, {hi}]')
         # best[s]: least error of the units so far with levels summing to s; choice[i][s]: unit i's level.
         inf = math.inf
@@ -300,7 +307,7 @@ def block_influence(model, batches: Iterable) -> list[float]:
     return [1.0 - s / count[0] for s in sums]
 
 
-def layer_drop_config(influence, target_level: float, max_level: int = MAX_LEVEL) -> LevelConfig:
+def layer_drop_config(influence, target_level: float, max_level: int = MAX_LEVEL, mlp_split: int = 1) -> LevelConfig:
     """ShortGPT-style layer dropping with the uniform model's level sums.
 
     ``total = num_layers * target_level`` levels per group: the ``total // max_level`` layers with the
@@ -314,7 +321,8 @@ def layer_drop_config(influence, target_level: float, max_level: int = MAX_LEVEL
     output bias -- so the model is smaller than the uniform one by ``removal_overhead(kind)`` per dropped
     unit (only the norm weights for a bias-free MLP or MHA attention). When ``remainder > 0`` (e.g.
     Llama-2-7B: 2 of 32 heads, 128 of 11008 MLP columns at level 10), level 10 keeps that many structures
-    and the size equals the uniform model's exactly, but the layer is not fully dropped.
+    and the size equals the uniform model's exactly, but the layer is not fully dropped. With finer MLP levels
+    (``mlp_split``) levels are nominal: the MLP units get ``mlp_split`` times the attention units' levels.
     """
     influence = [float(v) for v in influence]
     n = len(influence)
@@ -334,4 +342,4 @@ def layer_drop_config(influence, target_level: float, max_level: int = MAX_LEVEL
         levels[i] = max_level
     if rest:
         levels[order[drop]] = rest
-    return LevelConfig(attn=levels, mlp=list(levels))
+    return LevelConfig(attn=levels, mlp=[lvl * int(mlp_split) for lvl in levels])

@@ -211,7 +211,7 @@ class EvolutionarySearch(CandidateScoring):
         for kind in GROUPS:
             top = self.spec.max_exact_level(kind)
             if self.settings.max_level is not None:
-                top = min(top, int(self.settings.max_level))
+                top = min(top, self.spec.kind_level(kind, int(self.settings.max_level)))
             upper[kind] = [max(top, lo) for lo in lower.group(kind)]
         return LevelBounds(lower, LevelConfig(**upper))
 
@@ -223,7 +223,7 @@ class EvolutionarySearch(CandidateScoring):
             if config.num_layers != n:
                 raise ValueError(f'{s.start_config} has {config.num_layers} layers, the database {n}')
         else:
-            config = uniform(n, int(s.target_level))
+            config = uniform(n, int(s.target_level), mlp_split=self.spec.mlp_split)
         problems = self.bounds.violations(config)
         if problems:
             raise ValueError(f'the starting configuration is outside the allowed levels: {problems[:4]}. The '
@@ -231,7 +231,8 @@ class EvolutionarySearch(CandidateScoring):
                              f'(exact-size limit per kind: attn {self.spec.max_exact_level("attn")}, mlp '
                              f'{self.spec.max_exact_level("mlp")}); lower target_level or raise max_level.')
         if float(s.extra_levels):
-            config = spread_extra_levels(config, float(s.extra_levels), self.bounds,
+            extra = {kind: float(s.extra_levels) * self.spec.kind_level(kind, 1) for kind in GROUPS}
+            config = spread_extra_levels(config, extra, self.bounds,
                                          make_rng(derive_seed(s.seed, 'extra_levels')))
         return config
 
@@ -414,6 +415,7 @@ class EvolutionarySearch(CandidateScoring):
             'mlp_columns': [spec.keep('mlp', lvl) for lvl in winner.mlp],
             'level_steps': spec.steps,
             'num_levels': spec.num_levels,
+            'mlp_level_split': spec.mlp_split,
             'probe_tokens': self.settings.probe_size,
             # probe_fitness only in records that have it (states written before the probe existed lack it)
             'history': [{k: h[k] for k in keys if k in h} for h in state.history],

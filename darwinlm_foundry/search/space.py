@@ -24,9 +24,12 @@ from typing import Any, Iterator, Mapping, Sequence, Union
 
 import numpy as np
 
+from darwinlm_foundry.structure.levels import MAX_MLP_SPLIT  # finer MLP levels: up to MAX_LEVEL * it
+
 __all__ = [
     'GROUPS',
     'MAX_LEVEL',
+    'MAX_UNIT_LEVEL',
     'ATTN_TEMPLATE',
     'MLP_TEMPLATE',
     'LevelConfig',
@@ -46,6 +49,7 @@ __all__ = [
 
 GROUPS = ('attn', 'mlp')
 MAX_LEVEL = 10
+MAX_UNIT_LEVEL = MAX_LEVEL * MAX_MLP_SPLIT  # the top MLP level
 # Unit names of the research code's text format: the output matrix of each unit (the database is keyed by it).
 ATTN_TEMPLATE = 'model.layers.{layer}.self_attn.o_proj'
 MLP_TEMPLATE = 'model.layers.{layer}.mlp.down_proj'
@@ -117,8 +121,9 @@ def _as_levels(values: Any, group: str) -> tuple[int, ...]:
     for i, (raw, level) in enumerate(zip(values, levels)):
         if level != raw:  # reject 5.5 silently becoming 5
             raise ValueError(f'{group} level of layer {i} must be an integer, got {raw!r}')
-        if not 0 <= level <= MAX_LEVEL:
-            raise ValueError(f'{group} level of layer {i} is {level}; levels must lie in 0..{MAX_LEVEL}')
+        top = MAX_UNIT_LEVEL if group == 'mlp' else MAX_LEVEL
+        if not 0 <= level <= top:
+            raise ValueError(f'{group} level of layer {i} is {level}; {group} levels must lie in 0..{top}')
     return levels
 
 
@@ -259,11 +264,12 @@ class LevelConfig:
         return cls.from_dict(data.get('levels', data) if isinstance(data, dict) else data)
 
 
-def uniform(num_layers: int, level: int) -> LevelConfig:
-    """Every unit at ``level`` (the search's usual start)."""
+def uniform(num_layers: int, level: int, mlp_split: int = 1) -> LevelConfig:
+    """Every unit at ``level`` (the search's usual start); with finer MLP levels (``mlp_split``, see
+    ``LevelSpec.mlp_split``) the MLP units at ``level * mlp_split``, the same fraction."""
     if num_layers < 1:
         raise ValueError(f'num_layers must be >= 1, got {num_layers}')
-    return LevelConfig(attn=[level] * num_layers, mlp=[level] * num_layers)
+    return LevelConfig(attn=[level] * num_layers, mlp=[level * int(mlp_split)] * num_layers)
 
 
 def total_levels(config: LevelConfig) -> dict[str, int]:

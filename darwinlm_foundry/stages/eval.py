@@ -44,33 +44,65 @@ def _heldout_by_source(shards: str, tokenizer, n: int) -> dict:
     return out
 
 
+def _files_identity(path: str) -> list:
+    """(name, size, mtime) of every file under a model directory: changes whenever the model is rewritten."""
+    root = Path(path)
+    return sorted([str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns]
+                  for f in root.rglob('*') if f.is_file())
+
+
 def evaluate_models(paths, dense, shards, heldout_sequences, icl, stage_dir, out_path, by_source=False,
                     lm_eval=None):
-    """The eval stage's work, in one process: writes ``out_path`` (JSON rows, one per model)."""
+    """The eval stage's work, in one process: writes ``out_path`` (JSON rows, one per model).
+
+    One model at a time beside the dense one (two in memory, whatever the number of models: six fp32 SmolLM2
+    models held 12.4 GB at once, six Llama-2-7B ones would need 160 GB); the dense logits of each held-out
+    batch are recomputed per model, the price of that bound. Each finished model's row is written at once to
+    ``<stage_dir>/rows/<label>.json`` with a key of its files, the dense model's, the data and the settings:
+    a re-run after a crash scores only the models that have no row with the same key.
+    """
+    import hashlib
+
     from transformers import AutoTokenizer
 
     from darwinlm_foundry.eval.heldout import heldout_metrics
     from darwinlm_foundry.eval.icl import LOCAL_TASKS, available_tasks, run_icl_eval
     from darwinlm_foundry.eval.lm_eval import run_lm_eval
+    from darwinlm_foundry.data.shards import read_manifest
     from darwinlm_foundry.utils.checkpoints import load_hf_model
 
-    models = {label: load_hf_model(path).float().eval() for label, path in paths.items()}
-    tokens = _heldout_tokens(shards, heldout_sequences)
-    heldout = heldout_metrics(models, dense, tokens)
-    domains = {}
+    token_sets = {'': _heldout_tokens(shards, heldout_sequences)}  # '': every domain together
     if by_source:
-        for name, seqs in _heldout_by_source(shards, AutoTokenizer.from_pretrained(paths[dense]),
-                                             heldout_sequences).items():
-            domains[name] = {'tokens': int(seqs.numel()), **heldout_metrics(models, dense, seqs, batch_size=4)}
-            print(f'[darwinlm] eval held-out {name} ({seqs.numel():,} tokens): ' + ', '.join(
-                f'{label} {domains[name][label]["ppl"]:.2f}' for label in models), flush=True)
+        token_sets.update(_heldout_by_source(shards, AutoTokenizer.from_pretrained(paths[dense]), heldout_sequences))
+    settings = {'heldout_sequences': heldout_sequences, 'by_source': bool(by_source), 'icl': icl, 'lm_eval': lm_eval,
+                'data': read_manifest(shards).get('fingerprint'), 'dense': _files_identity(paths[dense])}
+    rows_dir = Path(stage_dir) / 'rows'
+    dense_model = None
     rows = []
-    for label, model in models.items():
-        row = {'method': label, 'params': count_parameters(model), 'path': paths[label],
-               'heldout_ppl': heldout[label]['ppl'], 'heldout_kl': heldout[label]['kl']}
-        if domains:
-            row['heldout_by_source'] = {name: {'ppl': d[label]['ppl'], 'kl': d[label]['kl'], 'tokens': d['tokens']}
-                                        for name, d in domains.items()}
+    for label, path in paths.items():
+        key = hashlib.sha256(json.dumps({'settings': settings, 'model': _files_identity(path)}, sort_keys=True,
+                                        default=str).encode()).hexdigest()
+        row_file = rows_dir / f'{label}.json'
+        if row_file.is_file():
+            saved = json.loads(row_file.read_text())
+            if saved.get('key') == key:
+                rows.append(saved['row'])
+                print(f'[darwinlm] eval {label}: scored in an earlier run ({row_file})', flush=True)
+                continue
+        if dense_model is None:
+            dense_model = load_hf_model(paths[dense]).float().eval()
+        model = dense_model if label == dense else load_hf_model(path).float().eval()
+        pair = {dense: dense_model, label: model}
+        scores = {name: heldout_metrics(pair, dense, seqs, batch_size=8 if not name else 4)[label]
+                  for name, seqs in token_sets.items()}
+        row = {'method': label, 'params': count_parameters(model), 'path': path,
+               'heldout_ppl': scores['']['ppl'], 'heldout_kl': scores['']['kl']}
+        del model, pair  # before ICL / lm-eval load their own copy
+        if by_source:
+            row['heldout_by_source'] = {name: {'ppl': s['ppl'], 'kl': s['kl'], 'tokens': int(token_sets[name].numel())}
+                                        for name, s in scores.items() if name}
+            print(f'[darwinlm] eval {label} held-out per domain: ' + ', '.join(
+                f'{name} {s["ppl"]:.2f}' for name, s in scores.items() if name), flush=True)
         if icl is not None:
             icl_args = dict(icl)
             data_dir = icl_args.pop('data_dir', None) or str(EMBEDDED_ICL)
@@ -81,23 +113,25 @@ def evaluate_models(paths, dense, shards, heldout_sequences, icl, stage_dir, out
                 if unknown:
                     raise ValueError(f'eval: icl.tasks {unknown} not available; have {[t.label for t in tasks]}')
                 tasks = [t for t in tasks if t.label in chosen]
-            tokenizer = AutoTokenizer.from_pretrained(paths[label])
-            result = run_icl_eval(paths[label], tokenizer, data_dir, tasks,
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            result = run_icl_eval(path, tokenizer, data_dir, tasks,
                                   work_dir=os.path.join(stage_dir, f'icl_{label}'), **icl_args)
             row['tasks'] = result.tasks
             row['mean_accuracy'] = result.mean_accuracy  # the paper's 'avg'
             row['gauntlet_average'] = result.gauntlet_average
         if lm_eval is not None:
             args = dict(lm_eval)
-            row['lm_eval'] = run_lm_eval(paths[label], data_dir=args.pop('data_dir', None) or str(EMBEDDED_ICL),
+            row['lm_eval'] = run_lm_eval(path, data_dir=args.pop('data_dir', None) or str(EMBEDDED_ICL),
                                          work_dir=os.path.join(stage_dir, f'lm_eval_{label}'), **args)
             print(f'[darwinlm] eval {label} lm-eval: ' + ', '.join(
                 f'{task} {m.get("acc", float("nan")):.3f}' for task, m in row['lm_eval'].items()), flush=True)
+        atomic_write_json(row_file, {'key': key, 'row': row}, indent=1)
         rows.append(row)
         print(f'[darwinlm] eval {label}: {row["params"]:,} params, held-out ppl {row["heldout_ppl"]:.2f}, '
               f'KL {row["heldout_kl"]:.4f}' + (f', ICL {row["tasks"]}' if 'tasks' in row else ''), flush=True)
+    sources = {name: int(seqs.numel()) for name, seqs in token_sets.items() if name}
     atomic_write_json(out_path, {'dense': dense, 'rows': rows, 'heldout_sequences': heldout_sequences,
-                                 'heldout_sources': {name: d['tokens'] for name, d in domains.items()}}, indent=1)
+                                 'heldout_sources': sources}, indent=1)
 
 
 def run_export_stage(cfg, stage_dir, refs, run, outputs):

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from darwinlm_foundry.data.sources import EMBEDDED_SOURCES
+from darwinlm_foundry.structure.levels import MAX_MLP_SPLIT, auto_num_levels
 
 _WEIGHT_FILES = ('model.safetensors', 'model.safetensors.index.json', 'pytorch_model.bin',
                  'pytorch_model.bin.index.json')
@@ -129,4 +130,12 @@ def preflight(run, stages: List[Any]) -> List[str]:
                 raise ValueError(f'{where}.calibration.num_levels: {levels} levels need at least {levels} heads and '
                                  f'{levels} x {multiple} MLP columns; {cfg.model} has {heads} heads and {mlp} '
                                  f'columns. Leave num_levels out (automatic: min(10, heads, columns // {multiple})).')
+            split = int(cfg.calibration.get('mlp_level_split', 1) or 1)
+            if split > 1 and heads and mlp:
+                top = levels or auto_num_levels(heads, mlp, multiple)
+                step = (mlp // (top * multiple)) * multiple
+                if split > MAX_MLP_SPLIT or step % split:
+                    raise ValueError(f'{where}.calibration.mlp_level_split: {split} does not divide the MLP level step of '
+                                     f'{step} columns ({mlp} columns, {top} levels, multiples of {multiple}) or exceeds '
+                                     f'{MAX_MLP_SPLIT}; use a divisor of {step} up to {MAX_MLP_SPLIT}.')
     return done

@@ -34,6 +34,14 @@ MLP columns, about half of the attention+MLP parameters under GQA, since K/V sta
 levels is recorded next to the steps (``DarwinLMConfig.num_levels``, the database manifest), so a pruned
 model re-opens with the same levels for gradual pruning.
 
+Finer MLP levels (``mlp_split``, the database's ``calibration.mlp_level_split``): a few-head model's MLP step is
+coarse (SmolLM2: 160 of 1536 columns, because attention allows 9 levels), so the MLP may get ``mlp_split`` levels
+per level instead: steps of ``step / mlp_split`` columns and MLP levels ``0 .. num_levels * mlp_split``. Nominal
+level ``l`` is attention level ``l`` and MLP level ``l * mlp_split`` (:meth:`LevelSpec.kind_level`; an int given
+for a whole model is nominal), so the uniform model and the target size stay those of ``mlp_split = 1``; a
+switch moves one fine MLP level and stays size-neutral. The split is recorded in the pruned config
+(``mlp_level_split``) and the manifest, and gradual pruning keeps it.
+
 Gradual mode: a model that is already pruned (DarwinLM config) keeps the steps of the *original* dense
 model (``config.level_steps``, written there when the model was made, or recomputed from the dense sizes
 the DarwinLM config keeps in ``num_attention_heads`` / ``intermediate_size``); each unit's current count
@@ -52,6 +60,7 @@ __all__ = ['KINDS', 'LevelSpec', 'parameter_count', 'normalise_levels', 'auto_nu
 KINDS = ('attn', 'mlp')
 DEFAULT_NUM_LEVELS = 10
 DEFAULT_MLP_MULTIPLE = 32
+MAX_MLP_SPLIT = 4  # finer MLP levels: at most this many per level (the search space's level bound follows)
 
 
 def _head_dim(config) -> int:
@@ -111,14 +120,17 @@ class LevelSpec:
     o_bias: bool = False
     mlp_bias: bool = False
     family: str = 'llama'
+    mlp_split: int = 1                  # MLP levels per nominal level (finer MLP steps; attention: 1)
 
     def __post_init__(self):
+        if not 1 <= int(self.mlp_split) <= MAX_MLP_SPLIT:
+            raise ValueError(f'mlp_split must lie in 1..{MAX_MLP_SPLIT}, got {self.mlp_split}')
         for kind in KINDS:
-            n, s, q = self.dense[kind], self.step[kind], self.quantum[kind]
-            if s <= 0 or s % q or self.num_levels * s > n:
+            n, s, q, top = self.dense[kind], self.step[kind], self.quantum[kind], self.top(kind)
+            if s <= 0 or s % q or top * s > n:
                 raise ValueError(
-                    f'{kind}: step {s} is invalid for {n} structures and {self.num_levels} levels (it must be a '
-                    f'positive multiple of {q} with {self.num_levels} * step <= {n}).')
+                    f'{kind}: step {s} is invalid for {n} structures and {top} levels (it must be a '
+                    f'positive multiple of {q} with {top} * step <= {n}).')
             levels = tuple(int(v) for v in self.current_levels[kind])
             if len(levels) != self.num_layers:
                 raise ValueError(f'current_levels[{kind!r}] has {len(levels)} entries for {self.num_layers} layers')
@@ -133,7 +145,7 @@ class LevelSpec:
     @classmethod
     def from_config(cls, config, *, num_levels: Optional[int] = None,
                     mlp_multiple: int = DEFAULT_MLP_MULTIPLE,
-                    steps: Mapping[str, int] | None = None) -> 'LevelSpec':
+                    steps: Mapping[str, int] | None = None, mlp_split: Optional[int] = None) -> 'LevelSpec':
         """The level spec of a dense HF config or a DarwinLM (already pruned) config.
 
         ``num_levels``: ``None`` takes the number a DarwinLM config records, else :func:`auto_num_levels` of
@@ -143,6 +155,8 @@ class LevelSpec:
         config records (``num_attention_heads``, ``intermediate_size``). Raises ``ValueError`` when a kind has
         fewer than ``num_levels`` quanta (use a model with more heads / columns or pass fewer ``num_levels``)
         or when a unit's current count is not on a level (the model was pruned with other steps: pass them).
+        ``mlp_split``: each nominal level's MLP step cut into this many finer MLP levels (``None``: what a
+        DarwinLM config records, else 1); the MLP step must divide by it.
         """
         config = getattr(config, 'config', config)
         if mlp_multiple < 1:
@@ -155,6 +169,15 @@ class LevelSpec:
         num_levels = int(num_levels)
         if num_levels < 1:
             raise ValueError(f'num_levels must be >= 1, got {num_levels}')
+        recorded = None
+        if getattr(config, 'model_type', None) == 'darwinlm' and getattr(config, 'level_steps', None):
+            recorded = int(getattr(config, 'mlp_level_split', None) or 1)  # the split its level_steps refer to
+        if mlp_split is not None and recorded is not None and steps is None and int(mlp_split) != recorded:
+            raise ValueError(f'this model was pruned with mlp_level_split={recorded} (its level_steps refer to it); '
+                             f'gradual pruning keeps it: leave mlp_level_split out, or set it to {recorded}.')
+        mlp_split = int(mlp_split or recorded or 1)
+        if not 1 <= mlp_split <= MAX_MLP_SPLIT:
+            raise ValueError(f'mlp_split (mlp_level_split) must lie in 1..{MAX_MLP_SPLIT}, got {mlp_split}')
         dense = {'attn': int(config.num_attention_heads), 'mlp': int(config.intermediate_size)}
         quantum = {'attn': 1, 'mlp': int(mlp_multiple)}
         if steps is None and getattr(config, 'model_type', None) == 'darwinlm':
@@ -169,6 +192,10 @@ class LevelSpec:
                         f'{kind}: {dense[kind]} {what} cannot be split into {num_levels} equal non-empty steps; '
                         f'use a model with at least {num_levels * quantum[kind]} of them, a smaller '
                         f'num_levels{"" if kind == "attn" else " or a smaller mlp_multiple"}.')
+            if steps['mlp'] % mlp_split:
+                raise ValueError(f'mlp: the level step of {steps["mlp"]} columns cannot be split into {mlp_split} '
+                                 f'equal finer steps; use an mlp_split that divides it.')
+            steps['mlp'] //= mlp_split
         steps = {kind: int(steps[kind]) for kind in KINDS}
         if steps['mlp'] % quantum['mlp']:
             quantum['mlp'] = 1  # recorded steps win: a database made with another multiple stays usable
@@ -181,7 +208,7 @@ class LevelSpec:
             for layer, count in enumerate(counts[kind]):
                 removed = dense[kind] - count
                 level = removed // steps[kind] if steps[kind] else -1
-                if removed % steps[kind] or not 0 <= level <= num_levels:
+                if removed % steps[kind] or not 0 <= level <= num_levels * (mlp_split if kind == 'mlp' else 1):
                     raise ValueError(
                         f'layer {layer} {kind} has {count} of {dense[kind]} structures, which is not a level of '
                         f'step {steps[kind]} (levels keep {dense[kind]} - level * {steps[kind]}); the model was '
@@ -193,12 +220,14 @@ class LevelSpec:
                    head_dim=_head_dim(config), hidden_size=int(config.hidden_size),
                    vocab_size=int(config.vocab_size), num_key_value_heads=int(config.num_key_value_heads),
                    tie_word_embeddings=bool(getattr(config, 'tie_word_embeddings', False)),
-                   qkv_bias=qkv_bias, o_bias=o_bias, mlp_bias=mlp_bias, family=str(family))
+                   qkv_bias=qkv_bias, o_bias=o_bias, mlp_bias=mlp_bias, family=str(family), mlp_split=mlp_split)
 
     def to_dict(self) -> dict:
         """JSON-serialisable form (for the database manifest and the DarwinLM config)."""
         out = asdict(self)
         out['current_levels'] = {k: list(v) for k, v in self.current_levels.items()}
+        if out['mlp_split'] == 1:  # the form written before finer MLP levels existed (same databases)
+            del out['mlp_split']
         return out
 
     @classmethod
@@ -209,6 +238,22 @@ class LevelSpec:
     def steps(self) -> dict[str, int]:
         """``{'attn': heads per level, 'mlp': columns per level}`` (what ``DarwinLMConfig.level_steps`` stores)."""
         return dict(self.step)
+
+    def top(self, kind: str) -> int:
+        """The top level of ``kind``: ``num_levels``, times ``mlp_split`` for the MLP."""
+        return self.num_levels * (int(self.mlp_split) if kind == 'mlp' else 1)
+
+    def kind_level(self, kind: str, level: int) -> int:
+        """``kind``'s level that removes the same fraction as nominal ``level`` (``level * mlp_split`` for the MLP)."""
+        return int(level) * (int(self.mlp_split) if kind == 'mlp' else 1)
+
+    def uniform_levels(self, level: int) -> dict[str, list[int]]:
+        """Every unit at nominal ``level``."""
+        return {kind: [self.kind_level(kind, level)] * self.num_layers for kind in KINDS}
+
+    def normalise(self, levels: 'LevelsLike') -> dict[str, list[int]]:
+        """:func:`normalise_levels` for this spec: an int is a nominal uniform level (MLP levels scaled)."""
+        return normalise_levels(self.uniform_levels(levels) if isinstance(levels, int) else levels, self.num_layers)
 
     @property
     def num_layers(self) -> int:
@@ -224,8 +269,8 @@ class LevelSpec:
     def _check(self, kind: str, level: int) -> None:
         if kind not in KINDS:
             raise ValueError(f'unknown kind {kind!r}; kinds are {KINDS}')
-        if not 0 <= level <= self.num_levels or int(level) != level:
-            raise ValueError(f'level {level!r} is outside 0..{self.num_levels}')
+        if not 0 <= level <= self.top(kind) or int(level) != level:
+            raise ValueError(f'{kind} level {level!r} is outside 0..{self.top(kind)}')
 
     def keep(self, kind: str, level: int) -> int:
         """Structures (heads / columns) a unit of ``kind`` keeps at ``level``, counted in the dense model."""
@@ -238,11 +283,11 @@ class LevelSpec:
 
     def remainder(self, kind: str) -> int:
         """Structures the top level keeps (0: the top level removes the unit)."""
-        return self.keep(kind, self.num_levels)
+        return self.keep(kind, self.top(kind))
 
     def levels_available(self, kind: str, layer: int) -> list[int]:
         """Levels a unit can take: from its current level up to the top (gradual mode starts higher)."""
-        return list(range(self.current_levels[kind][layer], self.num_levels + 1))
+        return list(range(self.current_levels[kind][layer], self.top(kind) + 1))
 
     def keep_counts(self, kind: str, layer: int) -> list[int]:
         """Kept counts of :meth:`levels_available`, in *current* structures (what the solver is asked for)."""
@@ -268,14 +313,14 @@ class LevelSpec:
 
     def removal_overhead(self, kind: str) -> int:
         """Parameters freed by full removal beyond one ordinary step (0 when the top level is not removal)."""
-        top = self.num_levels
+        top = self.top(kind)
         if self.remainder(kind):
             return 0
         return self.unit_parameters(kind, top - 1) - self.per_step_parameters(kind)
 
     def max_exact_level(self, kind: str) -> int:
         """Highest level such that every switch among levels <= it is exactly parameter-neutral."""
-        return self.num_levels if self.removal_overhead(kind) == 0 else self.num_levels - 1
+        return self.top(kind) if self.removal_overhead(kind) == 0 else self.top(kind) - 1
 
     def fixed_parameters(self) -> int:
         """Parameters outside the prunable units: embeddings, LM head (unless tied), final norm."""
@@ -283,8 +328,9 @@ class LevelSpec:
         return emb * (1 if self.tie_word_embeddings else 2) + self.hidden_size
 
     def parameter_count(self, levels) -> int:
-        """Exact parameter count of the model whose units sit at ``levels`` (see :func:`normalise_levels`)."""
-        levels = normalise_levels(levels, self.num_layers)
+        """Exact parameter count of the model whose units sit at ``levels`` (see :func:`normalise_levels`; an int
+        is a nominal uniform level)."""
+        levels = self.normalise(levels)
         total = self.fixed_parameters()
         for kind in KINDS:
             total += sum(self.unit_parameters(kind, l) for l in levels[kind])
@@ -305,16 +351,17 @@ class LevelSpec:
         lines = [
             f'{self.family}: {self.num_layers} layers, attn {self.dense["attn"]} heads step {self.step["attn"]} '
             f'(top level keeps {self.remainder("attn")}), mlp {self.dense["mlp"]} columns step {self.step["mlp"]} '
-            f'(top level keeps {self.remainder("mlp")})',
+            f'(top level keeps {self.remainder("mlp")})' + (f', {self.mlp_split} MLP levels per level'
+                                                            if self.mlp_split > 1 else ''),
             f'{"level":>5} {"heads":>6} {"mlp cols":>9} {"parameters":>15} {"of dense":>9}',
         ]
         for level in range(self.num_levels + 1):
             params = self.parameter_count(level)
-            lines.append(f'{level:>5} {self.keep("attn", level):>6} {self.keep("mlp", level):>9} '
+            lines.append(f'{level:>5} {self.keep("attn", level):>6} {self.keep("mlp", self.kind_level("mlp", level)):>9} '
                          f'{params:>15,} {params / dense:>9.4f}')
         for kind in KINDS:
-            if self.max_exact_level(kind) < self.num_levels:
-                lines.append(f'note: {kind} level {self.num_levels} removes the unit and frees '
+            if self.max_exact_level(kind) < self.top(kind):
+                lines.append(f'note: {kind} level {self.top(kind)} removes the unit and frees '
                              f'{self.removal_overhead(kind):,} parameters more than a step; switches are exactly '
                              f'size-neutral up to level {self.max_exact_level(kind)}.')
         if any(any(v) for v in self.current_levels.values()):

@@ -146,3 +146,23 @@ def test_budget_overrides_and_token_accounting():
     with pytest.raises(ValueError, match='KEY=VALUE'):
         reproduce._override(reproduce.QUICK, ['no_such_field=1'])
     assert reproduce.short_domain('redpajama_c4-rp1') == 'c4' and reproduce.short_domain('redpajama_book2') == 'book'
+
+
+def test_ledger_refuses_other_settings_unless_restarted(tmp_path):
+    """A ledger of other settings is never discarded silently (it holds hours of work); fields added later keep
+    older ledgers valid at the value those runs used."""
+    reproduce = _load_reproduce()
+    old = {k: v for k, v in reproduce.QUICK.fingerprint().items()}
+    assert not set(reproduce.ADDED_LATER) & set(old)  # at their old values they are left out
+    assert reproduce._override(reproduce.QUICK, ['mlp_level_split=2']).fingerprint()['mlp_level_split'] == 2
+    key = {'budget': old, 'data': 'd', 'model': {'sha256': 's', 'layers': 0}}
+    ledger = reproduce.Ledger(tmp_path / 'ledger.json', key)
+    ledger.step('a', lambda: 1)
+    (tmp_path / 'models').mkdir()
+    assert reproduce.Ledger(tmp_path / 'ledger.json', key).data == {'a': 1}  # same settings: resumed
+    other = {**key, 'budget': {**old, 'generations': 6}}
+    with pytest.raises(SystemExit, match=r'generations: 5 -> 6.*--restart'):
+        reproduce.Ledger(tmp_path / 'ledger.json', other)
+    assert (tmp_path / 'models').is_dir()
+    assert reproduce.Ledger(tmp_path / 'ledger.json', other, restart=True).data == {}
+    assert not (tmp_path / 'models').exists()

@@ -356,3 +356,41 @@ def test_build_records_its_phases_and_peak(tmp_path):
     # informational only: the reopened database carries the stats, and a resume check ignores them
     assert SparsityDatabase.open(tmp_path, _model()).build_stats == stats
     build_database(_model(), _batches(), tmp_path, calibration_source='random ids', log_fn=None)
+
+
+def test_finer_mlp_levels_refine_the_same_database(built, tmp_path):
+    """mlp_split=2: every coarse level is an even fine level with the same kept columns and weights (the solver's
+    removal order does not depend on which counts are recorded); odd levels stitch like any other."""
+    model, db = built
+    fine = build_database(model, _batches(), tmp_path, calibration_source='random ids', mlp_split=2)
+    spec = fine.level_spec
+    assert spec.steps == {'attn': 1, 'mlp': 16} and spec.top('mlp') == 20 and spec.top('attn') == 10
+    assert fine.levels(Unit(0, 'mlp')) == list(range(21)) and fine.levels(Unit(0, 'attn')) == list(range(11))
+    for unit in db.units:
+        for level in db.levels(unit):
+            if level == 0:
+                continue
+            fl = spec.kind_level(unit.kind, level)
+            assert torch.equal(fine.kept(unit, fl), db.kept(unit, level)), (unit, level)
+            assert torch.equal(fine.weight(unit, fl), db.weight(unit, level)), (unit, level)
+    getter = dense_tensor_getter(model)
+    assert spec.parameter_count(5) == db.level_spec.parameter_count(5)
+    ids = torch.randint(0, 128, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(fine.stitch(5, getter)(ids).logits, db.stitch(5, getter)(ids).logits)
+    # odd fine levels: stitched equals masked, the config records the split and re-opens with it
+    levels = {'attn': [2, 5, 9], 'mlp': [3, 11, 19]}
+    stitched = fine.stitch(levels, getter)
+    assert stitched.config.mlp_level_split == 2 and stitched.config.level_steps == spec.steps
+    assert LevelSpec.from_config(stitched.config).current_levels == {'attn': (2, 5, 9), 'mlp': (3, 11, 19)}
+    assert sum(p.numel() for p in stitched.parameters()) == spec.parameter_count(levels)
+    kept = {u: fine.kept(u, levels[u.kind][u.layer]).tolist() for u in fine.units if levels[u.kind][u.layer]}
+    masked = mask_model(model, kept, {u: fine.weight(u, levels[u.kind][u.layer]) for u in kept})
+    with torch.no_grad():
+        assert (stitched(ids).logits - masked(ids).logits).abs().max().item() <= 1e-5
+    from darwinlm_foundry.eval.export import model_card
+    card = model_card(stitched.config, params=1, dense_params=2, base_model='tiny', data_note='ids', levels=levels)
+    assert 'Levels 0 (dense) .. 10' in card and 'the MLP in 2 levels per level (0 .. 20)' in card
+    # gradual: the database of the pruned model keeps the split and offers the fine levels above each unit's
+    gdb = build_database(stitched, _batches(1), tmp_path / 'gradual')
+    assert gdb.level_spec.mlp_split == 2 and gdb.levels(Unit(1, 'mlp')) == list(range(11, 21))

@@ -741,3 +741,27 @@ def test_samples_by_source_needs_an_mds_split(pretrained, database, tokens, tmp_
     """Balanced samples need the converter's per-row sources: an in-memory tensor is refused at construction."""
     with pytest.raises(ValueError, match='samples_by_source needs an MDS split'):
         _engine(_settings(tmp_path, samples_by_source=True), pretrained, database, tokens)
+
+
+def test_finer_mlp_levels_search_from_the_same_uniform_model(pretrained, database, tokens, tmp_path):
+    """mlp_split=2: the search starts from the same uniform model (MLP level 10 of 20 = level 5 of 10), every
+    offspring keeps its size exactly, max_level bounds the MLP at twice the nominal level, the winner records it."""
+    from darwinlm_foundry.search.space import total_levels
+    calib = [tokens[64 + 8 * i:64 + 8 * (i + 1)] for i in range(4)]
+    fine = build_database(pretrained, calib, tmp_path / 'db', calibration_source='c4 sample', mlp_split=2)
+    seen = []
+    engine = _engine(_settings(tmp_path / 'fine', generations=2, max_level=8), pretrained, fine, tokens,
+                     candidate_hook=lambda config, model: seen.append(
+                         (config, sum(p.numel() for p in model.parameters()))))
+    assert engine.start == uniform(2, 5, mlp_split=2) == LevelConfig(attn=[5, 5], mlp=[10, 10])
+    assert engine.bounds.upper == LevelConfig(attn=[8, 8], mlp=[16, 16])
+    coarse = _engine(_settings(tmp_path / 'coarse', generations=0), pretrained, database, tokens)
+    probe = engine.probe_sample()
+    assert engine.config_fitness(engine.start, probe) == coarse.config_fitness(uniform(2, 5), probe)
+    result = engine.run()
+    size = database.level_spec.parameter_count(5)
+    assert seen and all(total_levels(c) == {'attn': 10, 'mlp': 20} and n == size for c, n in seen)
+    assert all(max(c.mlp) <= 16 for c, _ in seen) and any(lvl % 2 for c, _ in seen for lvl in c.mlp)
+    winner = json.loads((tmp_path / 'fine' / WINNER_JSON).read_text())
+    assert winner['mlp_level_split'] == 2 and winner['level_steps'] == {'attn': 1, 'mlp': 16}
+    assert fine.level_spec.parameter_count(result.winner.to_dict()) == size

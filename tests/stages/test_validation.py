@@ -85,6 +85,8 @@ CASES = [
     ('impossible search value', (('stages', 3, 'search', 'target_level'), 12), r"target_level must lie in 0\.\.10"),
     ('too many levels for the heads', (('stages', 2, 'calibration', 'num_levels'), 10),
      r"calibration\.num_levels: 10 levels need at least 10 heads.*has 9 heads"),
+    ('finer MLP levels that do not divide the step', (('stages', 2, 'calibration', 'mlp_level_split'), 3),
+     r"calibration\.mlp_level_split: 3 does not divide the MLP level step of 160 columns"),
     ('model path missing', (('stages', 0, 'path'), '/nonexistent/model.gguf'), r"does not exist"),
     ('data source missing', (('stages', 1, 'source'), '/nonexistent/fineweb'),
      r"source: /nonexistent/fineweb does not"),

@@ -186,3 +186,43 @@ def test_pruned_few_head_model_records_its_levels_and_reopens_for_gradual_prunin
     # a config written before num_levels was recorded derives the same number from the dense sizes
     pruned.num_levels = None
     assert LevelSpec.from_config(pruned) == again
+
+
+def test_finer_mlp_levels_keep_the_nominal_sizes_and_switches_exact(tmp_path):
+    """mlp_split=2 on SmolLM2: MLP steps of 80 columns, MLP level 2L keeps what level L kept, sizes unchanged."""
+    from darwinlm_foundry.modeling import DarwinLMConfig
+    from darwinlm_foundry.structure.shrinking import to_darwinlm_config
+    coarse = LevelSpec.from_config(_smollm2_config())
+    fine = LevelSpec.from_config(_smollm2_config(), mlp_split=2)
+    assert fine.steps == {'attn': 1, 'mlp': 80} and fine.top('attn') == 9 and fine.top('mlp') == 18
+    assert [fine.keep('mlp', 2 * l) for l in range(10)] == [coarse.keep('mlp', l) for l in range(10)]
+    assert fine.keep('mlp', 11) == 1536 - 880 and fine.remainder('mlp') == 96
+    for level in range(10):  # an int is a nominal level: the same model size
+        assert fine.parameter_count(level) == coarse.parameter_count(level)
+        assert fine.uniform_levels(level) == {'attn': [level] * 30, 'mlp': [2 * level] * 30}
+    assert fine.max_exact_level('mlp') == 18 and fine.max_exact_level('attn') == 8
+    rest = [10] * 28
+    for a, b in itertools.product(range(18), range(1, 19)):  # every fine MLP switch is size-neutral
+        assert fine.parameter_count({'attn': [5] * 30, 'mlp': [a, b] + rest}) == \
+            fine.parameter_count({'attn': [5] * 30, 'mlp': [a + 1, b - 1] + rest})
+    with pytest.raises(ValueError, match='outside 0..18'):
+        fine.keep('mlp', 19)
+    with pytest.raises(ValueError, match='cannot be split into 3'):
+        LevelSpec.from_config(_smollm2_config(), mlp_split=3)  # 160 columns do not split in 3
+    with pytest.raises(ValueError, match='1..4'):
+        LevelSpec.from_config(_smollm2_config(), mlp_split=5)
+    # the dict form: a split is recorded, the default is left out (older manifests read back unchanged)
+    assert LevelSpec.from_dict(fine.to_dict()) == fine and 'mlp_split' not in coarse.to_dict()
+    assert LevelSpec.from_dict(coarse.to_dict()) == coarse
+    # a pruned model records the split next to its steps and re-opens with it (gradual pruning)
+    config = _smollm2_config(layers=3)
+    pruned = to_darwinlm_config(config)
+    pruned.layer_heads = [list(range(9 - 5)), list(range(9 - 6)), list(range(9))]
+    pruned.layer_intermediate_sizes = [1536 - 80 * 11, 1536 - 80 * 18, 1536]
+    pruned.level_steps, pruned.num_levels, pruned.mlp_level_split = fine.steps, 9, 2
+    pruned.save_pretrained(tmp_path)
+    again = LevelSpec.from_config(DarwinLMConfig.from_pretrained(tmp_path))
+    assert again.mlp_split == 2 and again.current_levels == {'attn': (5, 6, 0), 'mlp': (11, 18, 0)}
+    assert again.levels_available('mlp', 0) == list(range(11, 19))
+    with pytest.raises(ValueError, match='mlp_level_split=2'):
+        LevelSpec.from_config(pruned, mlp_split=1)
