@@ -7,7 +7,9 @@ held-out and ICL number with the run's ``eval/eval.json``. LAST line::
 
     models=<n> wall_s=<s> peak_rss_gb=<GB> max_rel_ppl_diff=<vs the run's report> icl_equal=<True|False>
 
-    python bench/eval_stage.py [--yaml yamls/darwinlm_smollm2.yaml] [--run runs/darwinlm_smollm2] [--no-icl]
+    python bench/eval_stage.py [--yaml yamls/darwinlm_smollm2.yaml] [--run runs/darwinlm_smollm2] [--no-icl] [--fresh]
+
+wall_s and peak_rss_gb describe the whole job only with ``--fresh`` (reused rows are not re-scored).
 """
 
 import argparse
@@ -25,7 +27,10 @@ def main(argv=None) -> dict:
     p.add_argument('--yaml', default=str(REPO / 'yamls' / 'darwinlm_smollm2.yaml'))
     p.add_argument('--run', default=None, help="the run directory (default: the YAML's run_dir)")
     p.add_argument('--stage', default='eval')
-    p.add_argument('--out', default=None, help='scratch stage directory (default <run>/eval_rerun, emptied first)')
+    p.add_argument('--out', default=None, help='scratch stage directory (default <run>/eval_rerun)')
+    p.add_argument('--fresh', action='store_true',
+                   help='empty --out first; by default rows already scored there are reused, as the stage does '
+                        'after a crash')
     p.add_argument('--no-icl', action='store_true', help='held-out scoring only (no ICL, no lm-eval)')
     args = p.parse_args(argv)
 
@@ -40,8 +45,9 @@ def main(argv=None) -> dict:
     cfg = stage.config
     paths = {label: recorded[ref]['outputs']['model'] for label, ref in cfg.models.items()}
     out = Path(args.out or run / f'{args.stage}_rerun')
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
+    if args.fresh:
+        shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
     icl, lm_eval = (None, None) if args.no_icl else (cfg.icl, cfg.lm_eval)
 
     t0 = time.time()
