@@ -1,13 +1,16 @@
 """A finished chain's eval stage again, in a scratch directory: its time, peak memory and the same numbers.
 
-The eval stage scores one model at a time beside the dense one (``stages/eval.py``); before 2026-12-04 it held
-every model at once (12.4 GB for the SmolLM2 chain's six fp32 models). This re-runs the stage's own function on
-the run's models with the YAML's eval settings, writes into ``--out`` (the run is not touched) and compares every
-held-out and ICL number with the run's ``eval/eval.json``. LAST line::
+The eval stage scores held-out text for models in groups that fit a memory budget beside the dense model, one
+dense forward per batch for the whole group (``stages/eval.py``). Before 2026-12-04 it held every model and all
+their logits at once (12.4 GB for the SmolLM2 chain's six fp32 models); on 2026-12-04/05 it scored one model at
+a time, repeating the dense forward for each (``--resident-gb 0`` does that again). This re-runs the stage's own
+function on the run's models with the YAML's eval settings, writes into ``--out`` (the run is not touched) and
+compares every held-out and ICL number with the run's ``eval/eval.json``. LAST line::
 
     models=<n> wall_s=<s> peak_rss_gb=<GB> max_rel_ppl_diff=<vs the run's report> icl_equal=<True|False>
 
-    python bench/eval_stage.py [--yaml yamls/darwinlm_smollm2.yaml] [--run runs/darwinlm_smollm2] [--no-icl] [--fresh]
+    python bench/eval_stage.py [--yaml yamls/darwinlm_smollm2.yaml] [--run runs/darwinlm_smollm2] [--no-icl]
+                               [--fresh] [--resident-gb GB]
 
 wall_s and peak_rss_gb describe the whole job only with ``--fresh`` (reused rows are not re-scored).
 """
@@ -32,6 +35,9 @@ def main(argv=None) -> dict:
                    help='empty --out first; by default rows already scored there are reused, as the stage does '
                         'after a crash')
     p.add_argument('--no-icl', action='store_true', help='held-out scoring only (no ICL, no lm-eval)')
+    p.add_argument('--resident-gb', type=float, default=None,
+                   help="fp32 weights held at once beside the dense model (default: the stage's, half the "
+                        'available memory; 0: one model at a time)')
     args = p.parse_args(argv)
 
     from darwinlm_foundry.stages.chain import load_run_yaml
@@ -54,7 +60,8 @@ def main(argv=None) -> dict:
     evaluate_models(paths=paths, dense=cfg.dense or next(iter(cfg.models)),
                     shards=recorded[cfg.data]['outputs']['shards'], heldout_sequences=cfg.heldout_sequences,
                     icl=icl, stage_dir=str(out), out_path=str(out / 'eval.json'), by_source=cfg.heldout_by_source,
-                    lm_eval=lm_eval)
+                    lm_eval=lm_eval,
+                    resident_bytes=None if args.resident_gb is None else args.resident_gb * 2**30)
     wall = time.time() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
 

@@ -28,7 +28,6 @@ import glob
 import hashlib
 import json
 import os
-import resource
 import time
 from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
@@ -41,6 +40,7 @@ from darwinlm_foundry.obs.calibration import (PhaseClock, identity_reduce, iter_
 from darwinlm_foundry.structure.levels import KINDS, LevelSpec
 from darwinlm_foundry.structure.units import Unit, layer_heads, layer_intermediate_size, prunable_units
 from darwinlm_foundry.utils.io import atomic_write_json
+from darwinlm_foundry.utils.memory import peak_rss_gb
 
 __all__ = ['FORMAT_VERSION', 'DatabaseError', 'BuildInterrupted', 'SparsityDatabase', 'build_database',
            'TensorGetter', 'dense_tensor_getter', 'model_fingerprint', 'torch_distributed_hooks',
@@ -643,8 +643,9 @@ def _build_stats(clock: PhaseClock, t_wall: float, t_cpu: float, device, units: 
     ``forward``: calibration forward passes (layer inputs captured, each layer run on every batch) minus
     ``hessian`` (the ``X^T X`` hooks and the reduction); ``solve``: OBS solves (``solve_attn`` /
     ``solve_mlp`` split; this rank's units); ``write``: unit files, checksums and manifest; ``other``: the
-    rest (fingerprint, resume checks, gathering). ``peak_rss_gb``: the process's peak resident memory so
-    far (ru_maxrss, includes what ran before the build); ``peak_cuda_gb``: max_memory_allocated during the
+    rest (fingerprint, resume checks, gathering). ``peak_rss_gb``: the process's peak resident memory since
+    the run stage began (:func:`~darwinlm_foundry.utils.memory.peak_rss_gb`; on non-Linux systems, since the
+    process began); ``peak_cuda_gb``: max_memory_allocated during the
     build on a CUDA device.
     """
     total = {'wall': time.perf_counter() - t_wall, 'cpu': time.process_time() - t_cpu}
@@ -657,7 +658,7 @@ def _build_stats(clock: PhaseClock, t_wall: float, t_cpu: float, device, units: 
         t['other'] = total[kind] - sum(t[p] for p in PHASES if p != 'other')
         t['total'] = total[kind]
         out[f'{kind}_s'] = {k: round(v, 4) for k, v in t.items()}
-    out['peak_rss_gb'] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 4)  # KiB on Linux
+    out['peak_rss_gb'] = round(peak_rss_gb(), 4)
     if torch.device(device).type == 'cuda':
         out['peak_cuda_gb'] = round(torch.cuda.max_memory_allocated(device) / 2**30, 4)
     return out

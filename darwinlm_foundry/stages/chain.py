@@ -32,6 +32,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 from darwinlm_foundry.stages.schema import REFERENCE_KEYS, DataStage, parse_run
 from darwinlm_foundry.utils.io import atomic_write_json
+from darwinlm_foundry.utils.memory import peak_rss_gb, reset_peak_rss
 
 MANIFEST = 'stages.json'
 
@@ -61,9 +62,11 @@ class RunManifest:
         rec = self.stages.get(name)
         return rec['outputs'] if rec and rec['fingerprint'] == fingerprint else None
 
-    def record(self, name: str, fingerprint: str, outputs: dict, seconds: float):
+    def record(self, name: str, fingerprint: str, outputs: dict, seconds: float, peak_rss_gb: Optional[float] = None):
         self.stages[name] = {'fingerprint': fingerprint, 'outputs': outputs, 'seconds': round(seconds, 1),
                              'finished_at': f'{time.time():.6f}'}
+        if peak_rss_gb is not None:  # rank 0's process during the stage (jobs it ran in a subprocess excluded)
+            self.stages[name]['peak_rss_gb'] = round(peak_rss_gb, 2)
         atomic_write_json(self.path, {'stages': self.stages}, indent=1)
 
 
@@ -106,6 +109,7 @@ def run_chain(cfg: Dict[str, Any], log: Callable[[str], None] = print) -> Dict:
         if rank0:
             log(f'[darwinlm] stage {stage.name} ({stage.kind}): running')
         start = time.time()
+        peak_is_per_stage = reset_peak_rss()
         stage_dir = os.path.join(run.run_dir, stage.name)
         os.makedirs(stage_dir, exist_ok=True)
         resolved = {key: outputs[ref] for key, ref in refs.items()}
@@ -114,10 +118,11 @@ def run_chain(cfg: Dict[str, Any], log: Callable[[str], None] = print) -> Dict:
         outputs[stage.name] = result
         record = [None]
         if rank0:
-            manifest.record(stage.name, fingerprint, result, time.time() - start)
+            peak = peak_rss_gb()
+            manifest.record(stage.name, fingerprint, result, time.time() - start, peak if peak_is_per_stage else None)
             record[0] = manifest.stages[stage.name]
-            log(f'[darwinlm] stage {stage.name} ({stage.kind}): done in {time.time() - start:.0f}s -> '
-                f'{json.dumps(result)}')
+            log(f'[darwinlm] stage {stage.name} ({stage.kind}): done in {time.time() - start:.0f}s, peak RSS '
+                f'{peak:.2f} GB{"" if peak_is_per_stage else " (since the process began)"} -> {json.dumps(result)}')
         dist.broadcast_object_list(record, src=0)
         manifest.stages[stage.name] = record[0]
         versions[stage.name] = f'{fingerprint}@{record[0]["finished_at"]}'

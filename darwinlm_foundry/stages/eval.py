@@ -2,6 +2,7 @@
 
 import json
 import os
+import time
 from pathlib import Path
 
 from darwinlm_foundry.utils.io import atomic_write_json
@@ -51,15 +52,43 @@ def _files_identity(path: str) -> list:
                   for f in root.rglob('*') if f.is_file())
 
 
+def _fp32_bytes(path: str) -> int:
+    """The weights of a model directory once loaded in fp32: its weight files' bytes scaled by the stored dtype."""
+    root = Path(path)
+    stored = sum(f.stat().st_size for f in root.iterdir() if f.suffix in ('.safetensors', '.bin'))
+    try:
+        dtype = json.loads((root / 'config.json').read_text()).get('torch_dtype') or 'float32'
+    except (OSError, ValueError):
+        dtype = 'float32'
+    return stored * 4 // {'float16': 2, 'bfloat16': 2}.get(str(dtype), 4)
+
+
+def _resident_groups(labels: list, paths: dict, dense: str, budget: float) -> list:
+    """Consecutive groups of ``labels`` whose fp32 weights fit ``budget`` bytes beside the dense model (which
+    is always loaded; its own label costs nothing), at least one model per group."""
+    groups, current, used = [], [], 0
+    for label in labels:
+        cost = 0 if label == dense else _fp32_bytes(paths[label])
+        if current and used + cost > budget:
+            groups.append(current)
+            current, used = [], 0
+        current.append(label)
+        used += cost
+    return groups + ([current] if current else [])
+
+
 def evaluate_models(paths, dense, shards, heldout_sequences, icl, stage_dir, out_path, by_source=False,
-                    lm_eval=None):
+                    lm_eval=None, resident_bytes=None):
     """The eval stage's work, in one process: writes ``out_path`` (JSON rows, one per model).
 
-    One model at a time beside the dense one (two in memory, whatever the number of models: six fp32 SmolLM2
-    models held 12.4 GB at once, six Llama-2-7B ones would need 160 GB); the dense logits of each held-out
-    batch are recomputed per model, the price of that bound. Each finished model's row is written at once to
-    ``<stage_dir>/rows/<label>.json`` with a key of its files, the dense model's, the data and the settings:
-    a re-run after a crash scores only the models that have no row with the same key.
+    Held-out scoring takes the models in groups whose fp32 weights fit ``resident_bytes`` beside the dense model
+    (default: half the memory available when the stage starts): one dense forward per batch serves the whole
+    group, and each model's logits are scored and dropped before the next model's (:func:`heldout_metrics`), so
+    the peak is the group's weights plus two models' logits. Six fp32 SmolLM2 models (0.5 GB each) make one
+    group; Llama-2-7B ones (27 GB each) one model per group, never all at once. Each model's row is written to
+    ``<stage_dir>/rows/<label>.json`` as soon as its held-out numbers exist (then again with ICL / lm-eval), with
+    a key of its files, the dense model's, the data and the settings: a re-run after a crash scores only what
+    has no row with the same key, and does not repeat held-out scoring for a model whose ICL was cut off.
     """
     import hashlib
 
@@ -77,61 +106,85 @@ def evaluate_models(paths, dense, shards, heldout_sequences, icl, stage_dir, out
     settings = {'heldout_sequences': heldout_sequences, 'by_source': bool(by_source), 'icl': icl, 'lm_eval': lm_eval,
                 'data': read_manifest(shards).get('fingerprint'), 'dense': _files_identity(paths[dense])}
     rows_dir = Path(stage_dir) / 'rows'
-    dense_model = None
-    rows = []
+    keys, rows, complete = {}, {}, {}
     for label, path in paths.items():
-        key = hashlib.sha256(json.dumps({'settings': settings, 'model': _files_identity(path)}, sort_keys=True,
-                                        default=str).encode()).hexdigest()
+        keys[label] = hashlib.sha256(json.dumps({'settings': settings, 'model': _files_identity(path)},
+                                                sort_keys=True, default=str).encode()).hexdigest()
         row_file = rows_dir / f'{label}.json'
         if row_file.is_file():
             saved = json.loads(row_file.read_text())
-            if saved.get('key') == key:
-                rows.append(saved['row'])
-                print(f'[darwinlm] eval {label}: scored in an earlier run ({row_file})', flush=True)
-                continue
-        if dense_model is None:
-            dense_model = load_hf_model(paths[dense]).float().eval()
-        model = dense_model if label == dense else load_hf_model(path).float().eval()
-        pair = {dense: dense_model, label: model}
-        scores = {name: heldout_metrics(pair, dense, seqs, batch_size=8 if not name else 4)[label]
-                  for name, seqs in token_sets.items()}
-        row = {'method': label, 'params': count_parameters(model), 'path': path,
-               'heldout_ppl': scores['']['ppl'], 'heldout_kl': scores['']['kl']}
-        del model, pair  # before ICL / lm-eval load their own copy
-        if by_source:
-            row['heldout_by_source'] = {name: {'ppl': s['ppl'], 'kl': s['kl'], 'tokens': int(token_sets[name].numel())}
-                                        for name, s in scores.items() if name}
-            print(f'[darwinlm] eval {label} held-out per domain: ' + ', '.join(
-                f'{name} {s["ppl"]:.2f}' for name, s in scores.items() if name), flush=True)
-        if icl is not None:
-            icl_args = dict(icl)
-            data_dir = icl_args.pop('data_dir', None) or str(EMBEDDED_ICL)
-            tasks = available_tasks(data_dir, LOCAL_TASKS)
-            chosen = icl_args.pop('tasks', None)  # labels; default: every local task file found
-            if chosen is not None:
-                unknown = sorted(set(chosen) - {t.label for t in tasks})
-                if unknown:
-                    raise ValueError(f'eval: icl.tasks {unknown} not available; have {[t.label for t in tasks]}')
-                tasks = [t for t in tasks if t.label in chosen]
-            tokenizer = AutoTokenizer.from_pretrained(path)
-            result = run_icl_eval(path, tokenizer, data_dir, tasks,
-                                  work_dir=os.path.join(stage_dir, f'icl_{label}'), **icl_args)
-            row['tasks'] = result.tasks
-            row['mean_accuracy'] = result.mean_accuracy  # the paper's 'avg'
-            row['gauntlet_average'] = result.gauntlet_average
-        if lm_eval is not None:
-            args = dict(lm_eval)
-            row['lm_eval'] = run_lm_eval(path, data_dir=args.pop('data_dir', None) or str(EMBEDDED_ICL),
-                                         work_dir=os.path.join(stage_dir, f'lm_eval_{label}'), **args)
-            print(f'[darwinlm] eval {label} lm-eval: ' + ', '.join(
-                f'{task} {m.get("acc", float("nan")):.3f}' for task, m in row['lm_eval'].items()), flush=True)
-        atomic_write_json(row_file, {'key': key, 'row': row}, indent=1)
-        rows.append(row)
+            if saved.get('key') == keys[label]:
+                rows[label], complete[label] = saved['row'], saved.get('complete', True)
+                print(f'[darwinlm] eval {label}: ' + ('scored' if complete[label] else 'held-out scored')
+                      + f' in an earlier run ({row_file})', flush=True)
+
+    def save(label, done):
+        atomic_write_json(rows_dir / f'{label}.json', {'key': keys[label], 'row': rows[label], 'complete': done},
+                          indent=1)
+
+    # held-out ppl / KL for every model without a row, in groups that share the dense forward passes
+    pending = [label for label in paths if label not in rows]
+    if pending:
+        if resident_bytes is None:
+            import psutil
+            resident_bytes = psutil.virtual_memory().available / 2
+        dense_model = load_hf_model(paths[dense]).float().eval()
+        for group in _resident_groups(pending, paths, dense, resident_bytes):
+            models = {label: dense_model if label == dense else load_hf_model(paths[label]).float().eval()
+                      for label in group}
+            models.setdefault(dense, dense_model)
+            scores = {}
+            for name, seqs in token_sets.items():
+                t0 = time.time()
+                scores[name] = heldout_metrics(models, dense, seqs, batch_size=8 if not name else 4)
+                print(f'[darwinlm] eval held-out {name or "all domains"} ({len(seqs)} sequences): '
+                      f'{", ".join(group)} in {time.time() - t0:.0f}s', flush=True)
+            for label in group:
+                rows[label] = {'method': label, 'params': count_parameters(models[label]), 'path': paths[label],
+                               'heldout_ppl': scores[''][label]['ppl'], 'heldout_kl': scores[''][label]['kl']}
+                if by_source:
+                    rows[label]['heldout_by_source'] = {
+                        name: {'ppl': s[label]['ppl'], 'kl': s[label]['kl'], 'tokens': int(token_sets[name].numel())}
+                        for name, s in scores.items() if name}
+                    print(f'[darwinlm] eval {label} held-out per domain: ' + ', '.join(
+                        f'{name} {s[label]["ppl"]:.2f}' for name, s in scores.items() if name), flush=True)
+                complete[label] = icl is None and lm_eval is None
+                save(label, complete[label])
+            del models, scores  # before the next group loads
+        del dense_model  # before ICL / lm-eval load their own copies
+
+    for label, path in paths.items():
+        row = rows[label]
+        if not complete[label]:
+            if icl is not None:
+                icl_args = dict(icl)
+                data_dir = icl_args.pop('data_dir', None) or str(EMBEDDED_ICL)
+                tasks = available_tasks(data_dir, LOCAL_TASKS)
+                chosen = icl_args.pop('tasks', None)  # labels; default: every local task file found
+                if chosen is not None:
+                    unknown = sorted(set(chosen) - {t.label for t in tasks})
+                    if unknown:
+                        raise ValueError(f'eval: icl.tasks {unknown} not available; have {[t.label for t in tasks]}')
+                    tasks = [t for t in tasks if t.label in chosen]
+                tokenizer = AutoTokenizer.from_pretrained(path)
+                result = run_icl_eval(path, tokenizer, data_dir, tasks,
+                                      work_dir=os.path.join(stage_dir, f'icl_{label}'), **icl_args)
+                row['tasks'] = result.tasks
+                row['mean_accuracy'] = result.mean_accuracy  # the paper's 'avg'
+                row['gauntlet_average'] = result.gauntlet_average
+            if lm_eval is not None:
+                args = dict(lm_eval)
+                row['lm_eval'] = run_lm_eval(path, data_dir=args.pop('data_dir', None) or str(EMBEDDED_ICL),
+                                             work_dir=os.path.join(stage_dir, f'lm_eval_{label}'), **args)
+                print(f'[darwinlm] eval {label} lm-eval: ' + ', '.join(
+                    f'{task} {m.get("acc", float("nan")):.3f}' for task, m in row['lm_eval'].items()), flush=True)
+            complete[label] = True
+            save(label, True)
         print(f'[darwinlm] eval {label}: {row["params"]:,} params, held-out ppl {row["heldout_ppl"]:.2f}, '
               f'KL {row["heldout_kl"]:.4f}' + (f', ICL {row["tasks"]}' if 'tasks' in row else ''), flush=True)
     sources = {name: int(seqs.numel()) for name, seqs in token_sets.items() if name}
-    atomic_write_json(out_path, {'dense': dense, 'rows': rows, 'heldout_sequences': heldout_sequences,
-                                 'heldout_sources': sources}, indent=1)
+    atomic_write_json(out_path, {'dense': dense, 'rows': [rows[label] for label in paths],
+                                 'heldout_sequences': heldout_sequences, 'heldout_sources': sources}, indent=1)
 
 
 def run_export_stage(cfg, stage_dir, refs, run, outputs):

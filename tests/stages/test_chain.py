@@ -126,3 +126,27 @@ def test_corrupt_manifest_is_refused(tmp_path):
     (tmp_path / 'stages.json').write_text('{not json')
     with pytest.raises(RuntimeError, match='is corrupt'):
         RunManifest(str(tmp_path))
+
+
+@pytest.mark.skipif(not __import__('os').path.exists('/proc/self/clear_refs'), reason='per-stage peaks need Linux')
+def test_each_stage_records_its_own_peak_memory(tmp_path, monkeypatch):
+    import numpy as np
+
+    from darwinlm_foundry.stages.schema import OUTPUTS
+
+    def fake(kind, outputs):
+        def runner(cfg, stage_dir, refs, run, all_outputs):
+            if stage_dir.endswith('/db'):
+                big = np.ones(2**26)  # 512 MiB, touched
+                assert big.sum() == 2**26
+            return {name: f'{stage_dir}/{name}' for name in outputs}
+        return runner
+
+    monkeypatch.setattr(stage_runners, 'RUNNERS', {k: fake(k, v) for k, v in OUTPUTS.items()})
+    monkeypatch.setattr('darwinlm_foundry.stages.chain._outputs_exist', lambda outputs: True)
+    lines = []
+    run_chain(chain(tmp_path), log=lines.append)
+    peaks = {name: rec['peak_rss_gb'] for name, rec in RunManifest(str(tmp_path / 'run')).stages.items()}
+    # the 512 MiB of the db stage count there and not in the stages after it (each starts a new peak)
+    assert peaks['db'] >= peaks['dense'] + 0.45 and peaks['search'] <= peaks['db'] - 0.45
+    assert any(line.startswith('[darwinlm] stage db (database): done in') and 'peak RSS' in line for line in lines)

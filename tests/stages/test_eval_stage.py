@@ -1,5 +1,6 @@
-"""The eval stage's held-out scoring: one model at a time beside the dense one, the same numbers as all models
-side by side, and a re-run after a crash scores only the models without a row."""
+"""The eval stage's held-out scoring: models in groups that fit a memory budget beside the dense one, the same
+numbers whatever the grouping and as all models side by side, and a re-run after a crash scores only what has
+no row (held-out numbers are kept when ICL is cut off)."""
 
 import json
 import os
@@ -51,15 +52,18 @@ def test_eval_rows_equal_side_by_side_scores_and_resume(tmp_path, wiki_shards, m
     run = dict(paths=paths, dense='dense', shards=str(wiki_shards), heldout_sequences=3, icl=None,
                stage_dir=str(stage_dir), out_path=str(out), by_source=True)
 
-    # a crash while loading the third model: the first two rows are kept
+    # a budget of one byte: one model per group beside the dense one; a crash while loading the third model
+    # keeps the first two rows
+    run['resident_bytes'] = 1
     fail = {'other': True}
     with pytest.raises(RuntimeError, match='killed'):
         eval_stage.evaluate_models(**run)
     assert loads == ['dense', 'pruned', 'other'] and not out.exists()
     assert sorted(p.name for p in (stage_dir / 'rows').iterdir()) == ['dense.json', 'pruned.json']
 
-    # the re-run loads the dense model (the reference) and the missing one only
+    # the re-run (default budget) loads the dense model (the reference) and the missing one only
     fail['other'], loads[:] = False, []
+    del run['resident_bytes']
     eval_stage.evaluate_models(**run)
     assert loads == ['dense', 'other']
     rows = {r['method']: r for r in json.loads(out.read_text())['rows']}
@@ -92,3 +96,61 @@ def test_eval_rows_equal_side_by_side_scores_and_resume(tmp_path, wiki_shards, m
     loads[:] = []
     eval_stage.evaluate_models(**{**run, 'heldout_sequences': 2})
     assert loads == ['dense', 'pruned', 'other']
+
+
+def test_grouped_scoring_loads_each_model_once_and_equals_one_by_one(tmp_path, wiki_shards, model_dirs, monkeypatch):
+    models, paths = model_dirs
+    loads = []
+    from darwinlm_foundry.utils import checkpoints
+    real_load = checkpoints.load_hf_model
+    monkeypatch.setattr(checkpoints, 'load_hf_model', lambda path, *a, **k: loads.append(os.path.basename(path))
+                        or real_load(path, *a, **k))
+    base = dict(paths=paths, dense='dense', shards=str(wiki_shards), heldout_sequences=3, icl=None, by_source=True)
+    assert [len(g) for g in eval_stage._resident_groups(list(paths), paths, 'dense', 1)] == [1, 1, 1]
+    one_each = eval_stage._fp32_bytes(paths['pruned'])
+    assert one_each == pytest.approx(4 * sum(p.numel() for p in models['pruned'].parameters()), abs=64 * 1024)
+    assert eval_stage._resident_groups(list(paths), paths, 'dense', 10 ** 12) == [['dense', 'pruned', 'other']]
+
+    results = {}
+    for budget in (1, None):
+        stage = tmp_path / f'stage_{budget}'
+        loads[:] = []
+        eval_stage.evaluate_models(**base, stage_dir=str(stage), out_path=str(stage / 'eval.json'),
+                                   resident_bytes=budget)
+        assert loads == ['dense', 'pruned', 'other']  # the dense model once, every other model once
+        results[budget] = json.loads((stage / 'eval.json').read_text())['rows']
+    for a, b in zip(results[1], results[None]):
+        assert a == b  # bit-identical: the same arithmetic per model and batch
+
+
+def test_cut_off_icl_keeps_the_heldout_numbers(tmp_path, wiki_shards, model_dirs, monkeypatch):
+    models, paths = model_dirs
+    from darwinlm_foundry.eval import icl as icl_mod
+    from darwinlm_foundry.utils import checkpoints
+    loads, icl_calls = [], []
+    real_load = checkpoints.load_hf_model
+    monkeypatch.setattr(checkpoints, 'load_hf_model', lambda path, *a, **k: loads.append(os.path.basename(path))
+                        or real_load(path, *a, **k))
+
+    class Result:
+        tasks, mean_accuracy, gauntlet_average = {'arc_easy/0-shot': 0.5}, 0.5, 0.0
+
+    def fake_icl(path, *args, **kwargs):
+        icl_calls.append(os.path.basename(path))
+        if icl_calls[-1] == 'other' and len(icl_calls) == 3:
+            raise RuntimeError('killed')
+        return Result()
+    monkeypatch.setattr(icl_mod, 'run_icl_eval', fake_icl)
+    run = dict(paths=paths, dense='dense', shards=str(wiki_shards), heldout_sequences=2, icl={'tasks': ['arc_easy']},
+               stage_dir=str(tmp_path / 'stage'), out_path=str(tmp_path / 'stage' / 'eval.json'))
+    with pytest.raises(RuntimeError, match='killed'):
+        eval_stage.evaluate_models(**run)
+    assert loads == ['dense', 'pruned', 'other'] and icl_calls == ['dense', 'pruned', 'other']
+    saved = json.loads((tmp_path / 'stage' / 'rows' / 'other.json').read_text())
+    assert saved['complete'] is False and 'tasks' not in saved['row'] and saved['row']['heldout_ppl'] > 0
+
+    loads[:], icl_calls[:] = [], []
+    eval_stage.evaluate_models(**run)
+    assert loads == [] and icl_calls == ['other']  # no held-out scoring again, ICL for the cut-off model only
+    rows = {r['method']: r for r in json.loads((tmp_path / 'stage' / 'eval.json').read_text())['rows']}
+    assert rows['other']['heldout_ppl'] == saved['row']['heldout_ppl'] and rows['other']['tasks'] == Result.tasks
