@@ -16,6 +16,7 @@ INSTALL_REQUIRES = [
     'protobuf',
     'setuptools<80',  # llm-foundry imports pkg_resources
     'gguf>=0.10',  # model stages that start from a GGUF file (transformers' GGUF loader)
+    'psutil',  # the eval stage's memory budget (available memory)
 ]
 
 setup(

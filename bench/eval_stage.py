@@ -17,7 +17,6 @@ wall_s and peak_rss_gb describe the whole job only with ``--fresh`` (reused rows
 
 import argparse
 import json
-import resource
 import shutil
 import time
 from pathlib import Path
@@ -41,6 +40,7 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
 
     from darwinlm_foundry.stages.chain import load_run_yaml
+    from darwinlm_foundry.utils.memory import peak_rss_gb
     from darwinlm_foundry.stages.eval import evaluate_models
     from darwinlm_foundry.stages.schema import parse_run
 
@@ -63,7 +63,7 @@ def main(argv=None) -> dict:
                     lm_eval=lm_eval,
                     resident_bytes=None if args.resident_gb is None else args.resident_gb * 2**30)
     wall = time.time() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+    peak = peak_rss_gb()  # of this process: nothing else ran in it
 
     new = {r['method']: r for r in json.loads((out / 'eval.json').read_text())['rows']}
     old = {r['method']: r for r in json.loads((run / args.stage / 'eval.json').read_text())['rows']}
