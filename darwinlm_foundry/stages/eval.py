@@ -84,11 +84,12 @@ def evaluate_models(paths, dense, shards, heldout_sequences, icl, stage_dir, out
     Held-out scoring takes the models in groups whose fp32 weights fit ``resident_bytes`` beside the dense model
     (default: half the memory available when the stage starts): one dense forward per batch serves the whole
     group, and each model's logits are scored and dropped before the next model's (:func:`heldout_metrics`), so
-    the peak is the group's weights plus two models' logits and the scoring's temporaries. Six fp32 SmolLM2 models (0.5 GB each) make one
-    group; Llama-2-7B ones (27 GB each) one model per group, never all at once. Each model's row is written to
-    ``<stage_dir>/rows/<label>.json`` as soon as its held-out numbers exist (then again with ICL / lm-eval), with
-    a key of its files, the dense model's, the data and the settings: a re-run after a crash scores only what
-    has no row with the same key, and does not repeat held-out scoring for a model whose ICL was cut off.
+    the peak is the group's weights plus two models' logits and the scoring's temporaries. Six fp32 SmolLM2
+    models (0.5 GB each) make one group; Llama-2-7B ones (27 GB each) one model per group, never all at once.
+    Each model's row is written to ``<stage_dir>/rows/<label>.json`` as soon as its held-out numbers exist (then
+    again with ICL / lm-eval), with a key of its files, the dense model's, the data and the settings: a re-run
+    after a crash scores only what has no row with the same key, and does not repeat held-out scoring for a
+    model whose ICL was cut off.
     """
     import hashlib
 
