@@ -108,6 +108,9 @@ class Budget:
     max_switches: int = 3              # mutation: min(U{1,m}, U{1,m}) level switches per offspring
     samples_by_source: bool = False    # True: fitness samples balanced over the 7 domains (no better on seed 0:
                                        # 0.770 against 0.737 after 25 generations, search_length_bysource.txt)
+    balance_kinds: bool = True         # searches start from the fittest attention/MLP split of their size
+    uniform_start_seeds: int = 1       # with balance_kinds, the first this many seeds also run the KL-only search
+                                       # from the uniform start (the paper's), kl_generations long
     survivors: tuple = (2, 1)
     fitness_tokens: tuple = (1024, 2048)  # fewer let sample noise pick (bench/results/fitness_noise)
     tas_train_tokens: tuple = (0, 2048)  # per candidate and selection step (0: that step selects one-shot)
@@ -126,8 +129,8 @@ class Budget:
     icl_tasks: tuple = ('arc_easy', 'piqa')
     icl_limit: int = 100               # examples per task (the local files hold 100)
     icl_seeds: int = 1                 # the searched arms of this many first seeds get ICL
-    icl_models: tuple = LEVEL5_BASELINES + ('darwinlm5_kl', 'darwinlm5_tas', 'darwinlm5_kl+train',
-                                            'darwinlm5_tas+train')
+    icl_models: tuple = LEVEL5_BASELINES + ('darwinlm5_kl', 'darwinlm5_kl_uniform', 'darwinlm5_tas',
+                                            'darwinlm5_kl+train', 'darwinlm5_tas+train')
 
     def __post_init__(self):
         if self.search_precision not in ('auto', 'fp32', 'amp_bf16'):
@@ -142,6 +145,8 @@ class Budget:
         if self.kl_generations < self.generations:
             raise ValueError(f'kl_generations ({self.kl_generations}) must be at least generations '
                              f'({self.generations}): the KL-only search also gives the matched comparison with TAS')
+        if self.uniform_start_seeds < 0:
+            raise ValueError(f'uniform_start_seeds must be >= 0, got {self.uniform_start_seeds}')
         if not any(self.tas_train_tokens):
             raise ValueError('tas_train_tokens are all 0: the TAS search would be the KL-only search')
 
@@ -155,7 +160,8 @@ class Budget:
         the older runs, so their ledgers stay valid.
         """
         return {k: v for k, v in self.describe().items()
-                if k not in ('seeds', 'icl_seeds', 'icl_models', 'tas_seeds') and ADDED_LATER.get(k, ()) != v}
+                if k not in ('seeds', 'icl_seeds', 'icl_models', 'tas_seeds', 'uniform_start_seeds')
+                and ADDED_LATER.get(k, ()) != v}
 
     def runs_tas(self, seed: int) -> bool:
         """Whether ``seed`` also runs TAS and the level-6 arms (the first ``tas_seeds`` seeds; 0: every seed)."""
@@ -172,7 +178,7 @@ class Budget:
 
 
 # Budget fields added after results were committed, with the value the earlier runs used.
-ADDED_LATER = {'max_switches': 3, 'samples_by_source': False, 'mlp_level_split': 1}
+ADDED_LATER = {'max_switches': 3, 'samples_by_source': False, 'mlp_level_split': 1, 'balance_kinds': False}
 QUICK = Budget()
 FULL = dataclasses.replace(QUICK, calibration_sequences=128, shared_database=False, signal_sequences=64,
                            generations=24, kl_generations=60, tas_seeds=0, offspring=16, survivors=(4, 2, 1),
@@ -385,8 +391,10 @@ def search_precision(b: Budget) -> str:
 
 
 def search(ctx: Context, db, source_dir: str, out_dir: Path, seed: int, *, tas: bool, level: Optional[int],
-           generations: int, start: Optional[str] = None, extra_levels: Optional[float] = None) -> dict:
-    """One search (``start``: a levels file to start from, by default with one extra level spread, gradual)."""
+           generations: int, start: Optional[str] = None, extra_levels: Optional[float] = None,
+           balance: Optional[bool] = None) -> dict:
+    """One search (``start``: a levels file to start from, by default with one extra level spread, gradual;
+    ``balance``: kind balance before the first generation, default ``budget.balance_kinds``)."""
     from darwinlm_foundry.obs.database import dense_tensor_getter
     from darwinlm_foundry.search.engine import EvolutionarySearch
     from darwinlm_foundry.search.settings import SearchSettings
@@ -396,6 +404,7 @@ def search(ctx: Context, db, source_dir: str, out_dir: Path, seed: int, *, tas: 
         target_level=level, start_config=start, generations=generations,
         extra_levels=(1 if start else 0) if extra_levels is None else extra_levels,
         offspring=b.offspring, max_switches=b.max_switches, samples_by_source=b.samples_by_source,
+        balance_kinds=b.balance_kinds if balance is None else balance,
         survivors=tuple(b.survivors), fitness_tokens=tuple(b.fitness_tokens),
         train_tokens=tuple(b.tas_train_tokens) if tas else (0,) * len(b.fitness_tokens), lr=b.tas_lr,
         seq_len=b.seq_len, train_batch_size=b.tas_batch, micro_batch_size=2, seed=seed, output_dir=str(out_dir),
@@ -405,7 +414,9 @@ def search(ctx: Context, db, source_dir: str, out_dir: Path, seed: int, *, tas: 
     t0 = time.time()
     result = engine.run()
     probe = getattr(result, 'probe_fitness_history', None)  # the parent on a fixed sample (comparable)
+    winner = json.loads(Path(result.json_path).read_text())
     return {'levels': result.winner.to_dict(), 'fitness_history': result.fitness_history(),
+            'start': winner['start'], 'kind_balance': winner.get('kind_balance'),
             'probe_fitness_history': probe() if probe else None,
             'parents': [h['winner'] for h in result.history],  # the parent after each generation
             'start_probe_fitness': getattr(result, 'start_probe_fitness', None), 'winner_json': result.json_path,
@@ -521,6 +532,21 @@ def run_seed(ctx: Context, seed: int, draw: int) -> dict:
         'darwinlm5_kl', searches['darwinlm5_kl']['levels'], f'DarwinLM level-5 KL-only search ({b.kl_generations} '
         'generations)'), {'level': 5, 'levels': searches['darwinlm5_kl']['levels'], 'arm': 6})
     arms = ['darwinlm5_kl']
+    if b.balance_kinds:
+        # the balanced start alone (what the kind balance gives before any generation) and, on the first
+        # uniform_start_seeds seeds, the same search from the uniform start (the paper's)
+        balanced = searches['darwinlm5_kl']['start']
+        models['balanced5'] = _scored(ctx, f'{key}/balanced5', lambda: stitched(
+            'balanced5', balanced, 'the level-5 search start: the fittest attention/MLP split, nothing searched'),
+            {'level': 5, 'levels': balanced, 'arm': 6, 'kind_balance': searches['darwinlm5_kl']['kind_balance']})
+        if seed in b.seeds[:b.uniform_start_seeds]:
+            searches['darwinlm5_kl_uniform'] = led.step(f'{key}/search/darwinlm5_kl_uniform', lambda: search(
+                ctx, db, ctx.dense_dir, work / 'darwinlm5_kl_uniform', seed, tas=False, level=5,
+                generations=b.kl_generations, balance=False))
+            models['darwinlm5_kl_uniform'] = _scored(ctx, f'{key}/darwinlm5_kl_uniform', lambda: stitched(
+                'darwinlm5_kl_uniform', searches['darwinlm5_kl_uniform']['levels'], 'DarwinLM level-5 KL-only '
+                f'search from the uniform start ({b.kl_generations} generations)'),
+                {'level': 5, 'levels': searches['darwinlm5_kl_uniform']['levels'], 'arm': 6})
     if tas:
         # ---- 7: training-aware selection, `generations` long, against the KL-only parent after as many
         searches['darwinlm5_tas'] = led.step(f'{key}/search/darwinlm5_tas', lambda: search(
@@ -627,6 +653,8 @@ ROWS = [  # (label, model key, level: None = both levels, or the level where the
     ('2 uniform, OBS', 'uniform{L}', None), ('3 uniform, magnitude', 'magnitude{L}', None),
     ('4 ZipLM-like (local OBS error)', 'ziplm{L}', None), ('5 ShortGPT layer dropping', 'shortgpt{L}', None),
     ('6 DarwinLM one-shot, KL-only, {K} generations', 'darwinlm5_kl', 5),
+    ('6 its start alone: the fittest attention/MLP split', 'balanced5', 5),
+    ('6 KL-only from the uniform start (the paper\'s), {K} generations', 'darwinlm5_kl_uniform', 5),
     ('6 the same KL-only search after {G} generations', 'darwinlm5_kl_matched', 5),
     ('7 DarwinLM one-shot, TAS, {G} generations', 'darwinlm5_tas', 5),
     ('8 KL-only ({K}) + post-train N', 'darwinlm5_kl+train', 5),
@@ -681,6 +709,8 @@ def summarise(doc: dict) -> dict:
     headline = {'searched_vs_uniform_ppl_ratio': ratio('darwinlm5_kl', 'uniform5'),
                 'tas_gain': ratio('darwinlm5_kl_matched+train', 'darwinlm5_tas+train'),
                 'gradual_gain': ratio('darwinlm6+train2N', 'gradual6+train'),
+                'balanced_start_vs_uniform_ppl_ratio': ratio('balanced5', 'uniform5'),
+                'uniform_start_search_vs_uniform_ppl_ratio': ratio('darwinlm5_kl_uniform', 'uniform5'),
                 'tas_vs_uniform_ppl_ratio': ratio('darwinlm5_tas', 'uniform5'),
                 'kl_matched_vs_uniform_ppl_ratio': ratio('darwinlm5_kl_matched', 'uniform5'),
                 'tas_vs_kl_matched_oneshot_ppl_ratio': ratio('darwinlm5_tas', 'darwinlm5_kl_matched'),
@@ -696,11 +726,14 @@ def timing(ledger: Ledger) -> dict:
     parts = [('ICL', r'^icl/'), ('database (dense)', r'^draw\d+/database$'),
              ('baselines: local signals', r'local_signals$'),
              ('baselines: build + score', r'^draw\d+/(uniform|magnitude|ziplm|shortgpt)'),
-             ('search KL-only level 5', r'/search/darwinlm5_kl$'), ('search TAS level 5', r'/search/darwinlm5_tas$'),
+             ('search KL-only level 5', r'/search/darwinlm5_kl$'),
+             ('search KL-only level 5, uniform start', r'/search/darwinlm5_kl_uniform$'),
+             ('search TAS level 5', r'/search/darwinlm5_tas$'),
              ('search one-shot level 6', r'/search/darwinlm6$'), ('database (trained level 5)', r'database_trained5$'),
              ('search gradual 5 -> 6', r'/search/gradual6$'), ('post-train + score', r'\+train'),
              ('stitch + score searched',
-              r'^seed\d+/(darwinlm5_kl|darwinlm5_kl_matched|darwinlm5_tas|darwinlm6|gradual6)$'),
+              r'^seed\d+/(darwinlm5_kl|darwinlm5_kl_matched|darwinlm5_kl_uniform|balanced5|darwinlm5_tas|darwinlm6|'
+              r'gradual6)$'),
              ('setup (held-out, dense score)', r'^(heldout|dense)')]
     out = {name: {'wall_min': 0.0, 'cpu_min': 0.0, 'steps': 0} for name, _ in parts}
     for key, sec in ledger.seconds.items():
@@ -794,9 +827,10 @@ def plot(doc: dict, out: Path) -> list[str]:
     import matplotlib.ticker
     out.mkdir(parents=True, exist_ok=True)
     names = [('darwinlm5_kl', 'level 5, KL-only selection'), ('darwinlm5_tas', 'level 5, TAS'),
+             ('darwinlm5_kl_uniform', 'level 5, KL-only from the uniform start'),
              ('darwinlm6', 'level 6, one-shot from uniform 6'),
              ('gradual6', 'level 6, gradual (KL to the trained level-5 model)')]
-    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    fig, axes = plt.subplots(2, 3, figsize=(16, 8))
     for ax, (name, title) in zip(axes.ravel(), names):
         probe = False
         for seed, s in doc['seeds'].items():
@@ -816,6 +850,8 @@ def plot(doc: dict, out: Path) -> list[str]:
                ylabel='parent KL (fixed probe sample)' if probe else 'winner fitness (fresh sample each generation)')
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.legend(fontsize=8)
+    for ax in axes.ravel()[len(names):]:
+        ax.axis('off')
     fig.tight_layout()
     paths = [out / 'search_fitness.png']
     fig.savefig(paths[0], dpi=110)

@@ -75,6 +75,10 @@ class DarwinLMSearch(Callback):
     +-------------------------------------+-----------------------------------------------------------+
     | `search/params`                     | Parameters of the parent (constant: mutations keep size)  |
     +-------------------------------------+-----------------------------------------------------------+
+    |                                     | With ``balance_kinds``, at step 0 only: the exchanges of  |
+    | `search/kind_balance_shift`         | attention for MLP levels of the chosen start (> 0: more   |
+    |                                     | attention pruned than uniform, < 0: less)                 |
+    +-------------------------------------+-----------------------------------------------------------+
     |                                     | Wall seconds of the generation divided by the candidates  |
     | `search/sec_per_offspring`          | it evaluated (offspring of every step plus the parent;    |
     |                                     | not logged at step 0)                                     |

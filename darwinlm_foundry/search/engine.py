@@ -58,7 +58,8 @@ from darwinlm_foundry.search.candidates import CandidateScoring, _TokenBatches
 from darwinlm_foundry.search.fitness import DenseLogitCache
 from darwinlm_foundry.search.selection import GenerationResult
 from darwinlm_foundry.search.settings import SearchSettings
-from darwinlm_foundry.search.space import GROUPS, LevelBounds, LevelConfig, make_rng, spread_extra_levels, uniform
+from darwinlm_foundry.search.space import (GROUPS, LevelBounds, LevelConfig, kind_balance_candidates, kind_exchange,
+                                            make_rng, spread_extra_levels, uniform)
 from darwinlm_foundry.search.state import SearchState, run_search, settings_fingerprint
 from darwinlm_foundry.search.tokens import ShardTokens, TensorTokens, TokenSource, derive_seed
 from darwinlm_foundry.utils.dist import broadcast_object, local_rank, torch_world
@@ -289,14 +290,52 @@ class EvolutionarySearch(CandidateScoring):
         fp = settings_fingerprint(self.fingerprint_fields())
         state_dict = None
         if self.rank == 0:
-            state = SearchState.load_or_new(self.state_path, fp, lambda: SearchState.new(
-                self.start, derive_seed(self.settings.seed, 'mutation'), fp,
-                extra={'start': self.start.to_dict(), 'start_parameters': self.start_parameters}),
-                legacy=(settings_fingerprint(self.fingerprint_fields(legacy=True)),))
+            state = SearchState.load_or_new(self.state_path, fp, self._new_state,
+                                            legacy=(settings_fingerprint(self.fingerprint_fields(legacy=True)),))
             state_dict = state.to_dict()
         # Rank 0 reads; everyone continues from its copy (no shared filesystem needed).
         state_dict = broadcast_object(state_dict)
         return SearchState.from_dict(state_dict)
+
+    def _new_state(self) -> SearchState:
+        fp = settings_fingerprint(self.fingerprint_fields())
+        start, extra = self.start, {}
+        if self.settings.balance_kinds:
+            start, extra['kind_balance'] = self.balance_kinds(self.start)
+            extra['start_before_balance'] = self.start.to_dict()
+        return SearchState.new(start, derive_seed(self.settings.seed, 'mutation'), fp,
+                               extra={'start': start.to_dict(), 'start_parameters': self.start_parameters, **extra})
+
+    def balance_kinds(self, config: LevelConfig) -> tuple[LevelConfig, dict]:
+        """The fittest of ``config``'s kind-balance candidates (``balance_kinds``) and a record of their scores.
+
+        Every candidate moves whole exchanges of equal parameter cost between attention and MLP levels
+        (:func:`~darwinlm_foundry.search.space.kind_balance_candidates`); all are scored as stitched on one fixed
+        sample of ``fitness_tokens[-1]`` tokens (its own seed, so the generations' samples are unchanged). Runs
+        on the rank that creates the state; the others receive the state it makes.
+        """
+        s = self.settings
+        exchange = kind_exchange(self.spec.per_step_parameters('attn'), self.spec.per_step_parameters('mlp'))
+        candidates = kind_balance_candidates(config, self.bounds, exchange)
+        size = self.spec.parameter_count(config)
+        tokens = self.data.sample(self._n_seqs(s.fitness_tokens[-1]), s.seq_len, derive_seed(s.seed, 'balance'))
+        rows = []
+        for shift, candidate in candidates:
+            if self.spec.parameter_count(candidate) != size:  # the bounds keep every level size-neutral
+                raise AssertionError(f'kind-balance shift {shift} changes the size: '
+                                     f'{self.spec.parameter_count(candidate)} against {size}')
+            rows.append({'shift': shift, 'attn_levels': sum(candidate.attn), 'mlp_levels': sum(candidate.mlp),
+                         'fitness': self.config_fitness(candidate, tokens, key=('balance',))})
+        self.cache.forget(('balance',))
+        best = min(range(len(rows)), key=lambda i: (rows[i]['fitness'], abs(rows[i]['shift'])))
+        record = {'exchange': {'attn_levels': exchange[0], 'mlp_levels': exchange[1]}, 'tokens': int(tokens.numel()),
+                  'candidates': rows, 'shift': rows[best]['shift']}
+        start_row = next(r for r in rows if r['shift'] == 0)
+        print(f'DarwinLM search: kind balance over {len(rows)} starts of {size:,} parameters ({exchange[0]} '
+              f'attention levels = {exchange[1]} MLP levels): shift {rows[best]["shift"]:+d} (attention level sum '
+              f'{rows[best]["attn_levels"]}, MLP {rows[best]["mlp_levels"]}), fitness {rows[best]["fitness"]:.4f} '
+              f'against {start_row["fitness"]:.4f} at the start, on {tokens.numel()} tokens', flush=True)
+        return candidates[best][1], record
 
     def _check_probe(self, state: SearchState) -> None:
         """Record the probe's size in the state; refuse to resume a state whose probe had another size (its
@@ -367,6 +406,8 @@ class EvolutionarySearch(CandidateScoring):
                 # generation 0 = the start configuration; its probe fitness is where the comparable curve begins
                 # (and the fitness of a 0-generation search)
                 metrics = {'search/generation': 0, 'search/params': self.spec.parameter_count(state.parent)}
+                if 'kind_balance' in state.extra:
+                    metrics['search/kind_balance_shift'] = state.extra['kind_balance']['shift']
                 if s.probe_size:
                     if state.extra.get('start_probe_fitness') is None:
                         state.extra['start_probe_fitness'] = self.probe_fitness(state.parent)
@@ -411,6 +452,8 @@ class EvolutionarySearch(CandidateScoring):
         payload = {
             **result.to_dict(),
             'start': state.extra.get('start'),
+            **({key: state.extra[key] for key in ('kind_balance', 'start_before_balance')}
+               if 'kind_balance' in state.extra else {}),
             'heads': [spec.keep('attn', lvl) for lvl in winner.attn],
             'mlp_columns': [spec.keep('mlp', lvl) for lvl in winner.mlp],
             'level_steps': spec.steps,

@@ -42,6 +42,13 @@ class SearchSettings:
     the split's source files (seeded rounds, one sequence of each source per round; needs an MDS split by
     ``data.convert_to_mds``) instead of proportional to their size: with a mix of domains, a selection step's
     few sequences otherwise hold only the largest ones, and offspring that help those and hurt the rest win.
+    ``balance_kinds``: before the first generation, score every start that moves whole exchanges of equal
+    parameter cost between attention and MLP levels (:func:`~darwinlm_foundry.search.space.kind_balance_candidates`,
+    an even spread over the units) on one fixed sample of ``fitness_tokens[-1]`` tokens, without fine-tuning, and
+    start from the fittest: mutation never moves levels between kinds, so otherwise the share of the cut on
+    attention stays the uniform start's (SmolLM2-135M at level 5: keeping attention dense and pruning the MLP
+    further is 0.69x the uniform model's held-out perplexity before any search, ``bench/kind_balance.py``).
+    Off by default: the paper starts from the uniform model.
     Probe: ``probe_tokens`` -- after every generation the parent, as stitched (no fine-tuning), is also scored
     on one fixed probe sample of this many tokens (the same tokens every generation, drawn with a fixed seed;
     default: the last ``fitness_tokens`` step; 0: no probe) and recorded as ``probe_fitness``: the selection's
@@ -77,6 +84,7 @@ class SearchSettings:
     max_level: Optional[int] = None
     max_switches: int = DEFAULT_MAX_SWITCHES
     samples_by_source: bool = False
+    balance_kinds: bool = False
     seed: int = 0
     output_dir: str = 'darwinlm_search'
     device: str = 'auto'
@@ -130,6 +138,8 @@ class SearchSettings:
             raise ValueError(f'max_switches must be an integer >= 1, got {self.max_switches!r}')
         if not isinstance(self.samples_by_source, bool):
             raise ValueError(f'samples_by_source must be true or false, got {self.samples_by_source!r}')
+        if not isinstance(self.balance_kinds, bool):
+            raise ValueError(f'balance_kinds must be true or false, got {self.balance_kinds!r}')
         if self.max_level is not None and not 0 <= int(self.max_level) <= MAX_LEVEL:
             raise ValueError(f'max_level must lie in 0..{MAX_LEVEL}, got {self.max_level}')
         if self.device not in _DEVICES:
@@ -165,6 +175,8 @@ class SearchSettings:
             del fields['max_switches']
         if not fields['samples_by_source']:  # likewise
             del fields['samples_by_source']
+        if not fields['balance_kinds']:  # likewise
+            del fields['balance_kinds']
         return fields
 
     @property

@@ -4,7 +4,10 @@ A configuration (:class:`LevelConfig`) holds one level (0 = dense .. 10 = remove
 groups: ``attn`` (one unit per layer: its query heads) and ``mlp`` (one unit per layer: its intermediate
 columns). Every level step of a kind removes the same number of parameters, so the size of a model is
 fixed by the per-group level sums (:func:`total_levels`). Mutation (:func:`mutate`) only ever moves one
-level from one unit to another unit of the same group, which keeps both sums, hence the size, exact.
+level from one unit to another unit of the same group, which keeps both sums, hence the size, exact; so the
+share of the cut that falls on each kind is fixed by the start. :func:`kind_balance_candidates` lists the starts
+that move that share by whole exchanges of equal parameter cost (:func:`kind_exchange`), among which a search
+with ``balance_kinds`` picks the fittest before its first generation.
 
 Randomness always comes from an explicit generator passed in by the caller (``numpy.random.Generator``
 or ``random.Random``), never from a global one, so a search can save and restore its RNG stream exactly
@@ -16,6 +19,7 @@ Pure Python + numpy: no torch, no Composer.
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
 import warnings
@@ -36,6 +40,9 @@ __all__ = [
     'LevelBounds',
     'uniform',
     'spread_extra_levels',
+    'kind_exchange',
+    'shift_group',
+    'kind_balance_candidates',
     'total_levels',
     'assert_same_size',
     'admits_switch',
@@ -389,6 +396,72 @@ def spread_extra_levels(config: LevelConfig, extra_levels_per_group: Union[float
             levels[_choice(rng, room)] += 1
         new[g] = levels
     return LevelConfig(**new)
+
+
+# --------------------------------------------------------------------------------------------------
+# Balance between the kinds (the start of a search with ``balance_kinds``)
+# --------------------------------------------------------------------------------------------------
+def kind_exchange(attn_step_parameters: int, mlp_step_parameters: int) -> tuple[int, int]:
+    """The smallest ``(a, m)`` with ``a`` attention level steps costing exactly what ``m`` MLP level steps cost.
+
+    Mutation keeps each kind's level sum, so how much of the cut falls on attention is fixed by the start; an
+    exchange of ``a`` attention levels for ``m`` MLP levels is the smallest move between kinds that keeps the
+    parameter count exact (SmolLM2-135M: 15 heads for 4 steps of 160 MLP columns).
+    """
+    if attn_step_parameters < 1 or mlp_step_parameters < 1:
+        raise ValueError(f'level steps must cost at least one parameter, got {attn_step_parameters} (attention) and '
+                         f'{mlp_step_parameters} (MLP)')
+    g = math.gcd(int(attn_step_parameters), int(mlp_step_parameters))
+    return int(mlp_step_parameters) // g, int(attn_step_parameters) // g
+
+
+def _spread_order(n: int) -> list[int]:
+    """A fixed order of ``n`` units that spreads consecutive picks over the depth (golden-ratio sequence)."""
+    golden = (math.sqrt(5) - 1) / 2
+    return sorted(range(n), key=lambda i: ((i + 1) * golden) % 1.0)
+
+
+def shift_group(levels: Sequence[int], delta: int, lower: Sequence[int], upper: Sequence[int]) -> list[int] | None:
+    """``levels`` with ``delta`` levels added (``delta`` > 0: one at a time to the lowest unit below its upper
+    bound) or removed (< 0: from the highest unit above its lower bound), ties taken in :func:`_spread_order`,
+    so an even start stays as even as the count allows. None when the bounds cannot take ``delta``."""
+    out = list(levels)
+    rank = {unit: r for r, unit in enumerate(_spread_order(len(out)))}
+    for _ in range(abs(int(delta))):
+        if delta > 0:
+            room = [i for i, lvl in enumerate(out) if lvl < upper[i]]
+            if not room:
+                return None
+            out[min(room, key=lambda i: (out[i], rank[i]))] += 1
+        else:
+            room = [i for i, lvl in enumerate(out) if lvl > lower[i]]
+            if not room:
+                return None
+            out[min(room, key=lambda i: (-out[i], rank[i]))] -= 1
+    return out
+
+
+def kind_balance_candidates(config: LevelConfig, bounds: LevelBounds,
+                            exchange: tuple[int, int]) -> list[tuple[int, LevelConfig]]:
+    """Every configuration ``k`` exchanges away from ``config`` within ``bounds``, as ``(k, config)`` by ``k``.
+
+    Shift ``k`` adds ``k * a`` attention levels and removes ``k * m`` MLP levels (``exchange = (a, m)``, see
+    :func:`kind_exchange`; ``k < 0`` the other way), so every candidate has the parameter count of ``config``
+    as long as the bounds stay within the exactly size-neutral levels. ``k = 0`` is ``config`` itself.
+    """
+    bounds.check(config)
+    a, m = exchange
+    out = [(0, config)]
+    for sign in (1, -1):
+        k = sign
+        while True:
+            attn = shift_group(config.attn, k * a, bounds.lower.attn, bounds.upper.attn)
+            mlp = shift_group(config.mlp, -k * m, bounds.lower.mlp, bounds.upper.mlp)
+            if attn is None or mlp is None:
+                break
+            out.append((k, LevelConfig(attn=attn, mlp=mlp)))
+            k += sign
+    return sorted(out, key=lambda item: item[0])
 
 
 # --------------------------------------------------------------------------------------------------

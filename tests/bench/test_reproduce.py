@@ -64,6 +64,12 @@ def test_reproduce_smoke_and_resume(smollm2_wheel, tmp_path):
         assert m['params'] == spec.parameter_count(m['levels']), name
         if not name.startswith('shortgpt'):
             assert m['params'] == models[f'uniform{level}']['params'], name
+    # kind balance: the balanced start is scored as its own arm (2 layers at level 5 leave no room for an exchange
+    # of 15 attention for 4 MLP levels, so here it is the uniform start), and the uniform-start search ran
+    kl_search = seed['searches']['darwinlm5_kl']
+    assert kl_search['kind_balance']['candidates'][0]['shift'] == 0 == kl_search['kind_balance']['shift']
+    assert models['balanced5']['levels'] == kl_search['start']
+    assert seed['searches']['darwinlm5_kl_uniform']['kind_balance'] is None
     dropped = sum(1 for lv in models['shortgpt5']['levels']['attn'] if lv == spec.num_levels)
     assert dropped == n_layers * 5 // spec.num_levels
     assert models['uniform5']['params'] - models['shortgpt5']['params'] == dropped * spec.removal_overhead('attn')

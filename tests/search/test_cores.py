@@ -220,6 +220,49 @@ def test_spread_extra_levels():
         spread_extra_levels(start, 0.3, bounds, make_rng(1))
 
 
+@pytest.mark.parametrize('shape, exchange', [
+    # SmolLM2-135M: a head of 64 (Q and O rows; GQA K/V stay) = 73,728, an MLP step of 160 columns = 276,480
+    (dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+          num_key_value_heads=3), (15, 4)),
+    # Llama-2-7B: 3 MHA heads (Q, K, V and O) = 6,291,456, an MLP step of 1088 columns = 13,369,344
+    (dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+          num_key_value_heads=32), (17, 8)),
+])
+def test_kind_balance_candidates_keep_the_size_exactly(shape, exchange):
+    """Against brute force: the exchange is the smallest equal-cost pair of level counts; every candidate has the
+    start's parameter count exactly, stays in the bounds, moves k whole exchanges, and the list stops exactly
+    where one more exchange no longer fits; an even start stays even."""
+    import transformers
+
+    from darwinlm_foundry.search.space import kind_balance_candidates, kind_exchange, shift_group
+    from darwinlm_foundry.structure.levels import LevelSpec
+    spec = LevelSpec.from_config(transformers.LlamaConfig(vocab_size=1000, tie_word_embeddings=True, **shape))
+    pa, pm = spec.per_step_parameters('attn'), spec.per_step_parameters('mlp')
+    assert kind_exchange(pa, pm) == exchange
+    a, m = exchange
+    assert a * pa == m * pm and not any(x * pa % pm == 0 for x in range(1, a))  # smallest
+    n = spec.num_layers
+    bounds = LevelBounds(uniform(n, 0), LevelConfig(attn=[spec.max_exact_level('attn')] * n,
+                                                    mlp=[spec.max_exact_level('mlp')] * n))
+    start = uniform(n, 5)
+    found = kind_balance_candidates(start, bounds, exchange)
+    shifts = [k for k, _ in found]
+    assert shifts == list(range(shifts[0], shifts[-1] + 1)) and 0 in shifts and found[shifts.index(0)][1] == start
+    for k, config in found:
+        assert spec.parameter_count(config.to_dict()) == spec.parameter_count(5)
+        assert bounds.contains(config)
+        assert total_levels(config) == {'attn': 5 * n + k * a, 'mlp': 5 * n - k * m}
+        assert max(config.attn) - min(config.attn) <= 1 and max(config.mlp) - min(config.mlp) <= 1
+    room = lambda g, k, d: 0 <= total_levels(start)[g] + k * d <= n * bounds.upper.group(g)[0]
+    assert not (room('attn', shifts[-1] + 1, a) and room('mlp', shifts[-1] + 1, -m))
+    assert not (room('attn', shifts[0] - 1, a) and room('mlp', shifts[0] - 1, -m))
+    # shift_group on an uneven group: the lowest units rise first, the highest fall first; None past the bounds
+    assert shift_group([3, 1, 2, 1], 2, [0] * 4, [4] * 4) == [3, 2, 2, 2]
+    assert sorted(shift_group([3, 1, 2, 1], -2, [0] * 4, [4] * 4)) == [1, 1, 1, 2]
+    assert shift_group([3, 1, 2, 1], -1, [3, 0, 0, 0], [4] * 4) == [3, 1, 1, 1]  # unit 0 may not fall
+    assert shift_group([3, 1], 5, [0, 0], [4, 4]) is None and shift_group([3, 1], -5, [0, 0], [4, 4]) is None
+
+
 # ==================================================================================================
 # Selection
 # ==================================================================================================

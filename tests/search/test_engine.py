@@ -7,6 +7,7 @@ with one torch thread (stable timings on a shared CPU, and bit-identical fits ac
 """
 
 import copy
+import dataclasses
 import gzip
 import json
 import os
@@ -765,3 +766,35 @@ def test_finer_mlp_levels_search_from_the_same_uniform_model(pretrained, databas
     winner = json.loads((tmp_path / 'fine' / WINNER_JSON).read_text())
     assert winner['mlp_level_split'] == 2 and winner['level_steps'] == {'attn': 1, 'mlp': 16}
     assert fine.level_spec.parameter_count(result.winner.to_dict()) == size
+
+
+def test_balance_kinds_starts_from_the_fittest_exchange(pretrained, database, tokens, tmp_path):
+    """balance_kinds: every start of whole attention-for-MLP exchanges is scored on the balance sample, the
+    search starts from the fittest (against brute force), keeps its exact size, records the scores in
+    winner.json, and a resumed search keeps that start without scoring the candidates again."""
+    from darwinlm_foundry.search.space import kind_balance_candidates, kind_exchange, total_levels
+    from darwinlm_foundry.search.tokens import derive_seed
+    spec = database.level_spec
+    exchange = kind_exchange(spec.per_step_parameters('attn'), spec.per_step_parameters('mlp'))
+    assert exchange == (3, 1)  # one MHA head of 8 (Q, K, V, O rows of 80) = 2,560; 32 MLP columns = 7,680
+    settings = _settings(tmp_path / 'bal', generations=1, balance_kinds=True)
+    engine = _engine(settings, pretrained, database, tokens)
+    candidates = dict(kind_balance_candidates(uniform(2, 5), engine.bounds, exchange))
+    assert sorted(candidates) == [-3, -2, -1, 0, 1, 2]  # attention 1..16 levels in all, MLP 13..8, exact sizes
+    sample = engine.data.sample(engine._n_seqs(1024), SEQ, derive_seed(3, 'balance'))
+    brute = {k: engine.config_fitness(c, sample) for k, c in candidates.items()}
+    result = engine.run()
+    data = json.loads((tmp_path / 'bal' / WINNER_JSON).read_text())
+    record = data['kind_balance']
+    assert {r['shift']: r['fitness'] for r in record['candidates']} == pytest.approx(brute, rel=1e-6)
+    best = min(brute, key=brute.get)
+    assert record['shift'] == best != 0 and record['tokens'] == 1024
+    assert LevelConfig.from_dict(data['start']) == candidates[best]
+    assert data['start_before_balance'] == uniform(2, 5).to_dict()
+    assert total_levels(result.winner) == total_levels(candidates[best])  # the search keeps the chosen split
+    assert result.parameters == spec.parameter_count(5)
+    resumed = _engine(dataclasses.replace(settings, generations=2), pretrained, database, tokens)
+    resumed.balance_kinds = lambda config: pytest.fail('a resumed search scored the balance candidates again')
+    assert LevelConfig.from_dict(json.loads((tmp_path / 'bal' / STATE_FILE).read_text())['extra']['start']) \
+        == candidates[best]
+    assert resumed.run().generations == 2

@@ -1,0 +1,95 @@
+"""Does the split of a pruning budget between attention and MLP matter? Measured on held-out text.
+
+The search's level switches move a level between two units of the same kind, so the attention and MLP level sums
+(how much of the cut falls on attention) stay those of its start. ``balance_kinds`` lets a search start from
+the fittest of the starts that move whole exchanges of equal parameter cost between the kinds
+(``search.space.kind_balance_candidates``; SmolLM2-135M: 15 attention levels = 4 MLP levels), chosen on the
+search's own tokens. This bench scores every such start of the uniform level-``--level`` model (all of exactly its
+parameter count) on a finished reproduction's held-out domains: how much the split alone is worth, and whether
+the choice made on search tokens is the one held-out text prefers.
+
+Needs ``python bench/reproduce.py`` first (its ``quick`` directory is the default ``--run``). LAST line::
+
+    uniform_ppl=<p> best_shift=<k> best_ppl=<p> best_ratio=<best / uniform> chosen_shift=<k> chosen_ratio=<r>
+
+(``chosen``: the start the reproduction's seed-0 level-5 search picked on its own balance sample, if it ran.)
+
+    python bench/kind_balance.py [--run runs/reproduce/quick] [--level 5]
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import reproduce
+from fitness_noise import find_run
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('--run', default=str(reproduce.REPO / 'runs' / 'reproduce' / 'quick'))
+    p.add_argument('--level', type=int, default=5)
+    p.add_argument('--out', default=None, help='output JSON (default <run>/kind_balance.json)')
+    args = p.parse_args(argv)
+
+    from transformers import AutoTokenizer
+
+    from darwinlm_foundry.obs.database import SparsityDatabase, dense_tensor_getter
+    from darwinlm_foundry.search.space import LevelBounds, LevelConfig, kind_balance_candidates, kind_exchange, uniform
+
+    t0 = time.time()
+    run = Path(args.run).resolve()
+    paths = find_run(run)
+    tokenizer = AutoTokenizer.from_pretrained(paths['dense'])
+    dense = reproduce.load_dense(str(paths['dense']))
+    scorer = reproduce.DomainScorer(dense, reproduce.heldout_tokens(paths['shards'], tokenizer, reproduce.QUICK))
+    db = SparsityDatabase.open(paths['db'], dense, verify='size')
+    getter = dense_tensor_getter(str(paths['dense']))
+    spec = db.level_spec
+    n = spec.num_layers
+    # the bounds a search of the dense database uses: every level up to the exactly size-neutral top
+    bounds = LevelBounds(uniform(n, 0), LevelConfig(attn=[spec.max_exact_level('attn')] * n,
+                                                    mlp=[spec.max_exact_level('mlp')] * n))
+    exchange = kind_exchange(spec.per_step_parameters('attn'), spec.per_step_parameters('mlp'))
+    start = uniform(n, args.level, mlp_split=spec.mlp_split)
+    rows = []
+    for shift, config in kind_balance_candidates(start, bounds, exchange):
+        s = scorer.score(db.stitch(config.to_dict(), getter).eval())
+        assert s['params'] == spec.parameter_count(start.to_dict()), s['params']
+        rows.append({'shift': shift, 'attn_levels': sum(config.attn), 'mlp_levels': sum(config.mlp),
+                     'ppl': s['ppl'], 'kl': s['kl'], 'params': s['params'], 'levels': config.to_dict(),
+                     'domains': {reproduce.short_domain(d): v['ppl'] for d, v in s['domains'].items()}})
+        print(f'[kind_balance {time.strftime("%H:%M:%S")}] shift {shift:+d}: attention level sum {sum(config.attn)}, '
+              f'MLP {sum(config.mlp)}: held-out ppl {s["ppl"]:.2f}, KL {s["kl"]:.4f}', flush=True)
+    uni = next(r for r in rows if r['shift'] == 0)
+    best = min(rows, key=lambda r: r['ppl'])
+    winner = run / 'work' / 'seed0' / 'darwinlm5_kl' / 'winner.json'
+    chosen = json.loads(winner.read_text()).get('kind_balance') if winner.exists() else None
+    chosen_row = next((r for r in rows if chosen and r['shift'] == chosen['shift']), None)
+    names = list(rows[0]['domains'])
+    doc = {'run': str(run), 'level': args.level, 'params': uni['params'], 'exchange': exchange,
+           'chosen_by_search': chosen, 'seconds': round(time.time() - t0, 1), 'rows': rows}
+    out = Path(args.out or run / 'kind_balance.json')
+    out.write_text(json.dumps(doc, indent=1))
+    print(f'Level {args.level} ({uni["params"]:,} parameters), {n} layers; one exchange = {exchange[0]} attention '
+          f'levels for {exchange[1]} MLP levels; shift k > 0 prunes attention more (levels spread evenly)')
+    print('| shift | attention level sum | heads kept (of 9 per layer, mean) | MLP level sum | held-out ppl | '
+          '/ uniform | KL | ' + ' | '.join(names) + ' |')
+    print('|---|---|---|---|---|---|---|' + '---|' * len(names))
+    for r in rows:
+        heads = sum(spec.keep('attn', lvl) for lvl in r['levels']['attn']) / n
+        print(f'| {r["shift"]:+d} | {r["attn_levels"]} | {heads:.2f} | {r["mlp_levels"]} | {r["ppl"]:.2f} | '
+              f'{r["ppl"] / uni["ppl"]:.3f} | {r["kl"]:.4f} | ' + ' | '.join(f'{r["domains"][d]:.1f}' for d in names)
+              + ' |')
+    print(f'written {out} in {doc["seconds"]:.0f} s')
+    print(f'uniform_ppl={uni["ppl"]:.2f} best_shift={best["shift"]} best_ppl={best["ppl"]:.2f} '
+          f'best_ratio={best["ppl"] / uni["ppl"]:.3f}'
+          + (f' chosen_shift={chosen_row["shift"]} chosen_ratio={chosen_row["ppl"] / uni["ppl"]:.3f}'
+             if chosen_row else ''), flush=True)
+    return doc
+
+
+if __name__ == '__main__':
+    sys.exit(0 if main() else 1)
