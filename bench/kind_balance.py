@@ -8,18 +8,22 @@ search's own tokens. This bench scores every such start of the uniform level-``-
 parameter count) on a finished reproduction's held-out domains: how much the split alone is worth, and whether
 the choice made on search tokens is the one held-out text prefers.
 
+How reliable is that choice? For every seed in ``--seeds`` and sample size in ``--balance-tokens`` the bench also
+makes the choice as a search of that seed would (the search's own balance sample, ``search.engine.balance_kinds``)
+and reports the held-out ratio of the start it picks.
+
 Needs ``python bench/reproduce.py`` first (its ``quick`` directory is the default ``--run``). LAST line::
 
-    uniform_ppl=<p> best_shift=<k> best_ppl=<p> best_ratio=<best / uniform> chosen_shift=<k> chosen_ratio=<r>
+    uniform_ppl=<p> best_shift=<k> best_ratio=<best / uniform> choice_<tokens>=<mean held-out ratio of the picks> ...
 
-(``chosen``: the start the reproduction's seed-0 level-5 search picked on its own balance sample, if it ran.)
-
-    python bench/kind_balance.py [--run runs/reproduce/quick] [--level 5]
+    python bench/kind_balance.py [--run runs/reproduce/quick] [--level 5] [--seeds 0,1,2,3,4] [--balance-tokens 2048]
 """
 
 import argparse
+import dataclasses
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,6 +35,8 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--run', default=str(reproduce.REPO / 'runs' / 'reproduce' / 'quick'))
     p.add_argument('--level', type=int, default=5)
+    p.add_argument('--seeds', default='0,1,2,3,4', help='seeds whose balance samples make the choice')
+    p.add_argument('--balance-tokens', default='2048', help='sample sizes of the choice (comma list)')
     p.add_argument('--out', default=None, help='output JSON (default <run>/kind_balance.json)')
     args = p.parse_args(argv)
 
@@ -65,12 +71,24 @@ def main(argv=None) -> dict:
               f'MLP {sum(config.mlp)}: held-out ppl {s["ppl"]:.2f}, KL {s["kl"]:.4f}', flush=True)
     uni = next(r for r in rows if r['shift'] == 0)
     best = min(rows, key=lambda r: r['ppl'])
-    winner = run / 'work' / 'seed0' / 'darwinlm5_kl' / 'winner.json'
-    chosen = json.loads(winner.read_text()).get('kind_balance') if winner.exists() else None
-    chosen_row = next((r for r in rows if chosen and r['shift'] == chosen['shift']), None)
+    ratio = {r['shift']: r['ppl'] / uni['ppl'] for r in rows}
+    # the choice as the study's level-5 KL-only search of each seed makes it, per sample size
+    choices = {}
+    tokenizer_ctx = reproduce.Context(budget=reproduce.QUICK, out=run, shards=paths['shards'], tokenizer=tokenizer,
+                                      ledger=None, dense_dir=str(paths['dense']), heldout=lambda: {})
+    for n_tokens in [int(t) for t in args.balance_tokens.split(',')]:
+        ctx = dataclasses.replace(tokenizer_ctx, budget=dataclasses.replace(reproduce.QUICK, balance_tokens=n_tokens))
+        for seed in [int(x) for x in args.seeds.split(',')]:
+            with tempfile.TemporaryDirectory() as tmp:
+                engine = reproduce.search_engine(ctx, db, str(paths['dense']), Path(tmp), seed, tas=False,
+                                                 level=args.level, generations=0)
+                _, record = engine.balance_kinds(engine.start)
+            choices.setdefault(str(n_tokens), []).append(
+                {'seed': seed, 'shift': record['shift'], 'heldout_ratio': ratio[record['shift']],
+                 'fitness': {c['shift']: c['fitness'] for c in record['candidates']}})
     names = list(rows[0]['domains'])
     doc = {'run': str(run), 'level': args.level, 'params': uni['params'], 'exchange': exchange,
-           'chosen_by_search': chosen, 'seconds': round(time.time() - t0, 1), 'rows': rows}
+           'choices': choices, 'seconds': round(time.time() - t0, 1), 'rows': rows}
     out = Path(args.out or run / 'kind_balance.json')
     out.write_text(json.dumps(doc, indent=1))
     print(f'Level {args.level} ({uni["params"]:,} parameters), {n} layers; one exchange = {exchange[0]} attention '
@@ -83,11 +101,18 @@ def main(argv=None) -> dict:
         print(f'| {r["shift"]:+d} | {r["attn_levels"]} | {heads:.2f} | {r["mlp_levels"]} | {r["ppl"]:.2f} | '
               f'{r["ppl"] / uni["ppl"]:.3f} | {r["kl"]:.4f} | ' + ' | '.join(f'{r["domains"][d]:.1f}' for d in names)
               + ' |')
+    print()
+    print('The choice a search makes on its own balance sample (per seed: the shift picked, its held-out ratio):')
+    first = next(iter(choices.values()))
+    print('| balance tokens | ' + ' | '.join(f'seed {c["seed"]}' for c in first) + ' | mean ratio |')
+    print('|---|' + '---|' * (len(first) + 1))
+    for n_tokens, picks in choices.items():
+        print(f'| {n_tokens} | ' + ' | '.join(f'{c["shift"]:+d} ({c["heldout_ratio"]:.3f})' for c in picks)
+              + f' | {sum(c["heldout_ratio"] for c in picks) / len(picks):.3f} |')
     print(f'written {out} in {doc["seconds"]:.0f} s')
-    print(f'uniform_ppl={uni["ppl"]:.2f} best_shift={best["shift"]} best_ppl={best["ppl"]:.2f} '
-          f'best_ratio={best["ppl"] / uni["ppl"]:.3f}'
-          + (f' chosen_shift={chosen_row["shift"]} chosen_ratio={chosen_row["ppl"] / uni["ppl"]:.3f}'
-             if chosen_row else ''), flush=True)
+    print(f'uniform_ppl={uni["ppl"]:.2f} best_shift={best["shift"]} best_ratio={best["ppl"] / uni["ppl"]:.3f} '
+          + ' '.join(f'choice_{n}={sum(c["heldout_ratio"] for c in picks) / len(picks):.3f}'
+                     for n, picks in choices.items()), flush=True)
     return doc
 
 

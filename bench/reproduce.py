@@ -36,6 +36,12 @@ Arms (the same parameter budget at level 5; level 6 for the gradual comparison),
  5. ShortGPT layer dropping      9. gradual 5 -> post-train N -> search 6 -> post-train N, against the
                                     one-shot level-6 search post-trained on 2N tokens (same total tokens)
 
+Every search starts from the fittest attention/MLP split of its size (``balance_kinds``, beyond the paper:
+mutation never moves levels between the kinds, so the start fixes how much of the cut falls on attention; the
+candidates trade whole exchanges of equal parameter cost and are scored on one sample of search tokens). Arm 6's
+start alone is scored too (``balanced5``), and the first ``uniform_start_seeds`` seeds also run arm 6 from the
+uniform start, as the paper does (``darwinlm5_kl_uniform``).
+
 Every seed runs 6; the first ``tas_seeds`` seeds (quick: 1; full: all) also run 7, 8 for 7 and 9, which cost
 the most per generation (TAS fine-tunes every final-step candidate) and measure the mechanisms rather than the
 headline. TAS is compared with the KL-only search after the same number of generations (the same search's
@@ -58,7 +64,8 @@ Writes ``<out>/results.json`` (every number), ``<out>/results.md`` (the tables),
 
 The last line is ``searched_vs_uniform_ppl_ratio=<x> tas_gain=<y> gradual_gain=<z> dense_ppl=<d>`` (overall
 held-out ppl, means over seeds):
-x = ppl(6) / ppl(2) at level 5 (< 1: the searched model beats uniform OBS pruning; every seed);
+x = ppl(6) / ppl(2) at level 5 (< 1: the searched model beats uniform OBS pruning; every seed; with
+    ``balance_kinds`` arm 6 includes its balanced start);
 y = ppl(6 after ``generations``, post-trained) / ppl(7 post-trained) at level 5 (> 1: TAS ahead after the same
     training and generations; the first ``tas_seeds`` seeds);
 z = ppl(one-shot 6 post-trained on 2N tokens) / ppl(gradual 6, N + N tokens) (> 1: gradual ahead);
@@ -109,6 +116,7 @@ class Budget:
     samples_by_source: bool = False    # True: fitness samples balanced over the 7 domains (no better on seed 0:
                                        # 0.770 against 0.737 after 25 generations, search_length_bysource.txt)
     balance_kinds: bool = True         # searches start from the fittest attention/MLP split of their size
+    balance_tokens: int = 0            # tokens of the sample that picks that split (0: the last fitness step's)
     uniform_start_seeds: int = 1       # with balance_kinds, the first this many seeds also run the KL-only search
                                        # from the uniform start (the paper's), kl_generations long
     survivors: tuple = (2, 1)
@@ -178,7 +186,8 @@ class Budget:
 
 
 # Budget fields added after results were committed, with the value the earlier runs used.
-ADDED_LATER = {'max_switches': 3, 'samples_by_source': False, 'mlp_level_split': 1, 'balance_kinds': False}
+ADDED_LATER = {'max_switches': 3, 'samples_by_source': False, 'mlp_level_split': 1, 'balance_kinds': False,
+               'balance_tokens': 0}
 QUICK = Budget()
 FULL = dataclasses.replace(QUICK, calibration_sequences=128, shared_database=False, signal_sequences=64,
                            generations=24, kl_generations=60, tas_seeds=0, offspring=16, survivors=(4, 2, 1),
@@ -390,11 +399,11 @@ def search_precision(b: Budget) -> str:
     return 'amp_bf16' if torch._C._cpu._is_amx_tile_supported() else 'fp32'
 
 
-def search(ctx: Context, db, source_dir: str, out_dir: Path, seed: int, *, tas: bool, level: Optional[int],
-           generations: int, start: Optional[str] = None, extra_levels: Optional[float] = None,
-           balance: Optional[bool] = None) -> dict:
-    """One search (``start``: a levels file to start from, by default with one extra level spread, gradual;
-    ``balance``: kind balance before the first generation, default ``budget.balance_kinds``)."""
+def search_engine(ctx: Context, db, source_dir: str, out_dir: Path, seed: int, *, tas: bool, level: Optional[int],
+                  generations: int, start: Optional[str] = None, extra_levels: Optional[float] = None,
+                  balance: Optional[bool] = None):
+    """The engine of one search (``start``: a levels file to start from, by default with one extra level spread,
+    gradual; ``balance``: kind balance before the first generation, default ``budget.balance_kinds``)."""
     from darwinlm_foundry.obs.database import dense_tensor_getter
     from darwinlm_foundry.search.engine import EvolutionarySearch
     from darwinlm_foundry.search.settings import SearchSettings
@@ -404,13 +413,18 @@ def search(ctx: Context, db, source_dir: str, out_dir: Path, seed: int, *, tas: 
         target_level=level, start_config=start, generations=generations,
         extra_levels=(1 if start else 0) if extra_levels is None else extra_levels,
         offspring=b.offspring, max_switches=b.max_switches, samples_by_source=b.samples_by_source,
-        balance_kinds=b.balance_kinds if balance is None else balance,
+        balance_kinds=b.balance_kinds if balance is None else balance, balance_tokens=b.balance_tokens or None,
         survivors=tuple(b.survivors), fitness_tokens=tuple(b.fitness_tokens),
         train_tokens=tuple(b.tas_train_tokens) if tas else (0,) * len(b.fitness_tokens), lr=b.tas_lr,
         seq_len=b.seq_len, train_batch_size=b.tas_batch, micro_batch_size=2, seed=seed, output_dir=str(out_dir),
         device='cpu', precision=search_precision(b), progress_bar=False)
-    engine = EvolutionarySearch(settings, db, dense_tensor_getter(source_dir), ShardTokens(ctx.shards / 'search'),
-                                tokenizer=ctx.tokenizer)
+    return EvolutionarySearch(settings, db, dense_tensor_getter(source_dir), ShardTokens(ctx.shards / 'search'),
+                              tokenizer=ctx.tokenizer)
+
+
+def search(ctx: Context, db, source_dir: str, out_dir: Path, seed: int, *, tas: bool, **kw) -> dict:
+    """One search, run (or resumed) to its end: levels, histories, start and timings (see :func:`search_engine`)."""
+    engine = search_engine(ctx, db, source_dir, out_dir, seed, tas=tas, **kw)
     t0 = time.time()
     result = engine.run()
     probe = getattr(result, 'probe_fitness_history', None)  # the parent on a fixed sample (comparable)
@@ -421,7 +435,7 @@ def search(ctx: Context, db, source_dir: str, out_dir: Path, seed: int, *, tas: 
             'parents': [h['winner'] for h in result.history],  # the parent after each generation
             'start_probe_fitness': getattr(result, 'start_probe_fitness', None), 'winner_json': result.json_path,
             'seconds': round(time.time() - t0, 1), 'tas': tas, 'generations': generations,
-            'train_tokens': list(settings.train_tokens)}
+            'train_tokens': list(engine.settings.train_tokens)}
 
 
 def posttrain(ctx: Context, model_dir: str, out_dir: Path, seed: int, steps: int, note: str) -> str:

@@ -5,7 +5,9 @@ runs 200. This bench runs ONE KL-only level-5 search of ``--generations`` genera
 budgets (offspring, survivors, fitness tokens; ``--set KEY=VALUE`` changes them as in ``reproduce.py``) on a
 finished reproduction's database, shards and held-out domains, and scores the parent after the generations in
 ``--at`` on the held-out text of every domain (the reproduction's scorer), against the uniform level-5 model.
-The search resumes per generation (``--out``/search), so an interrupted run loses at most one generation.
+The search resumes per generation (``--out``/search), so an interrupted run loses at most one generation. Like
+the study's searches it starts from the fittest attention/MLP split (``balance_kinds``; the row ``start``), unless
+``--set balance_kinds=false`` (the paper's uniform start).
 
 Needs ``python bench/reproduce.py`` first (its ``quick`` directory is the default ``--run``). LAST line::
 
@@ -63,14 +65,14 @@ def main(argv=None) -> dict:
                              start=args.start, extra_levels=0)
     getter = dense_tensor_getter(str(paths['dense']))
     parents = {0: uniform(dense.config.num_hidden_layers, args.level, mlp_split=db.level_spec.mlp_split).to_dict()}
-    if args.start:
-        parents['start'] = json.loads(Path(args.start).read_text())['levels']
+    if args.start or found['kind_balance']:  # the row 'start': the given levels or the balanced start
+        parents['start'] = found['start']
     parents.update({g: found['parents'][g - 1] for g in at})
     rows = []
     for g, levels in parents.items():
         s = scorer.score(db.stitch(levels, getter).eval())
         probe = found['probe_fitness_history'][g - 1] if isinstance(g, int) and g else (
-            None if g == 0 and args.start else found['start_probe_fitness'])
+            None if g == 0 and 'start' in parents else found['start_probe_fitness'])
         rows.append({'generation': g, 'ppl': s['ppl'], 'kl': s['kl'], 'params': s['params'],
                      'domains': {reproduce.short_domain(d): v['ppl'] for d, v in s['domains'].items()},
                      'probe_kl': probe, 'levels': levels})

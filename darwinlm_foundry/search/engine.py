@@ -311,14 +311,15 @@ class EvolutionarySearch(CandidateScoring):
 
         Every candidate moves whole exchanges of equal parameter cost between attention and MLP levels
         (:func:`~darwinlm_foundry.search.space.kind_balance_candidates`); all are scored as stitched on one fixed
-        sample of ``fitness_tokens[-1]`` tokens (its own seed, so the generations' samples are unchanged). Runs
+        sample of ``balance_tokens`` tokens (its own seed, so the generations' samples are unchanged). Runs
         on the rank that creates the state; the others receive the state it makes.
         """
         s = self.settings
         exchange = kind_exchange(self.spec.per_step_parameters('attn'), self.spec.per_step_parameters('mlp'))
         candidates = kind_balance_candidates(config, self.bounds, exchange)
         size = self.spec.parameter_count(config)
-        tokens = self.data.sample(self._n_seqs(s.fitness_tokens[-1]), s.seq_len, derive_seed(s.seed, 'balance'))
+        n_tokens = s.fitness_tokens[-1] if s.balance_tokens is None else s.balance_tokens
+        tokens = self.data.sample(self._n_seqs(n_tokens), s.seq_len, derive_seed(s.seed, 'balance'))
         rows = []
         for shift, candidate in candidates:
             if self.spec.parameter_count(candidate) != size:  # the bounds keep every level size-neutral

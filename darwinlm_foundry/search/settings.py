@@ -44,7 +44,8 @@ class SearchSettings:
     few sequences otherwise hold only the largest ones, and offspring that help those and hurt the rest win.
     ``balance_kinds``: before the first generation, score every start that moves whole exchanges of equal
     parameter cost between attention and MLP levels (:func:`~darwinlm_foundry.search.space.kind_balance_candidates`,
-    an even spread over the units) on one fixed sample of ``fitness_tokens[-1]`` tokens, without fine-tuning, and
+    an even spread over the units) on one fixed sample of ``balance_tokens`` tokens (default ``fitness_tokens[-1]``),
+    without fine-tuning, and
     start from the fittest: mutation never moves levels between kinds, so otherwise the share of the cut on
     attention stays the uniform start's (SmolLM2-135M at level 5: keeping attention dense and pruning the MLP
     further is 0.69x the uniform model's held-out perplexity before any search, ``bench/kind_balance.py``).
@@ -85,6 +86,7 @@ class SearchSettings:
     max_switches: int = DEFAULT_MAX_SWITCHES
     samples_by_source: bool = False
     balance_kinds: bool = False
+    balance_tokens: Optional[int] = None
     seed: int = 0
     output_dir: str = 'darwinlm_search'
     device: str = 'auto'
@@ -140,6 +142,11 @@ class SearchSettings:
             raise ValueError(f'samples_by_source must be true or false, got {self.samples_by_source!r}')
         if not isinstance(self.balance_kinds, bool):
             raise ValueError(f'balance_kinds must be true or false, got {self.balance_kinds!r}')
+        if self.balance_tokens is not None and (isinstance(self.balance_tokens, bool) or
+                                                int(self.balance_tokens) != self.balance_tokens or
+                                                self.balance_tokens < 1):
+            raise ValueError(f'balance_tokens must be a positive integer (None: fitness_tokens[-1]), got '
+                             f'{self.balance_tokens!r}')
         if self.max_level is not None and not 0 <= int(self.max_level) <= MAX_LEVEL:
             raise ValueError(f'max_level must lie in 0..{MAX_LEVEL}, got {self.max_level}')
         if self.device not in _DEVICES:
@@ -177,6 +184,8 @@ class SearchSettings:
             del fields['samples_by_source']
         if not fields['balance_kinds']:  # likewise
             del fields['balance_kinds']
+        if fields['balance_tokens'] is None:
+            del fields['balance_tokens']
         return fields
 
     @property

@@ -144,6 +144,14 @@ def test_settings_validation():
     assert SearchSettings(samples_by_source=True).result_fields()['samples_by_source'] is True
     with pytest.raises(ValueError, match='samples_by_source must be true or false'):
         SearchSettings(samples_by_source='yes')
+    # kind balance and its sample size: likewise fingerprinted only when used
+    assert 'balance_kinds' not in s.result_fields() and 'balance_tokens' not in s.result_fields()
+    assert SearchSettings(balance_kinds=True, balance_tokens=8192).result_fields()['balance_tokens'] == 8192
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match='balance_tokens'):
+            SearchSettings(balance_tokens=bad)
+    with pytest.raises(ValueError, match='balance_kinds must be true or false'):
+        SearchSettings(balance_kinds=1)
 
 
 @pytest.mark.parametrize('mode', ['one_shot', 'training_aware'])
@@ -595,7 +603,8 @@ def _trainer(model, callback, recorder, batches):
 def test_callback_searches_applies_and_posttrains(search_only, pretrained, database, tokens, tmp_path):
     import importlib
     cb_mod = importlib.import_module('darwinlm_foundry.callbacks.evolutionary_search')
-    settings = _settings(tmp_path / 'out', generations=2, offspring=3, survivors=(2, 1)).to_dict()
+    # balance_kinds: its step-0 key is logged too
+    settings = _settings(tmp_path / 'out', generations=2, offspring=3, survivors=(2, 1), balance_kinds=True).to_dict()
     callback = cb_mod.DarwinLMSearch(database=database.db_dir, data=TensorTokens(tokens[64:]), apply=True,
                                      search_only=search_only, **settings)
     recorder = _Recorder.make()
@@ -674,7 +683,8 @@ def test_callback_logs_exactly_the_documented_keys(pretrained, database, tokens,
     documented, documented_hparams = _documented_keys(cb_mod.DarwinLMSearch.__doc__)
     tables = {k for k in documented if k == 'search/levels'}  # logged with log_table
     patterns = {k: re.compile(re.escape(k).replace('<LL>', r'\d\d')) for k in documented - tables}
-    settings = _settings(tmp_path / 'out', generations=2, offspring=3, survivors=(2, 1)).to_dict()
+    # balance_kinds: its step-0 key is logged too
+    settings = _settings(tmp_path / 'out', generations=2, offspring=3, survivors=(2, 1), balance_kinds=True).to_dict()
     callback = cb_mod.DarwinLMSearch(database=database.db_dir, data=TensorTokens(tokens[64:]), apply=False,
                                      search_only=True, **settings)
     memory = InMemoryLogger()
@@ -798,3 +808,7 @@ def test_balance_kinds_starts_from_the_fittest_exchange(pretrained, database, to
     assert LevelConfig.from_dict(json.loads((tmp_path / 'bal' / STATE_FILE).read_text())['extra']['start']) \
         == candidates[best]
     assert resumed.run().generations == 2
+    # balance_tokens sets the sample's size (default: the last fitness step's)
+    small = _engine(_settings(tmp_path / 'small', generations=0, balance_kinds=True, balance_tokens=128), pretrained,
+                    database, tokens)
+    assert small.balance_kinds(small.start)[1]['tokens'] == 128
