@@ -25,6 +25,7 @@ from darwinlm_foundry.search.space import GROUPS, LevelConfig
 from darwinlm_foundry.search.tokens import derive_seed
 from darwinlm_foundry.utils.dist import composer_rank_local, sum_over_ranks
 from darwinlm_foundry.utils.logging import quiet
+from darwinlm_foundry.utils.memory import trim_heap
 from darwinlm_foundry.utils.params import count_parameters
 
 __all__ = ['CandidateScoring']
@@ -82,28 +83,6 @@ def _digest(tokens: torch.Tensor) -> str:
     return hashlib.sha256(tokens.contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
-_LIBC = None
-
-
-def _trim_heap() -> None:
-    """Give freed heap memory back to the OS (glibc's ``malloc_trim``; a no-op elsewhere).
-
-    The many mid-sized tensors of a forward / fine-tuning pass (below glibc's mmap threshold, which rises to
-    32 MB after large frees) come from the heap; freed, they stay in the process (fragmented) and every
-    candidate's fit raised the resident set further. Trimming after each candidate keeps it at one fit's worth.
-    """
-    global _LIBC
-    if _LIBC is None:
-        try:
-            import ctypes
-            _LIBC = ctypes.CDLL('libc.so.6')
-            _LIBC.malloc_trim
-        except (OSError, AttributeError):
-            _LIBC = False
-    if _LIBC:
-        _LIBC.malloc_trim(0)
-
-
 @contextlib.contextmanager
 def _collect_new_objects_only():
     """Within the block, ``gc.collect()`` looks only at objects created inside it.
@@ -132,7 +111,7 @@ TRIM_ABOVE_BYTES = 2 ** 30
 
 def _drop_outputs(trim_every_batch: bool = True):
     """A Composer callback for the fits' memory: lets go of the model outputs before the backward pass, and
-    (``trim_every_batch``) gives the heap freed by each batch back to the OS (:func:`_trim_heap`).
+    (``trim_every_batch``) gives the heap freed by each batch back to the OS (``utils.memory.trim_heap``).
 
     Composer keeps ``state.outputs`` (the logits: 4 x 512 x 49152 fp32 = 0.4 GB for SmolLM2) until the next
     batch, for train metrics; the fits have none and the loss is already computed, and autograd does not
@@ -153,7 +132,7 @@ def _drop_outputs(trim_every_batch: bool = True):
 
             def batch_end(self, state, logger):
                 if self.trim_every_batch:
-                    _trim_heap()
+                    trim_heap()
 
         _DROP_OUTPUTS = DropOutputs
     return _DROP_OUTPUTS(trim_every_batch)
@@ -188,7 +167,7 @@ class CandidateScoring:
             if self.device.type == 'cuda':
                 torch.cuda.empty_cache()
         self._release_file_maps()
-        _trim_heap()
+        trim_heap()
 
     def _release_file_maps(self) -> None:
         """Close the memory-mapped safetensors files of the dense checkpoint and of the database.
@@ -468,7 +447,7 @@ class CandidateScoring:
                 if train_tokens is not None:
                     gc.collect()  # the fit's Trainer is a reference cycle that still holds the candidate
                 if self._trims_heap():
-                    _trim_heap()
+                    trim_heap()
         del shared
         # this step's sample is never scored again (keys name the generation and step)
         self._drop_spilled(targets)
@@ -577,7 +556,7 @@ class CandidateScoring:
             model = self.build_candidate(config).to(self.device)
             sums[0], sums[1] = self._fitness_sums(model, tokens, targets)
             del model
-            _trim_heap()
+            trim_heap()
         sums = sum_over_ranks(sums)
         value = self._finish(float(sums[0]), int(sums[1]), self.settings.fitness)
         self._probe_memo = (config, value)

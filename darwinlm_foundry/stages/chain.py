@@ -32,7 +32,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 from darwinlm_foundry.stages.schema import REFERENCE_KEYS, DataStage, parse_run
 from darwinlm_foundry.utils.io import atomic_write_json
-from darwinlm_foundry.utils.memory import peak_rss_gb, reset_peak_rss
+from darwinlm_foundry.utils.memory import peak_rss_gb, release_memory, reset_peak_rss, rss_gb
 
 MANIFEST = 'stages.json'
 
@@ -62,11 +62,14 @@ class RunManifest:
         rec = self.stages.get(name)
         return rec['outputs'] if rec and rec['fingerprint'] == fingerprint else None
 
-    def record(self, name: str, fingerprint: str, outputs: dict, seconds: float, peak_rss_gb: Optional[float] = None):
+    def record(self, name: str, fingerprint: str, outputs: dict, seconds: float, peak_rss_gb: Optional[float] = None,
+               rss_after_gb: Optional[float] = None):
         self.stages[name] = {'fingerprint': fingerprint, 'outputs': outputs, 'seconds': round(seconds, 1),
                              'finished_at': f'{time.time():.6f}'}
         if peak_rss_gb is not None:  # rank 0's process during the stage (jobs it ran in a subprocess excluded)
             self.stages[name]['peak_rss_gb'] = round(peak_rss_gb, 2)
+        if rss_after_gb is not None:  # what the process still holds after the stage (and release_memory)
+            self.stages[name]['rss_after_gb'] = round(rss_after_gb, 2)
         atomic_write_json(self.path, {'stages': self.stages}, indent=1)
 
 
@@ -116,13 +119,18 @@ def run_chain(cfg: Dict[str, Any], log: Callable[[str], None] = print) -> Dict:
         result = stage_runners.RUNNERS[stage.kind](stage.config, stage_dir, resolved, run, outputs)
         dist.barrier()
         outputs[stage.name] = result
+        # one process runs every stage: what a stage freed (cycles such as a Composer Trainer, fragmented heap)
+        # goes back before the next one starts; rss_after_gb is what stays
+        release_memory()
         record = [None]
         if rank0:
             peak = peak_rss_gb()
-            manifest.record(stage.name, fingerprint, result, time.time() - start, peak if peak_is_per_stage else None)
+            manifest.record(stage.name, fingerprint, result, time.time() - start, peak if peak_is_per_stage else None,
+                            rss_gb() or None)
             record[0] = manifest.stages[stage.name]
             log(f'[darwinlm] stage {stage.name} ({stage.kind}): done in {time.time() - start:.0f}s, peak RSS '
-                f'{peak:.2f} GB{"" if peak_is_per_stage else " (since the process began)"} -> {json.dumps(result)}')
+                f'{peak:.2f} GB{"" if peak_is_per_stage else " (since the process began)"}, {rss_gb():.2f} GB after '
+                f'-> {json.dumps(result)}')
         dist.broadcast_object_list(record, src=0)
         manifest.stages[stage.name] = record[0]
         versions[stage.name] = f'{fingerprint}@{record[0]["finished_at"]}'

@@ -4,11 +4,55 @@ The chain runs every stage in one process, so ``ru_maxrss`` (the peak since the 
 which stage held the most. On Linux writing ``5`` to ``/proc/self/clear_refs`` resets the kernel's peak
 (``VmHWM`` in ``/proc/self/status``) to the current resident size, so the peak can be read per stage.
 Elsewhere the reset is a no-op and the peak is ``ru_maxrss`` (then it includes earlier stages).
+
+Freed memory: many mid-sized tensors of a forward or fine-tuning pass come from glibc's heap (below its mmap
+threshold, which rises to 32 MB after large frees); freed, they stay in the process, fragmented.
+:func:`trim_heap` gives them back; :func:`release_memory` also collects reference cycles first (a Composer
+Trainer is one), which the chain does after every stage.
 """
 
+import gc
 import resource
 
-__all__ = ['reset_peak_rss', 'peak_rss_gb']
+__all__ = ['reset_peak_rss', 'peak_rss_gb', 'rss_gb', 'trim_heap', 'release_memory']
+
+_LIBC = None
+
+
+def trim_heap() -> None:
+    """Give freed heap memory back to the OS (glibc's ``malloc_trim``; a no-op elsewhere)."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+            _LIBC = ctypes.CDLL('libc.so.6')
+            _LIBC.malloc_trim
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+def release_memory() -> None:
+    """Collect unreachable cycles, then give the freed heap back to the OS."""
+    gc.collect()
+    trim_heap()
+
+
+def rss_gb() -> float:
+    """Current resident memory (GiB) of this process (0.0 where ``/proc`` is not available)."""
+    return _status_kb('VmRSS:') / 2**20
+
+
+def _status_kb(key: str) -> int:
+    try:
+        with open('/proc/self/status') as f:
+            for line in f:
+                if line.startswith(key):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
 
 
 def reset_peak_rss() -> bool:
@@ -24,11 +68,7 @@ def reset_peak_rss() -> bool:
 
 def peak_rss_gb() -> float:
     """Peak resident memory (GiB) since the last :func:`reset_peak_rss`, or since the process began."""
-    try:
-        with open('/proc/self/status') as f:
-            for line in f:
-                if line.startswith('VmHWM:'):
-                    return int(line.split()[1]) / 2**20  # kB
-    except OSError:
-        pass
+    hwm = _status_kb('VmHWM:')
+    if hwm:
+        return hwm / 2**20  # kB
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux (bytes on macOS)

@@ -150,3 +150,32 @@ def test_each_stage_records_its_own_peak_memory(tmp_path, monkeypatch):
     # the 512 MiB of the db stage count there and not in the stages after it (each starts a new peak)
     assert peaks['db'] >= peaks['dense'] + 0.45 and peaks['search'] <= peaks['db'] - 0.45
     assert any(line.startswith('[darwinlm] stage db (database): done in') and 'peak RSS' in line for line in lines)
+
+
+def test_memory_a_stage_frees_goes_back_before_the_next(tmp_path, monkeypatch):
+    """A stage that leaves 512 MiB in a reference cycle (as a Composer Trainer does) does not pass it on: the chain
+    collects and trims after every stage, and records what the process still holds (rss_after_gb)."""
+    import gc
+
+    import numpy as np
+
+    from darwinlm_foundry.stages.schema import OUTPUTS
+
+    def fake(kind, outputs):
+        def runner(cfg, stage_dir, refs, run, all_outputs):
+            if stage_dir.endswith('/db'):
+                cycle = {'array': np.ones(2**26)}  # 512 MiB, touched
+                cycle['self'] = cycle
+            return {name: f'{stage_dir}/{name}' for name in outputs}
+        return runner
+
+    monkeypatch.setattr(stage_runners, 'RUNNERS', {k: fake(k, v) for k, v in OUTPUTS.items()})
+    monkeypatch.setattr('darwinlm_foundry.stages.chain._outputs_exist', lambda outputs: True)
+    gc.disable()  # only the chain's own collection may free the cycle
+    try:
+        run_chain(chain(tmp_path), log=lambda line: None)
+    finally:
+        gc.enable()
+    stages = RunManifest(str(tmp_path / 'run')).stages
+    assert stages['db']['peak_rss_gb'] >= stages['dense']['rss_after_gb'] + 0.45
+    assert stages['db']['rss_after_gb'] <= stages['dense']['rss_after_gb'] + 0.1
