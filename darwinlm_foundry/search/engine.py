@@ -290,15 +290,14 @@ class EvolutionarySearch(CandidateScoring):
         fp = settings_fingerprint(self.fingerprint_fields())
         state_dict = None
         if self.rank == 0:
-            state = SearchState.load_or_new(self.state_path, fp, self._new_state,
+            state = SearchState.load_or_new(self.state_path, fp, lambda: self._new_state(fp),
                                             legacy=(settings_fingerprint(self.fingerprint_fields(legacy=True)),))
             state_dict = state.to_dict()
         # Rank 0 reads; everyone continues from its copy (no shared filesystem needed).
         state_dict = broadcast_object(state_dict)
         return SearchState.from_dict(state_dict)
 
-    def _new_state(self) -> SearchState:
-        fp = settings_fingerprint(self.fingerprint_fields())
+    def _new_state(self, fp: str) -> SearchState:
         start, extra = self.start, {}
         if self.settings.balance_kinds:
             start, extra['kind_balance'] = self.balance_kinds(self.start)
