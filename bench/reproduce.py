@@ -434,7 +434,7 @@ def search(ctx: Context, db, source_dir: str, out_dir: Path, seed: int, *, tas: 
             'probe_fitness_history': probe() if probe else None,
             'parents': [h['winner'] for h in result.history],  # the parent after each generation
             'start_probe_fitness': getattr(result, 'start_probe_fitness', None), 'winner_json': result.json_path,
-            'seconds': round(time.time() - t0, 1), 'tas': tas, 'generations': generations,
+            'seconds': round(time.time() - t0, 1), 'tas': tas, 'generations': engine.settings.generations,
             'train_tokens': list(engine.settings.train_tokens)}
 
 
