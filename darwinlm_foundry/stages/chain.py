@@ -124,12 +124,12 @@ def run_chain(cfg: Dict[str, Any], log: Callable[[str], None] = print) -> Dict:
         release_memory()
         record = [None]
         if rank0:
-            peak = peak_rss_gb()
+            peak, after = peak_rss_gb(), rss_gb()
             manifest.record(stage.name, fingerprint, result, time.time() - start, peak if peak_is_per_stage else None,
-                            rss_gb() or None)
+                            after or None)
             record[0] = manifest.stages[stage.name]
             log(f'[darwinlm] stage {stage.name} ({stage.kind}): done in {time.time() - start:.0f}s, peak RSS '
-                f'{peak:.2f} GB{"" if peak_is_per_stage else " (since the process began)"}, {rss_gb():.2f} GB after '
+                f'{peak:.2f} GB{"" if peak_is_per_stage else " (since the process began)"}, {after:.2f} GB after '
                 f'-> {json.dumps(result)}')
         dist.broadcast_object_list(record, src=0)
         manifest.stages[stage.name] = record[0]
