@@ -43,7 +43,7 @@ def main(argv=None) -> dict:
     from transformers import AutoTokenizer
 
     from darwinlm_foundry.obs.database import SparsityDatabase, dense_tensor_getter
-    from darwinlm_foundry.search.space import LevelBounds, LevelConfig, kind_balance_candidates, kind_exchange, uniform
+    from darwinlm_foundry.search.space import kind_balance_candidates, kind_exchange, uniform
 
     t0 = time.time()
     run = Path(args.run).resolve()
@@ -55,11 +55,16 @@ def main(argv=None) -> dict:
     getter = dense_tensor_getter(str(paths['dense']))
     spec = db.level_spec
     n = spec.num_layers
-    # the bounds a search of the dense database uses: every level up to the exactly size-neutral top
-    bounds = LevelBounds(uniform(n, 0), LevelConfig(attn=[spec.max_exact_level('attn')] * n,
-                                                    mlp=[spec.max_exact_level('mlp')] * n))
     exchange = kind_exchange(spec.per_step_parameters('attn'), spec.per_step_parameters('mlp'))
     start = uniform(n, args.level, mlp_split=spec.mlp_split)
+    tokenizer_ctx = reproduce.Context(budget=reproduce.QUICK, out=run, shards=paths['shards'], tokenizer=tokenizer,
+                                      ledger=None, dense_dir=str(paths['dense']), heldout=lambda: {})
+
+    def engine(ctx, seed, tmp):
+        return reproduce.search_engine(ctx, db, str(paths['dense']), Path(tmp), seed, tas=False, level=args.level,
+                                       generations=0)
+    with tempfile.TemporaryDirectory() as tmp:
+        bounds = engine(tokenizer_ctx, 0, tmp).bounds  # the bounds the study's searches use
     rows = []
     for shift, config in kind_balance_candidates(start, bounds, exchange):
         s = scorer.score(db.stitch(config.to_dict(), getter).eval())
@@ -74,15 +79,12 @@ def main(argv=None) -> dict:
     ratio = {r['shift']: r['ppl'] / uni['ppl'] for r in rows}
     # the choice as the study's level-5 KL-only search of each seed makes it, per sample size
     choices = {}
-    tokenizer_ctx = reproduce.Context(budget=reproduce.QUICK, out=run, shards=paths['shards'], tokenizer=tokenizer,
-                                      ledger=None, dense_dir=str(paths['dense']), heldout=lambda: {})
     for n_tokens in [int(t) for t in args.balance_tokens.split(',')]:
         ctx = dataclasses.replace(tokenizer_ctx, budget=dataclasses.replace(reproduce.QUICK, balance_tokens=n_tokens))
         for seed in [int(x) for x in args.seeds.split(',')]:
             with tempfile.TemporaryDirectory() as tmp:
-                engine = reproduce.search_engine(ctx, db, str(paths['dense']), Path(tmp), seed, tas=False,
-                                                 level=args.level, generations=0)
-                _, record = engine.balance_kinds(engine.start)
+                search = engine(ctx, seed, tmp)
+                _, record = search.balance_kinds(search.start)
             choices.setdefault(str(n_tokens), []).append(
                 {'seed': seed, 'shift': record['shift'], 'heldout_ratio': ratio[record['shift']],
                  'fitness': {c['shift']: c['fitness'] for c in record['candidates']}})

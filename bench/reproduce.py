@@ -38,7 +38,10 @@ Arms (the same parameter budget at level 5; level 6 for the gradual comparison),
 
 Every search starts from the fittest attention/MLP split of its size (``balance_kinds``, beyond the paper:
 mutation never moves levels between the kinds, so the start fixes how much of the cut falls on attention; the
-candidates trade whole exchanges of equal parameter cost and are scored on one sample of search tokens). Arm 6's
+candidates trade whole exchanges of equal parameter cost and are scored on one sample of search tokens), then
+protects up to ``protect_units`` units, one per round (a unit gives back half its kind's mean level to the others,
+the fittest such move on the same sample kept while it beats the start: a one-level switch is too small a step to
+find a unit far more sensitive than the rest through a sample's noise). Arm 6's
 start alone is scored too (``balanced5``), and the first ``uniform_start_seeds`` seeds also run arm 6 from the
 uniform start, as the paper does (``darwinlm5_kl_uniform``).
 
@@ -46,7 +49,7 @@ Every seed runs 6; the first ``tas_seeds`` seeds (quick: 1; full: all) also run 
 the most per generation (TAS fine-tunes every final-step candidate) and measure the mechanisms rather than the
 headline. TAS is compared with the KL-only search after the same number of generations (the same search's
 parent then), so the long KL-only search costs no second KL search. Searches run in bf16 autocast where the CPU
-has AMX tiles (``search_precision``; dense targets, KL and every held-out score stay fp32).
+has AMX tiles or AVX512-BF16 (``search_precision``; dense targets, KL and every held-out score stay fp32).
 
 (4: per-unit levels minimising the summed layer-wise OBS error at the same total level, exact DP, no end-to-end
 fitness. 5: the layers whose output is most like their input go to the top level (attention removed, MLP at
@@ -109,7 +112,7 @@ class Budget:
     shared_database: bool = True       # one calibration draw and database for every seed (else one per seed)
     signal_sequences: int = 16         # baselines' local signals: Hessians (ZipLM errors), block influence
     generations: int = 5               # level-5 TAS searches; KL-only is compared with TAS after as many
-    kl_generations: int = 25           # the KL-only level-5 search runs this long (the headline searched arm)
+    kl_generations: int = 10           # the KL-only level-5 search runs this long (the headline searched arm)
     tas_seeds: int = 1                 # the first this many seeds also run TAS and the level-6 arms (0: all)
     offspring: int = 8
     max_switches: int = 3              # mutation: min(U{1,m}, U{1,m}) level switches per offspring
@@ -117,6 +120,7 @@ class Budget:
                                        # 0.770 against 0.737 after 25 generations, search_length_bysource.txt)
     balance_kinds: bool = True         # searches start from the fittest attention/MLP split of their size
     balance_tokens: int = 0            # tokens of the sample that picks that split (0: the last fitness step's)
+    protect_units: int = 2             # then up to this many rounds protecting one unit each, on the same sample
     uniform_start_seeds: int = 1       # with balance_kinds, the first this many seeds also run the KL-only search
                                        # from the uniform start (the paper's), kl_generations long
     survivors: tuple = (2, 1)
@@ -124,7 +128,7 @@ class Budget:
     tas_train_tokens: tuple = (0, 2048)  # per candidate and selection step (0: that step selects one-shot)
     tas_batch: int = 1                 # sequences per TAS optimizer step: 2048 tokens = 4 steps of 512 tokens
     tas_lr: float = 1e-4               # the paper's 1e-5 barely moves a model in 4 steps
-    search_precision: str = 'auto'     # searches' forwards and TAS fits: 'auto' = amp_bf16 where the CPU has AMX
+    search_precision: str = 'auto'     # searches' forwards and TAS fits: 'auto': amp_bf16 with AMX or AVX512-BF16
     mlp_level_split: int = 1           # finer MLP levels: 2 = steps of 80 columns, level 5 = MLP level 10 of 18
     level6_generations: int = 3        # one-shot level-6 and gradual 5 -> 6 searches
     level6_selection: str = 'kl'       # 'kl' or 'tas' for those two searches
@@ -187,7 +191,7 @@ class Budget:
 
 # Budget fields added after results were committed, with the value the earlier runs used.
 ADDED_LATER = {'max_switches': 3, 'samples_by_source': False, 'mlp_level_split': 1, 'balance_kinds': False,
-               'balance_tokens': 0}
+               'balance_tokens': 0, 'protect_units': 0}
 QUICK = Budget()
 FULL = dataclasses.replace(QUICK, calibration_sequences=128, shared_database=False, signal_sequences=64,
                            generations=24, kl_generations=60, tas_seeds=0, offspring=16, survivors=(4, 2, 1),
@@ -392,11 +396,14 @@ def database(ctx: Context, key: str, model, db_dir: Path, draw: int, source: str
 
 
 def search_precision(b: Budget) -> str:
-    """The searches' precision: bf16 autocast on a CPU with AMX tiles (bf16 matmuls 3-6x faster than fp32 there;
-    the dense targets, the KL and the held-out scores stay fp32), else fp32."""
+    """The searches' precision: bf16 autocast on a CPU with AMX tiles or AVX512-BF16 (1.32x faster end to end than
+    fp32 on an AVX512-BF16 CPU without AMX, the same parents:
+    ``bench/results/reproduce_smollm2/search_precision_avx512bf16.txt``; the dense targets, the KL and the held-out
+    scores stay fp32), else fp32."""
     if b.search_precision != 'auto':
         return b.search_precision
-    return 'amp_bf16' if torch._C._cpu._is_amx_tile_supported() else 'fp32'
+    fast_bf16 = torch._C._cpu._is_amx_tile_supported() or torch._C._cpu._is_avx512_bf16_supported()
+    return 'amp_bf16' if fast_bf16 else 'fp32'
 
 
 def search_engine(ctx: Context, db, source_dir: str, out_dir: Path, seed: int, *, tas: bool, level: Optional[int],
@@ -414,6 +421,7 @@ def search_engine(ctx: Context, db, source_dir: str, out_dir: Path, seed: int, *
         extra_levels=(1 if start else 0) if extra_levels is None else extra_levels,
         offspring=b.offspring, max_switches=b.max_switches, samples_by_source=b.samples_by_source,
         balance_kinds=b.balance_kinds if balance is None else balance, balance_tokens=b.balance_tokens or None,
+        protect_units=b.protect_units if (b.balance_kinds if balance is None else balance) else 0,
         survivors=tuple(b.survivors), fitness_tokens=tuple(b.fitness_tokens),
         train_tokens=tuple(b.tas_train_tokens) if tas else (0,) * len(b.fitness_tokens), lr=b.tas_lr,
         seq_len=b.seq_len, train_batch_size=b.tas_batch, micro_batch_size=2, seed=seed, output_dir=str(out_dir),
@@ -431,6 +439,7 @@ def search(ctx: Context, db, source_dir: str, out_dir: Path, seed: int, *, tas: 
     winner = json.loads(Path(result.json_path).read_text())
     return {'levels': result.winner.to_dict(), 'fitness_history': result.fitness_history(),
             'start': winner['start'], 'kind_balance': winner.get('kind_balance'),
+            'unit_protection': winner.get('unit_protection'),
             'probe_fitness_history': probe() if probe else None,
             'parents': [h['winner'] for h in result.history],  # the parent after each generation
             'start_probe_fitness': getattr(result, 'start_probe_fitness', None), 'winner_json': result.json_path,
@@ -551,8 +560,10 @@ def run_seed(ctx: Context, seed: int, draw: int) -> dict:
         # uniform_start_seeds seeds, the same search from the uniform start (the paper's)
         balanced = searches['darwinlm5_kl']['start']
         models['balanced5'] = _scored(ctx, f'{key}/balanced5', lambda: stitched(
-            'balanced5', balanced, 'the level-5 search start: the fittest attention/MLP split, nothing searched'),
-            {'level': 5, 'levels': balanced, 'arm': 6, 'kind_balance': searches['darwinlm5_kl']['kind_balance']})
+            'balanced5', balanced, 'the level-5 search start: the fittest attention/MLP split and unit protections, '
+            'nothing searched'),
+            {'level': 5, 'levels': balanced, 'arm': 6, 'kind_balance': searches['darwinlm5_kl']['kind_balance'],
+             'unit_protection': searches['darwinlm5_kl'].get('unit_protection')})
         if seed in b.seeds[:b.uniform_start_seeds]:
             searches['darwinlm5_kl_uniform'] = led.step(f'{key}/search/darwinlm5_kl_uniform', lambda: search(
                 ctx, db, ctx.dense_dir, work / 'darwinlm5_kl_uniform', seed, tas=False, level=5,
@@ -667,7 +678,7 @@ ROWS = [  # (label, model key, level: None = both levels, or the level where the
     ('2 uniform, OBS', 'uniform{L}', None), ('3 uniform, magnitude', 'magnitude{L}', None),
     ('4 ZipLM-like (local OBS error)', 'ziplm{L}', None), ('5 ShortGPT layer dropping', 'shortgpt{L}', None),
     ('6 DarwinLM one-shot, KL-only, {K} generations', 'darwinlm5_kl', 5),
-    ('6 its start alone: the fittest attention/MLP split', 'balanced5', 5),
+    ('6 its start alone: the fittest attention/MLP split + unit protection', 'balanced5', 5),
     ('6 KL-only from the uniform start (the paper\'s), {K} generations', 'darwinlm5_kl_uniform', 5),
     ('6 the same KL-only search after {G} generations', 'darwinlm5_kl_matched', 5),
     ('7 DarwinLM one-shot, TAS, {G} generations', 'darwinlm5_tas', 5),

@@ -35,8 +35,9 @@ def main(argv=None) -> dict:
     p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE', help='a quick-budget override')
     p.add_argument('--out', default=None, help='output directory (default <run>/search_precision)')
     args = p.parse_args(argv)
-    if not torch._C._cpu._is_amx_tile_supported():
-        print('note: this CPU has no AMX tiles; bf16 autocast may be slower than fp32 here', flush=True)
+    if not (torch._C._cpu._is_amx_tile_supported() or torch._C._cpu._is_avx512_bf16_supported()):
+        print('note: this CPU has neither AMX tiles nor AVX512-BF16; bf16 autocast may be slower than fp32 here',
+              flush=True)
 
     from transformers import AutoTokenizer
 

@@ -79,6 +79,9 @@ class DarwinLMSearch(Callback):
     | `search/kind_balance_shift`         | attention for MLP levels of the chosen start (> 0: more   |
     |                                     | attention pruned than uniform, < 0: less)                 |
     +-------------------------------------+-----------------------------------------------------------+
+    |                                     | With ``protect_units``, at step 0 only: how many units    |
+    | `search/protected_units`            | the start protected (one per round that beat the start)   |
+    +-------------------------------------+-----------------------------------------------------------+
     |                                     | Wall seconds of the generation divided by the candidates  |
     | `search/sec_per_offspring`          | it evaluated (offspring of every step plus the parent;    |
     |                                     | not logged at step 0)                                     |

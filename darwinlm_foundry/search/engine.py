@@ -59,7 +59,7 @@ from darwinlm_foundry.search.fitness import DenseLogitCache
 from darwinlm_foundry.search.selection import GenerationResult
 from darwinlm_foundry.search.settings import SearchSettings
 from darwinlm_foundry.search.space import (GROUPS, LevelBounds, LevelConfig, kind_balance_candidates, kind_exchange,
-                                            make_rng, spread_extra_levels, uniform)
+                                           make_rng, spread_extra_levels, uniform, unit_protection_candidates)
 from darwinlm_foundry.search.state import SearchState, run_search, settings_fingerprint
 from darwinlm_foundry.search.tokens import ShardTokens, TensorTokens, TokenSource, derive_seed
 from darwinlm_foundry.utils.dist import broadcast_object, local_rank, torch_world
@@ -292,6 +292,9 @@ class EvolutionarySearch(CandidateScoring):
         if self.rank == 0:
             state = SearchState.load_or_new(self.state_path, fp, lambda: self._new_state(fp),
                                             legacy=(settings_fingerprint(self.fingerprint_fields(legacy=True)),))
+            if not os.path.exists(self.state_path) and ('kind_balance' in state.extra or
+                                                        'unit_protection' in state.extra):
+                state.save(self.state_path)  # the chosen start took minutes: kept before generation 1
             state_dict = state.to_dict()
         # Rank 0 reads; everyone continues from its copy (no shared filesystem needed).
         state_dict = broadcast_object(state_dict)
@@ -299,26 +302,75 @@ class EvolutionarySearch(CandidateScoring):
 
     def _new_state(self, fp: str) -> SearchState:
         start, extra = self.start, {}
-        if self.settings.balance_kinds:
-            start, extra['kind_balance'] = self.balance_kinds(self.start)
+        s = self.settings
+        if s.balance_kinds or s.protect_units:
             extra['start_before_balance'] = self.start.to_dict()
+            tokens = self.balance_sample()
+            fitness = None
+            if s.balance_kinds:
+                start, extra['kind_balance'] = self.balance_kinds(self.start, tokens)
+                fitness = min(c['fitness'] for c in extra['kind_balance']['candidates'])
+            if s.protect_units:
+                start, extra['unit_protection'] = self.protect_units(start, tokens, fitness)
+            self.cache.forget(('balance',))
         return SearchState.new(start, derive_seed(self.settings.seed, 'mutation'), fp,
                                extra={'start': start.to_dict(), 'start_parameters': self.start_parameters, **extra})
 
-    def balance_kinds(self, config: LevelConfig) -> tuple[LevelConfig, dict]:
+    def balance_sample(self) -> torch.Tensor:
+        """The fixed sample that picks the start (``balance_kinds``, ``protect_units``): ``balance_tokens``
+        tokens (default the last fitness step's) with their own seed, so the generations' samples are unchanged."""
+        s = self.settings
+        n_tokens = s.fitness_tokens[-1] if s.balance_tokens is None else s.balance_tokens
+        return self.data.sample(self._n_seqs(n_tokens), s.seq_len, derive_seed(s.seed, 'balance'))
+
+    def protect_units(self, config: LevelConfig, tokens: torch.Tensor,
+                      fitness: Optional[float] = None) -> tuple[LevelConfig, dict]:
+        """Up to ``protect_units`` rounds; each scores every one-unit protection of the current start
+        (:func:`~darwinlm_foundry.search.space.unit_protection_candidates`: one unit gives back half its kind's
+        mean level to the others, the size exactly kept) on ``tokens`` and keeps the fittest if it beats the
+        current start; stops at the first round that finds none. ``fitness``: the current start's on ``tokens``
+        when already known. Returns the start and a record of the moves."""
+        size = self.spec.parameter_count(config)
+        if fitness is None:
+            fitness = self.config_fitness(config, tokens, key=('balance',))
+        moves, first = [], fitness
+        for round_ in range(self.settings.protect_units):
+            scored = []
+            for kind, unit, candidate in unit_protection_candidates(config, self.bounds):
+                if self.spec.parameter_count(candidate) != size:  # the bounds keep every level size-neutral
+                    raise AssertionError(f'protecting {kind} unit {unit} changes the size: '
+                                         f'{self.spec.parameter_count(candidate)} against {size}')
+                scored.append((self.config_fitness(candidate, tokens, key=('balance',)), kind, unit, candidate))
+            if not scored:
+                break
+            best = min(scored, key=lambda row: row[0])
+            if best[0] >= fitness:
+                break
+            moves.append({'round': round_ + 1, 'kind': best[1], 'layer': best[2],
+                          'level': {'from': config.group(best[1])[best[2]], 'to': best[3].group(best[1])[best[2]]},
+                          'fitness': best[0], 'candidates': len(scored)})
+            fitness, config = best[0], best[3]
+            print(f'DarwinLM search: unit protection round {round_ + 1}: {best[1]} unit of layer {best[2]} from '
+                  f'level {moves[-1]["level"]["from"]} to {moves[-1]["level"]["to"]} (the others take its levels), '
+                  f'fitness {best[0]:.4f} on {tokens.numel()} tokens, the best of {len(scored)}', flush=True)
+        if not moves:
+            print(f'DarwinLM search: unit protection: no one-unit move beats the start ({first:.4f})', flush=True)
+        return config, {'tokens': int(tokens.numel()), 'start_fitness': first, 'fitness': fitness, 'moves': moves}
+
+    def balance_kinds(self, config: LevelConfig, tokens: Optional[torch.Tensor] = None) -> tuple[LevelConfig, dict]:
         """The fittest of ``config``'s kind-balance candidates (``balance_kinds``) and a record of their scores.
 
         Every candidate moves whole exchanges of equal parameter cost between attention and MLP levels
         (:func:`~darwinlm_foundry.search.space.kind_balance_candidates`); all are scored as stitched on one fixed
-        sample of ``balance_tokens`` tokens (its own seed, so the generations' samples are unchanged). Runs
+        sample (``tokens``, default :meth:`balance_sample`). Runs
         on the rank that creates the state; the others receive the state it makes.
         """
-        s = self.settings
         exchange = kind_exchange(self.spec.per_step_parameters('attn'), self.spec.per_step_parameters('mlp'))
         candidates = kind_balance_candidates(config, self.bounds, exchange)
         size = self.spec.parameter_count(config)
-        n_tokens = s.fitness_tokens[-1] if s.balance_tokens is None else s.balance_tokens
-        tokens = self.data.sample(self._n_seqs(n_tokens), s.seq_len, derive_seed(s.seed, 'balance'))
+        own = tokens is None
+        if own:
+            tokens = self.balance_sample()
         rows = []
         for shift, candidate in candidates:
             if self.spec.parameter_count(candidate) != size:  # the bounds keep every level size-neutral
@@ -326,7 +378,8 @@ class EvolutionarySearch(CandidateScoring):
                                      f'{self.spec.parameter_count(candidate)} against {size}')
             rows.append({'shift': shift, 'attn_levels': sum(candidate.attn), 'mlp_levels': sum(candidate.mlp),
                          'fitness': self.config_fitness(candidate, tokens, key=('balance',))})
-        self.cache.forget(('balance',))
+        if own:
+            self.cache.forget(('balance',))
         best = min(range(len(rows)), key=lambda i: (rows[i]['fitness'], abs(rows[i]['shift'])))
         record = {'exchange': {'attn_levels': exchange[0], 'mlp_levels': exchange[1]}, 'tokens': int(tokens.numel()),
                   'candidates': rows, 'shift': rows[best]['shift']}
@@ -408,6 +461,8 @@ class EvolutionarySearch(CandidateScoring):
                 metrics = {'search/generation': 0, 'search/params': self.spec.parameter_count(state.parent)}
                 if 'kind_balance' in state.extra:
                     metrics['search/kind_balance_shift'] = state.extra['kind_balance']['shift']
+                if 'unit_protection' in state.extra:
+                    metrics['search/protected_units'] = len(state.extra['unit_protection']['moves'])
                 if s.probe_size:
                     if state.extra.get('start_probe_fitness') is None:
                         state.extra['start_probe_fitness'] = self.probe_fitness(state.parent)
@@ -452,8 +507,8 @@ class EvolutionarySearch(CandidateScoring):
         payload = {
             **result.to_dict(),
             'start': state.extra.get('start'),
-            **({key: state.extra[key] for key in ('kind_balance', 'start_before_balance')}
-               if 'kind_balance' in state.extra else {}),
+            **{key: state.extra[key] for key in ('kind_balance', 'unit_protection', 'start_before_balance')
+               if key in state.extra},
             'heads': [spec.keep('attn', lvl) for lvl in winner.attn],
             'mlp_columns': [spec.keep('mlp', lvl) for lvl in winner.mlp],
             'level_steps': spec.steps,

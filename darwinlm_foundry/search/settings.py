@@ -50,6 +50,13 @@ class SearchSettings:
     attention stays the uniform start's (SmolLM2-135M at level 5: keeping attention dense and pruning the MLP
     further is 0.69x the uniform model's held-out perplexity before any search, ``bench/kind_balance.py``).
     Off by default: the paper starts from the uniform model.
+    ``protect_units``: then, up to this many rounds on the same sample, each scoring every start that protects one
+    unit (it gives back half its kind's mean level, spread over the others: exactly the same size,
+    :func:`~darwinlm_foundry.search.space.unit_protection_candidates`) and keeping the fittest when it beats the
+    current start. One-level switches are too small to find a unit far more sensitive than the rest through a
+    sample's noise (SmolLM2-135M's first MLP layer: protecting it alone takes the kind-balanced start from 0.69x
+    to 0.58x the uniform model's held-out perplexity). Each round scores up to one candidate per unit. 0 (off)
+    by default.
     Probe: ``probe_tokens`` -- after every generation the parent, as stitched (no fine-tuning), is also scored
     on one fixed probe sample of this many tokens (the same tokens every generation, drawn with a fixed seed;
     default: the last ``fitness_tokens`` step; 0: no probe) and recorded as ``probe_fitness``: the selection's
@@ -87,6 +94,7 @@ class SearchSettings:
     samples_by_source: bool = False
     balance_kinds: bool = False
     balance_tokens: Optional[int] = None
+    protect_units: int = 0
     seed: int = 0
     output_dir: str = 'darwinlm_search'
     device: str = 'auto'
@@ -142,6 +150,9 @@ class SearchSettings:
             raise ValueError(f'samples_by_source must be true or false, got {self.samples_by_source!r}')
         if not isinstance(self.balance_kinds, bool):
             raise ValueError(f'balance_kinds must be true or false, got {self.balance_kinds!r}')
+        if isinstance(self.protect_units, bool) or int(self.protect_units) != self.protect_units or \
+                self.protect_units < 0:
+            raise ValueError(f'protect_units must be an integer >= 0 (rounds; 0: off), got {self.protect_units!r}')
         if self.balance_tokens is not None and (isinstance(self.balance_tokens, bool) or
                                                 int(self.balance_tokens) != self.balance_tokens or
                                                 self.balance_tokens < 1):
@@ -186,6 +197,8 @@ class SearchSettings:
             del fields['balance_kinds']
         if fields['balance_tokens'] is None:
             del fields['balance_tokens']
+        if not fields['protect_units']:  # likewise
+            del fields['protect_units']
         return fields
 
     @property

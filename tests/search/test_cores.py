@@ -263,6 +263,43 @@ def test_kind_balance_candidates_keep_the_size_exactly(shape, exchange):
     assert shift_group([3, 1], 5, [0, 0], [4, 4]) is None and shift_group([3, 1], -5, [0, 0], [4, 4]) is None
 
 
+def test_unit_protection_candidates_move_one_unit_and_keep_the_size():
+    """Against brute force on SmolLM2-135M's shapes: one candidate per unit that can fall, each lowering exactly
+    that unit by half its kind's mean level (or to its lower bound) while the others only rise, by as many levels
+    in all, units below the median (protected before) never rising; every candidate exactly the start's size and
+    in bounds; a unit at its lower bound gets none."""
+    import transformers
+
+    from darwinlm_foundry.search.space import protect_unit, protection_step, unit_protection_candidates
+    from darwinlm_foundry.structure.levels import LevelSpec
+    spec = LevelSpec.from_config(transformers.LlamaConfig(
+        vocab_size=1000, tie_word_embeddings=True, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+        num_attention_heads=9, num_key_value_heads=3))
+    n = spec.num_layers
+    bounds = LevelBounds(uniform(n, 0), LevelConfig(attn=[spec.max_exact_level('attn')] * n,
+                                                    mlp=[spec.max_exact_level('mlp')] * n))
+    # attention dense but layer 3; MLP level 6-7 with layer 0 protected already (a start after one round)
+    start = LevelConfig(attn=[0, 0, 0, 5] + [0] * (n - 4), mlp=[2] + [6 + i % 2 for i in range(1, n)])
+    size = spec.parameter_count(start.to_dict())
+    found = unit_protection_candidates(start, bounds)
+    assert [(k, u) for k, u, _ in found] == [('attn', 3)] + [('mlp', u) for u in range(n)]
+    for kind, unit, config in found:
+        before, after = start.group(kind), config.group(kind)
+        give = min(protection_step(before), before[unit])
+        assert after[unit] == before[unit] - give
+        rises = [after[i] - before[i] for i in range(n) if i != unit]
+        assert min(rises) >= 0 and sum(rises) == give
+        median = sorted(before)[n // 2]
+        assert all(after[i] == before[i] for i in range(n) if i != unit and before[i] < median)
+        other = 'mlp' if kind == 'attn' else 'attn'
+        assert config.group(other) == start.group(other)
+        assert spec.parameter_count(config.to_dict()) == size and bounds.contains(config)
+    assert protection_step(start.mlp) == 4 and protection_step([0, 0, 1]) == 1
+    assert protect_unit([0, 3], 0, 2, [0, 0], [4, 4]) is None  # at its lower bound
+    assert protect_unit([4, 4], 0, 2, [0, 0], [4, 4]) is None  # the other cannot take the levels
+    assert protect_unit([4, 1, 4, 4], 0, 2, [0] * 4, [9] * 4) == [2, 1, 5, 5]  # unit 1 (below the median) stays
+
+
 # ==================================================================================================
 # Selection
 # ==================================================================================================

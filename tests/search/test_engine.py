@@ -152,6 +152,11 @@ def test_settings_validation():
             SearchSettings(balance_tokens=bad)
     with pytest.raises(ValueError, match='balance_kinds must be true or false'):
         SearchSettings(balance_kinds=1)
+    assert 'protect_units' not in s.result_fields()
+    assert SearchSettings(protect_units=2).result_fields()['protect_units'] == 2
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match='protect_units must be an integer >= 0'):
+            SearchSettings(protect_units=bad)
 
 
 @pytest.mark.parametrize('mode', ['one_shot', 'training_aware'])
@@ -683,8 +688,9 @@ def test_callback_logs_exactly_the_documented_keys(pretrained, database, tokens,
     documented, documented_hparams = _documented_keys(cb_mod.DarwinLMSearch.__doc__)
     tables = {k for k in documented if k == 'search/levels'}  # logged with log_table
     patterns = {k: re.compile(re.escape(k).replace('<LL>', r'\d\d')) for k in documented - tables}
-    # balance_kinds: its step-0 key is logged too
-    settings = _settings(tmp_path / 'out', generations=2, offspring=3, survivors=(2, 1), balance_kinds=True).to_dict()
+    # balance_kinds and protect_units: their step-0 keys are logged too
+    settings = _settings(tmp_path / 'out', generations=2, offspring=3, survivors=(2, 1), balance_kinds=True,
+                         protect_units=1).to_dict()
     callback = cb_mod.DarwinLMSearch(database=database.db_dir, data=TensorTokens(tokens[64:]), apply=False,
                                      search_only=True, **settings)
     memory = InMemoryLogger()
@@ -776,6 +782,39 @@ def test_finer_mlp_levels_search_from_the_same_uniform_model(pretrained, databas
     winner = json.loads((tmp_path / 'fine' / WINNER_JSON).read_text())
     assert winner['mlp_level_split'] == 2 and winner['level_steps'] == {'attn': 1, 'mlp': 16}
     assert fine.level_spec.parameter_count(result.winner.to_dict()) == size
+
+
+def test_protect_units_starts_from_the_fittest_protection(pretrained, database, tokens, tmp_path):
+    """protect_units: each round scores every one-unit protection of the current start on the balance sample and
+    keeps the fittest while it beats the start (against brute force, round by round); the start keeps its exact
+    size, winner.json records the moves, and a resumed search does not score them again."""
+    from darwinlm_foundry.search.space import unit_protection_candidates
+    from darwinlm_foundry.search.tokens import derive_seed
+    spec = database.level_spec
+    settings = _settings(tmp_path / 'prot', generations=0, protect_units=2)
+    engine = _engine(settings, pretrained, database, tokens)
+    sample = engine.data.sample(engine._n_seqs(1024), SEQ, derive_seed(3, 'balance'))
+    config, fitness, expected = uniform(2, 5), engine.config_fitness(uniform(2, 5), sample), []
+    for _ in range(2):
+        scored = [(engine.config_fitness(c, sample), k, u, c) for k, u, c in unit_protection_candidates(config,
+                                                                                                     engine.bounds)]
+        best = min(scored, key=lambda row: row[0])
+        if best[0] >= fitness:
+            break
+        expected.append((best[1], best[2], best[0]))
+        fitness, config = best[0], best[3]
+    assert expected  # the tiny model has a unit worth protecting, else this test would check nothing
+    result = engine.run()
+    data = json.loads((tmp_path / 'prot' / WINNER_JSON).read_text())
+    moves = data['unit_protection']['moves']
+    assert [(m['kind'], m['layer']) for m in moves] == [(k, u) for k, u, _ in expected]
+    assert [m['fitness'] for m in moves] == pytest.approx([f for _, _, f in expected], rel=1e-6)
+    assert LevelConfig.from_dict(data['start']) == config == result.winner
+    assert result.parameters == spec.parameter_count(5)
+    assert data['start_before_balance'] == uniform(2, 5).to_dict() and 'kind_balance' not in data
+    resumed = _engine(dataclasses.replace(settings, generations=1), pretrained, database, tokens)
+    resumed.protect_units = lambda *a: pytest.fail('a resumed search scored the protections again')
+    assert resumed.run().generations == 1
 
 
 def test_balance_kinds_starts_from_the_fittest_exchange(pretrained, database, tokens, tmp_path):
