@@ -121,6 +121,7 @@ class Budget:
     balance_kinds: bool = True         # searches start from the fittest attention/MLP split of their size
     balance_tokens: int = 0            # tokens of the sample that picks that split (0: the last fitness step's)
     protect_units: int = 2             # then up to this many rounds protecting one unit each, on the same sample
+    balance_recheck_tokens: int = 0    # the best 3 splits scored again on this many fresh tokens (0: no re-check)
     uniform_start_seeds: int = 1       # with balance_kinds, the first this many seeds also run the KL-only search
                                        # from the uniform start (the paper's), kl_generations long
     survivors: tuple = (2, 1)
@@ -191,7 +192,7 @@ class Budget:
 
 # Budget fields added after results were committed, with the value the earlier runs used.
 ADDED_LATER = {'max_switches': 3, 'samples_by_source': False, 'mlp_level_split': 1, 'balance_kinds': False,
-               'balance_tokens': 0, 'protect_units': 0}
+               'balance_tokens': 0, 'protect_units': 0, 'balance_recheck_tokens': 0}
 QUICK = Budget()
 FULL = dataclasses.replace(QUICK, calibration_sequences=128, shared_database=False, signal_sequences=64,
                            generations=24, kl_generations=60, tas_seeds=0, offspring=16, survivors=(4, 2, 1),
@@ -422,6 +423,7 @@ def search_engine(ctx: Context, db, source_dir: str, out_dir: Path, seed: int, *
         offspring=b.offspring, max_switches=b.max_switches, samples_by_source=b.samples_by_source,
         balance_kinds=b.balance_kinds if balance is None else balance, balance_tokens=b.balance_tokens or None,
         protect_units=b.protect_units if (b.balance_kinds if balance is None else balance) else 0,
+        balance_recheck_tokens=b.balance_recheck_tokens or None,
         survivors=tuple(b.survivors), fitness_tokens=tuple(b.fitness_tokens),
         train_tokens=tuple(b.tas_train_tokens) if tas else (0,) * len(b.fitness_tokens), lr=b.tas_lr,
         seq_len=b.seq_len, train_batch_size=b.tas_batch, micro_batch_size=2, seed=seed, output_dir=str(out_dir),

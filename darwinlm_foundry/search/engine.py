@@ -69,6 +69,7 @@ __all__ = ['SearchResult', 'EvolutionarySearch', 'STATE_FILE', 'WINNER_JSON', 'W
 
 log = logging.getLogger(__name__)
 
+BALANCE_RECHECK_TOP = 3  # kind-balance splits re-scored with balance_recheck_tokens
 STATE_FILE = 'search_state.json'
 WINNER_JSON = 'winner.json'
 WINNER_TEXT = 'winner.txt'
@@ -309,7 +310,8 @@ class EvolutionarySearch(CandidateScoring):
             fitness = None
             if s.balance_kinds:
                 start, extra['kind_balance'] = self.balance_kinds(self.start, tokens)
-                fitness = min(c['fitness'] for c in extra['kind_balance']['candidates'])
+                chosen = extra['kind_balance']['shift']  # its fitness on this sample: protection compares there
+                fitness = next(c['fitness'] for c in extra['kind_balance']['candidates'] if c['shift'] == chosen)
             if s.protect_units:
                 start, extra['unit_protection'] = self.protect_units(start, tokens, fitness)
             self.cache.forget(('balance',))
@@ -380,14 +382,31 @@ class EvolutionarySearch(CandidateScoring):
                          'fitness': self.config_fitness(candidate, tokens, key=('balance',))})
         if own:
             self.cache.forget(('balance',))
-        best = min(range(len(rows)), key=lambda i: (rows[i]['fitness'], abs(rows[i]['shift'])))
+        order = sorted(range(len(rows)), key=lambda i: (rows[i]['fitness'], abs(rows[i]['shift'])))
+        best = order[0]
         record = {'exchange': {'attn_levels': exchange[0], 'mlp_levels': exchange[1]}, 'tokens': int(tokens.numel()),
-                  'candidates': rows, 'shift': rows[best]['shift']}
+                  'candidates': rows}
+        if self.settings.balance_recheck_tokens:
+            # the best few again on a larger fresh sample, as the selection's last step does: on one fitness
+            # step's tokens the split is the noisiest choice of the whole start
+            s = self.settings
+            recheck = self.data.sample(self._n_seqs(s.balance_recheck_tokens), s.seq_len,
+                                       derive_seed(s.seed, 'balance_recheck'))
+            top = order[:BALANCE_RECHECK_TOP]
+            again = {i: self.config_fitness(candidates[i][1], recheck, key=('balance_recheck',)) for i in top}
+            self.cache.forget(('balance_recheck',))
+            best = min(top, key=lambda i: (again[i], abs(rows[i]['shift'])))
+            record['recheck'] = {'tokens': int(recheck.numel()),
+                                 'fitness': {str(rows[i]['shift']): again[i] for i in top}}
+        record['shift'] = rows[best]['shift']
         start_row = next(r for r in rows if r['shift'] == 0)
         print(f'DarwinLM search: kind balance over {len(rows)} starts of {size:,} parameters ({exchange[0]} '
               f'attention levels = {exchange[1]} MLP levels): shift {rows[best]["shift"]:+d} (attention level sum '
               f'{rows[best]["attn_levels"]}, MLP {rows[best]["mlp_levels"]}), fitness {rows[best]["fitness"]:.4f} '
-              f'against {start_row["fitness"]:.4f} at the start, on {tokens.numel()} tokens', flush=True)
+              f'against {start_row["fitness"]:.4f} at the start, on {tokens.numel()} tokens'
+              + (f'; the best {len(record["recheck"]["fitness"])} re-scored on {record["recheck"]["tokens"]} tokens: '
+                 + ', '.join(f'{k}: {v:.4f}' for k, v in record['recheck']['fitness'].items())
+                 if 'recheck' in record else ''), flush=True)
         return candidates[best][1], record
 
     def _check_probe(self, state: SearchState) -> None:

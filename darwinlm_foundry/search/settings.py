@@ -56,7 +56,9 @@ class SearchSettings:
     current start. One-level switches are too small to find a unit far more sensitive than the rest through a
     sample's noise (SmolLM2-135M's first MLP layer: protecting it alone takes the kind-balanced start from 0.69x
     to 0.58x the uniform model's held-out perplexity). Each round scores up to one candidate per unit. 0 (off)
-    by default.
+    by default. ``balance_recheck_tokens``: the kind balance's best 3 splits are scored again on a fresh sample
+    of this many tokens and the fittest there is kept (None: the first sample decides; it is the noisiest choice of
+    the start, made on one fitness step's tokens).
     Probe: ``probe_tokens`` -- after every generation the parent, as stitched (no fine-tuning), is also scored
     on one fixed probe sample of this many tokens (the same tokens every generation, drawn with a fixed seed;
     default: the last ``fitness_tokens`` step; 0: no probe) and recorded as ``probe_fitness``: the selection's
@@ -95,6 +97,7 @@ class SearchSettings:
     balance_kinds: bool = False
     balance_tokens: Optional[int] = None
     protect_units: int = 0
+    balance_recheck_tokens: Optional[int] = None
     seed: int = 0
     output_dir: str = 'darwinlm_search'
     device: str = 'auto'
@@ -153,6 +156,11 @@ class SearchSettings:
         if isinstance(self.protect_units, bool) or int(self.protect_units) != self.protect_units or \
                 self.protect_units < 0:
             raise ValueError(f'protect_units must be an integer >= 0 (rounds; 0: off), got {self.protect_units!r}')
+        if self.balance_recheck_tokens is not None and (
+                isinstance(self.balance_recheck_tokens, bool) or
+                int(self.balance_recheck_tokens) != self.balance_recheck_tokens or self.balance_recheck_tokens < 1):
+            raise ValueError(f'balance_recheck_tokens must be a positive integer (None: no re-check), got '
+                             f'{self.balance_recheck_tokens!r}')
         if self.balance_tokens is not None and (isinstance(self.balance_tokens, bool) or
                                                 int(self.balance_tokens) != self.balance_tokens or
                                                 self.balance_tokens < 1):
@@ -199,6 +207,8 @@ class SearchSettings:
             del fields['balance_tokens']
         if not fields['protect_units']:  # likewise
             del fields['protect_units']
+        if fields['balance_recheck_tokens'] is None:
+            del fields['balance_recheck_tokens']
         return fields
 
     @property

@@ -154,6 +154,11 @@ def test_settings_validation():
         SearchSettings(balance_kinds=1)
     assert 'protect_units' not in s.result_fields()
     assert SearchSettings(protect_units=2).result_fields()['protect_units'] == 2
+    assert 'balance_recheck_tokens' not in s.result_fields()
+    assert SearchSettings(balance_recheck_tokens=8192).result_fields()['balance_recheck_tokens'] == 8192
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match='balance_recheck_tokens must be a positive integer'):
+            SearchSettings(balance_recheck_tokens=bad)
     for bad in (-1, 1.5, True):
         with pytest.raises(ValueError, match='protect_units must be an integer >= 0'):
             SearchSettings(protect_units=bad)
@@ -851,3 +856,13 @@ def test_balance_kinds_starts_from_the_fittest_exchange(pretrained, database, to
     small = _engine(_settings(tmp_path / 'small', generations=0, balance_kinds=True, balance_tokens=128), pretrained,
                     database, tokens)
     assert small.balance_kinds(small.start)[1]['tokens'] == 128
+    # balance_recheck_tokens: the best 3 on the first sample are scored again on a fresh one, which decides
+    recheck = _engine(_settings(tmp_path / 'recheck', generations=0, balance_kinds=True, balance_recheck_tokens=512),
+                      pretrained, database, tokens)
+    again = engine.data.sample(engine._n_seqs(512), SEQ, derive_seed(3, 'balance_recheck'))
+    top = sorted(brute, key=lambda k: (brute[k], abs(k)))[:3]
+    rescored = {k: recheck.config_fitness(candidates[k], again) for k in top}
+    config, record = recheck.balance_kinds(recheck.start)
+    assert record['recheck']['tokens'] == 512
+    assert {int(k): v for k, v in record['recheck']['fitness'].items()} == pytest.approx(rescored, rel=1e-6)
+    assert record['shift'] == min(top, key=lambda k: (rescored[k], abs(k))) and config == candidates[record['shift']]
