@@ -318,6 +318,11 @@ class EvolutionarySearch(CandidateScoring):
         return SearchState.new(start, derive_seed(self.settings.seed, 'mutation'), fp,
                                extra={'start': start.to_dict(), 'start_parameters': self.start_parameters, **extra})
 
+    def _check_size(self, candidate: LevelConfig, size: int, what: str) -> None:
+        """A start candidate must keep the parameter count exactly (the bounds keep every level size-neutral)."""
+        if self.spec.parameter_count(candidate) != size:
+            raise AssertionError(f'{what} changes the size: {self.spec.parameter_count(candidate)} against {size}')
+
     def balance_sample(self) -> torch.Tensor:
         """The fixed sample that picks the start (``balance_kinds``, ``protect_units``): ``balance_tokens``
         tokens (default the last fitness step's) with their own seed, so the generations' samples are unchanged."""
@@ -339,9 +344,7 @@ class EvolutionarySearch(CandidateScoring):
         for round_ in range(self.settings.protect_units):
             scored = []
             for kind, unit, candidate in unit_protection_candidates(config, self.bounds):
-                if self.spec.parameter_count(candidate) != size:  # the bounds keep every level size-neutral
-                    raise AssertionError(f'protecting {kind} unit {unit} changes the size: '
-                                         f'{self.spec.parameter_count(candidate)} against {size}')
+                self._check_size(candidate, size, f'protecting {kind} unit {unit}')
                 scored.append((self.config_fitness(candidate, tokens, key=('balance',)), kind, unit, candidate))
             if not scored:
                 break
@@ -375,9 +378,7 @@ class EvolutionarySearch(CandidateScoring):
             tokens = self.balance_sample()
         rows = []
         for shift, candidate in candidates:
-            if self.spec.parameter_count(candidate) != size:  # the bounds keep every level size-neutral
-                raise AssertionError(f'kind-balance shift {shift} changes the size: '
-                                     f'{self.spec.parameter_count(candidate)} against {size}')
+            self._check_size(candidate, size, f'kind-balance shift {shift}')
             rows.append({'shift': shift, 'attn_levels': sum(candidate.attn), 'mlp_levels': sum(candidate.mlp),
                          'fitness': self.config_fitness(candidate, tokens, key=('balance',))})
         if own:
