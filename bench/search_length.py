@@ -6,8 +6,9 @@ budgets (offspring, survivors, fitness tokens; ``--set KEY=VALUE`` changes them 
 finished reproduction's database, shards and held-out domains, and scores the parent after the generations in
 ``--at`` on the held-out text of every domain (the reproduction's scorer), against the uniform level-5 model.
 The search resumes per generation (``--out``/search), so an interrupted run loses at most one generation. Like
-the study's searches it starts from the fittest attention/MLP split (``balance_kinds``; the row ``start``), unless
-``--set balance_kinds=false`` (the paper's uniform start).
+the study's searches it starts from the fittest attention/MLP split with its units protected (``balance_kinds``,
+``protect_units``; the row ``start``), unless ``--set balance_kinds=false`` (the paper's uniform start);
+``--generations 0`` scores that start alone.
 
 Needs ``python bench/reproduce.py`` first (its ``quick`` directory is the default ``--run``). LAST line::
 
@@ -40,7 +41,8 @@ def main(argv=None) -> dict:
     p.add_argument('--start', default=None, help="start from these levels (another search's winner.json) instead "
                    'of uniform; held-out ratios stay relative to the uniform model')
     args = p.parse_args(argv)
-    at = sorted({g for g in map(int, args.at.split(',')) if 0 < g <= args.generations} | {args.generations})
+    at = sorted({g for g in map(int, args.at.split(',')) if 0 < g <= args.generations}
+                | ({args.generations} if args.generations else set()))
 
     from transformers import AutoTokenizer
 
