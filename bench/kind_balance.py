@@ -63,8 +63,7 @@ def main(argv=None) -> dict:
     def engine(ctx, seed, tmp):
         return reproduce.search_engine(ctx, db, str(paths['dense']), Path(tmp), seed, tas=False, level=args.level,
                                        generations=0)
-    with tempfile.TemporaryDirectory() as tmp:
-        bounds = engine(tokenizer_ctx, 0, tmp).bounds  # the bounds the study's searches use
+    bounds = reproduce.search_bounds(tokenizer_ctx, db, str(paths['dense']), 0, args.level)
     rows = []
     for shift, config in kind_balance_candidates(start, bounds, exchange):
         s = scorer.score(db.stitch(config.to_dict(), getter).eval())

@@ -85,6 +85,7 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -403,8 +404,12 @@ def search_precision(b: Budget) -> str:
     scores stay fp32), else fp32."""
     if b.search_precision != 'auto':
         return b.search_precision
-    fast_bf16 = torch._C._cpu._is_amx_tile_supported() or torch._C._cpu._is_avx512_bf16_supported()
-    return 'amp_bf16' if fast_bf16 else 'fp32'
+    return 'amp_bf16' if fast_bf16_cpu() else 'fp32'
+
+
+def fast_bf16_cpu() -> bool:
+    """Whether this CPU runs bf16 matmuls natively (AMX tiles or AVX512-BF16)."""
+    return torch._C._cpu._is_amx_tile_supported() or torch._C._cpu._is_avx512_bf16_supported()
 
 
 def search_engine(ctx: Context, db, source_dir: str, out_dir: Path, seed: int, *, tas: bool, level: Optional[int],
@@ -430,6 +435,12 @@ def search_engine(ctx: Context, db, source_dir: str, out_dir: Path, seed: int, *
         device='cpu', precision=search_precision(b), progress_bar=False)
     return EvolutionarySearch(settings, db, dense_tensor_getter(source_dir), ShardTokens(ctx.shards / 'search'),
                               tokenizer=ctx.tokenizer)
+
+
+def search_bounds(ctx: Context, db, source_dir: str, seed: int, level: int):
+    """The level bounds the study's level-``level`` searches of ``db`` use (from a throwaway engine)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        return search_engine(ctx, db, source_dir, Path(tmp), seed, tas=False, level=level, generations=0).bounds
 
 
 def search(ctx: Context, db, source_dir: str, out_dir: Path, seed: int, *, tas: bool, **kw) -> dict:

@@ -19,8 +19,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 import reproduce  # the study's budgets and search call (bench/reproduce.py)
 from fitness_noise import find_run
 
@@ -35,7 +33,7 @@ def main(argv=None) -> dict:
     p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE', help='a quick-budget override')
     p.add_argument('--out', default=None, help='output directory (default <run>/search_precision)')
     args = p.parse_args(argv)
-    if not (torch._C._cpu._is_amx_tile_supported() or torch._C._cpu._is_avx512_bf16_supported()):
+    if not reproduce.fast_bf16_cpu():
         print('note: this CPU has neither AMX tiles nor AVX512-BF16; bf16 autocast may be slower than fp32 here',
               flush=True)
 

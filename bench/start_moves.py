@@ -19,7 +19,6 @@ unit protection). LAST line::
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -58,11 +57,9 @@ def main(argv=None) -> dict:
     moves = winner['unit_protection']['moves']
     # the kind-balanced start before protection: the winning shift's candidate, as the engine built it
     shift = winner['kind_balance']['shift']
-    with tempfile.TemporaryDirectory() as tmp:
-        ctx = reproduce.Context(budget=reproduce.QUICK, out=run, shards=paths['shards'], tokenizer=tokenizer,
-                                ledger=None, dense_dir=str(paths['dense']), heldout=lambda: {})
-        bounds = reproduce.search_engine(ctx, db, str(paths['dense']), Path(tmp), args.seed, tas=False, level=5,
-                                         generations=0).bounds
+    ctx = reproduce.Context(budget=reproduce.QUICK, out=run, shards=paths['shards'], tokenizer=tokenizer,
+                            ledger=None, dense_dir=str(paths['dense']), heldout=lambda: {})
+    bounds = reproduce.search_bounds(ctx, db, str(paths['dense']), args.seed, 5)
     exchange = kind_exchange(spec.per_step_parameters('attn'), spec.per_step_parameters('mlp'))
     balanced = dict(kind_balance_candidates(uniform(n, 5), bounds, exchange))[shift]
 
