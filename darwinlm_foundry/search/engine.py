@@ -336,31 +336,51 @@ class EvolutionarySearch(CandidateScoring):
         (:func:`~darwinlm_foundry.search.space.unit_protection_candidates`: one unit gives back half its kind's
         mean level to the others, the size exactly kept) on ``tokens`` and keeps the fittest if it beats the
         current start; stops at the first round that finds none. ``fitness``: the current start's on ``tokens``
-        when already known. Returns the start and a record of the moves."""
+        when already known. Returns the start and a record of the moves.
+
+        Like the selection's steps, the candidates are screened first: with ``fitness_tokens`` smaller than the
+        sample, every candidate is scored on the sample's first that many tokens and only the best ``survivors``
+        go on (the one unit worth protecting stands far apart; scoring all on the whole sample doubled the cost).
+        The final comparison is on the whole sample, against the start."""
         size = self.spec.parameter_count(config)
         if fitness is None:
             fitness = self.config_fitness(config, tokens, key=('balance',))
+        rows = tokens.shape[0] if tokens.dim() > 1 else 1
+        screens = [(n, k) for n, k in zip((self._n_seqs(t) for t in self.settings.fitness_tokens),
+                                          self.settings.survivors) if tokens.dim() > 1 and n < rows]
         moves, first = [], fitness
         for round_ in range(self.settings.protect_units):
-            scored = []
+            pool = []
             for kind, unit, candidate in unit_protection_candidates(config, self.bounds):
                 self._check_size(candidate, size, f'protecting {kind} unit {unit}')
-                scored.append((self.config_fitness(candidate, tokens, key=('balance',)), kind, unit, candidate))
-            if not scored:
+                pool.append((kind, unit, candidate))
+            if not pool:
                 break
+            n_all = len(pool)
+            for step, (n, keep) in enumerate(screens):
+                if len(pool) <= keep:
+                    continue
+                part = tokens[:n]
+                screened = [self.config_fitness(c, part, key=('balance_screen', step)) for _, _, c in pool]
+                pool = [pool[i] for i in sorted(range(len(pool)), key=screened.__getitem__)[:keep]]
+            scored = [(self.config_fitness(c, tokens, key=('balance',)), kind, unit, c) for kind, unit, c in pool]
             best = min(scored, key=lambda row: row[0])
             if best[0] >= fitness:
                 break
             moves.append({'round': round_ + 1, 'kind': best[1], 'layer': best[2],
                           'level': {'from': config.group(best[1])[best[2]], 'to': best[3].group(best[1])[best[2]]},
-                          'fitness': best[0], 'candidates': len(scored)})
+                          'fitness': best[0], 'candidates': n_all, 'finalists': len(scored)})
             fitness, config = best[0], best[3]
             print(f'DarwinLM search: unit protection round {round_ + 1}: {best[1]} unit of layer {best[2]} from '
                   f'level {moves[-1]["level"]["from"]} to {moves[-1]["level"]["to"]} (the others take its levels), '
-                  f'fitness {best[0]:.4f} on {tokens.numel()} tokens, the best of {len(scored)}', flush=True)
+                  f'fitness {best[0]:.4f} on {tokens.numel()} tokens, the best of {n_all}'
+                  + (f' ({len(scored)} after screening)' if len(scored) < n_all else ''), flush=True)
+        for step in range(len(screens)):
+            self.cache.forget(('balance_screen', step))
         if not moves:
             print(f'DarwinLM search: unit protection: no one-unit move beats the start ({first:.4f})', flush=True)
-        return config, {'tokens': int(tokens.numel()), 'start_fitness': first, 'fitness': fitness, 'moves': moves}
+        return config, {'tokens': int(tokens.numel()), 'start_fitness': first, 'fitness': fitness, 'moves': moves,
+                        'screening': [{'tokens': int(tokens[:n].numel()), 'keep': keep} for n, keep in screens]}
 
     def balance_kinds(self, config: LevelConfig, tokens: Optional[torch.Tensor] = None) -> tuple[LevelConfig, dict]:
         """The fittest of ``config``'s kind-balance candidates (``balance_kinds``) and a record of their scores.

@@ -55,8 +55,9 @@ class SearchSettings:
     :func:`~darwinlm_foundry.search.space.unit_protection_candidates`) and keeping the fittest when it beats the
     current start. One-level switches are too small to find a unit far more sensitive than the rest through a
     sample's noise (SmolLM2-135M's first MLP layer: protecting it alone takes the kind-balanced start from 0.69x
-    to 0.58x the uniform model's held-out perplexity). Each round scores up to one candidate per unit. 0 (off)
-    by default. ``balance_recheck_tokens``: the kind balance's best 3 splits are scored again on a fresh sample
+    to 0.58x the uniform model's held-out perplexity). Each round has up to one candidate per unit, screened
+    through the selection's steps (all on the sample's first ``fitness_tokens[0]`` tokens, the best
+    ``survivors[0]`` on the next, ..., the last ones on the whole sample). 0 (off) by default. ``balance_recheck_tokens``: the kind balance's best 3 splits are scored again on a fresh sample
     of this many tokens and the fittest there is kept (None: the first sample decides; it is the noisiest choice of
     the start, made on one fitness step's tokens).
     Probe: ``probe_tokens`` -- after every generation the parent, as stitched (no fine-tuning), is also scored

@@ -70,6 +70,8 @@ def test_reproduce_smoke_and_resume(smollm2_wheel, tmp_path):
     assert kl_search['kind_balance']['candidates'][0]['shift'] == 0 == kl_search['kind_balance']['shift']
     assert models['balanced5']['levels'] == kl_search['start']
     assert seed['searches']['darwinlm5_kl_uniform']['kind_balance'] is None
+    tas_search = seed['searches']['darwinlm5_tas']  # TAS starts where the KL-only search of its seed started
+    assert tas_search['start'] == kl_search['start'] and tas_search['start_from'] == 'darwinlm5_kl'
     dropped = sum(1 for lv in models['shortgpt5']['levels']['attn'] if lv == spec.num_levels)
     assert dropped == n_layers * 5 // spec.num_levels
     assert models['uniform5']['params'] - models['shortgpt5']['params'] == dropped * spec.removal_overhead('attn')

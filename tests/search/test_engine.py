@@ -790,30 +790,38 @@ def test_finer_mlp_levels_search_from_the_same_uniform_model(pretrained, databas
 
 
 def test_protect_units_starts_from_the_fittest_protection(pretrained, database, tokens, tmp_path):
-    """protect_units: each round scores every one-unit protection of the current start on the balance sample and
-    keeps the fittest while it beats the start (against brute force, round by round); the start keeps its exact
-    size, winner.json records the moves, and a resumed search does not score them again."""
+    """protect_units: each round screens every one-unit protection of the current start through the selection's
+    steps (all on the balance sample's first fitness_tokens[0] tokens, the best survivors[0] on the whole sample)
+    and keeps the fittest while it beats the start (against brute force, round by round); the start keeps its
+    exact size, winner.json records the moves, and a resumed search does not score them again."""
     from darwinlm_foundry.search.space import unit_protection_candidates
     from darwinlm_foundry.search.tokens import derive_seed
     spec = database.level_spec
-    settings = _settings(tmp_path / 'prot', generations=0, protect_units=2)
+    settings = _settings(tmp_path / 'prot', generations=0, protect_units=2, survivors=(2, 1))
     engine = _engine(settings, pretrained, database, tokens)
     sample = engine.data.sample(engine._n_seqs(1024), SEQ, derive_seed(3, 'balance'))
-    config, fitness, expected = uniform(2, 5), engine.config_fitness(uniform(2, 5), sample), []
+    part = sample[:engine._n_seqs(512)]
+    assert 0 < part.shape[0] < sample.shape[0]
+    config, fitness, expected, pools = uniform(2, 5), engine.config_fitness(uniform(2, 5), sample), [], []
     for _ in range(2):
-        scored = [(engine.config_fitness(c, sample), k, u, c) for k, u, c in unit_protection_candidates(config,
-                                                                                                     engine.bounds)]
+        pool = unit_protection_candidates(config, engine.bounds)
+        pools.append(len(pool))
+        pool = sorted(pool, key=lambda row: engine.config_fitness(row[2], part))[:2]
+        scored = [(engine.config_fitness(c, sample), k, u, c) for k, u, c in pool]
         best = min(scored, key=lambda row: row[0])
         if best[0] >= fitness:
             break
         expected.append((best[1], best[2], best[0]))
         fitness, config = best[0], best[3]
     assert expected  # the tiny model has a unit worth protecting, else this test would check nothing
+    assert pools[0] > 2  # and the screening drops some candidates
     result = engine.run()
     data = json.loads((tmp_path / 'prot' / WINNER_JSON).read_text())
     moves = data['unit_protection']['moves']
     assert [(m['kind'], m['layer']) for m in moves] == [(k, u) for k, u, _ in expected]
     assert [m['fitness'] for m in moves] == pytest.approx([f for _, _, f in expected], rel=1e-6)
+    assert [m['candidates'] for m in moves] == pools[:len(moves)]
+    assert data['unit_protection']['screening'] == [{'tokens': part.numel(), 'keep': 2}]
     assert LevelConfig.from_dict(data['start']) == config == result.winner
     assert result.parameters == spec.parameter_count(5)
     assert data['start_before_balance'] == uniform(2, 5).to_dict() and 'kind_balance' not in data
