@@ -44,17 +44,6 @@ def _spearman(a, b) -> float:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
-def find_run(run: Path) -> dict:
-    cfgs = sorted(run.glob('model_cache/*/config.json')) + sorted(run.glob('model_cache/*/*/config.json'))
-    paths = {'dense': cfgs[0].parent if cfgs else None, 'db': run / 'work' / 'draw0' / 'db_dense',
-             'shards': run / 'mds'}
-    missing = [k for k, v in paths.items() if v is None or not Path(v).exists()]
-    if missing:
-        raise SystemExit(f'{run}: no {", ".join(missing)} there; run `python bench/reproduce.py` first (or pass '
-                         f'--run to a finished reproduction directory)')
-    return paths
-
-
 @torch.no_grad()
 def score_sequences(models: list, dense, tokens: torch.Tensor, batch: int) -> tuple[np.ndarray, np.ndarray]:
     """(KL, NLL) per model and sequence: token means over each sequence's next-token predictions."""
@@ -127,33 +116,26 @@ def main(argv=None) -> dict:
                           if (r := replay(kl, args.seq_len, doc['survivors'], n1, n2, args.trials, rng))]
         return report(doc, kl, Path(args.out or args.reuse))
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    import reproduce  # the study's held-out packing (bench/reproduce.py)
-    from darwinlm_foundry.obs.database import SparsityDatabase, dense_tensor_getter
+    import reproduce  # the study's run, opened again, and its held-out packing (bench/reproduce.py)
     from darwinlm_foundry.search.space import GROUPS, LevelBounds, LevelConfig, make_offspring, make_rng, uniform
     from darwinlm_foundry.search.tokens import ShardTokens
 
     t0 = time.time()
     run = Path(args.run).resolve()
-    paths = find_run(run)
-    dense = AutoModelForCausalLM.from_pretrained(paths['dense'], torch_dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(paths['dense'])
-    db = SparsityDatabase.open(paths['db'], dense, verify='size')
-    spec = db.level_spec
+    budget = dataclasses.replace(reproduce.QUICK, seq_len=args.seq_len, heldout_sequences=args.heldout_seqs)
+    fin = reproduce.open_run(run, budget)
+    dense, spec = fin.dense, fin.spec
     n_layers = dense.config.num_hidden_layers
     # The engine's bounds for a uniform start: 0 .. the highest exact-size level, per kind.
     bounds = LevelBounds(uniform(n_layers, 0), LevelConfig(**{g: [spec.max_exact_level(g)] * n_layers
                                                                for g in GROUPS}))
     parent = uniform(n_layers, args.level, mlp_split=spec.mlp_split)
     offspring = make_offspring(parent, args.offspring, bounds, make_rng(args.seed))
-    getter = dense_tensor_getter(paths['dense'])
-    models = [db.stitch(c.to_dict(), getter).eval() for c in [parent] + offspring]
+    models = [fin.stitch(c) for c in [parent] + offspring]
 
-    search = ShardTokens(paths['shards'] / 'search').sample(args.seqs, args.seq_len, seed=10_000 + args.seed).long()
+    search = ShardTokens(fin.ctx.shards / 'search').sample(args.seqs, args.seq_len, seed=10_000 + args.seed).long()
     kl, nll = score_sequences(models, dense, search, args.batch)
-    budget = dataclasses.replace(reproduce.QUICK, seq_len=args.seq_len, heldout_sequences=args.heldout_seqs)
-    held = torch.cat(list(reproduce.heldout_tokens(paths['shards'], tokenizer, budget).values()))
+    held = torch.cat(list(fin.ctx.heldout().values()))
     hkl, hnll = score_sequences(models, dense, held, args.batch)
 
     rng = random.Random(args.seed)

@@ -28,7 +28,6 @@ import time
 from pathlib import Path
 
 import reproduce
-from fitness_noise import find_run
 
 
 def main(argv=None) -> dict:
@@ -40,33 +39,19 @@ def main(argv=None) -> dict:
     p.add_argument('--out', default=None, help='output JSON (default <run>/kind_balance.json)')
     args = p.parse_args(argv)
 
-    from transformers import AutoTokenizer
-
-    from darwinlm_foundry.obs.database import SparsityDatabase, dense_tensor_getter
     from darwinlm_foundry.search.space import kind_balance_candidates, kind_exchange, uniform
 
     t0 = time.time()
     run = Path(args.run).resolve()
-    paths = find_run(run)
-    tokenizer = AutoTokenizer.from_pretrained(paths['dense'])
-    dense = reproduce.load_dense(str(paths['dense']))
-    scorer = reproduce.DomainScorer(dense, reproduce.heldout_tokens(paths['shards'], tokenizer, reproduce.QUICK))
-    db = SparsityDatabase.open(paths['db'], dense, verify='size')
-    getter = dense_tensor_getter(str(paths['dense']))
-    spec = db.level_spec
+    fin = reproduce.open_run(run)
+    spec = fin.spec
     n = spec.num_layers
     exchange = kind_exchange(spec.per_step_parameters('attn'), spec.per_step_parameters('mlp'))
     start = uniform(n, args.level, mlp_split=spec.mlp_split)
-    tokenizer_ctx = reproduce.Context(budget=reproduce.QUICK, out=run, shards=paths['shards'], tokenizer=tokenizer,
-                                      ledger=None, dense_dir=str(paths['dense']), heldout=lambda: {})
-
-    def engine(ctx, seed, tmp):
-        return reproduce.search_engine(ctx, db, str(paths['dense']), Path(tmp), seed, tas=False, level=args.level,
-                                       generations=0)
-    bounds = reproduce.search_bounds(tokenizer_ctx, db, str(paths['dense']), 0, args.level)
+    bounds = fin.bounds(0, args.level)
     rows = []
     for shift, config in kind_balance_candidates(start, bounds, exchange):
-        s = scorer.score(db.stitch(config.to_dict(), getter).eval())
+        s = fin.ctx.score(fin.stitch(config))
         assert s['params'] == spec.parameter_count(start.to_dict()), s['params']
         rows.append({'shift': shift, 'attn_levels': sum(config.attn), 'mlp_levels': sum(config.mlp),
                      'ppl': s['ppl'], 'kl': s['kl'], 'params': s['params'], 'levels': config.to_dict(),
@@ -79,10 +64,11 @@ def main(argv=None) -> dict:
     # the choice as the study's level-5 KL-only search of each seed makes it, per sample size
     choices = {}
     for n_tokens in [int(t) for t in args.balance_tokens.split(',')]:
-        ctx = dataclasses.replace(tokenizer_ctx, budget=dataclasses.replace(reproduce.QUICK, balance_tokens=n_tokens))
+        ctx = dataclasses.replace(fin.ctx, budget=dataclasses.replace(reproduce.QUICK, balance_tokens=n_tokens))
         for seed in [int(x) for x in args.seeds.split(',')]:
             with tempfile.TemporaryDirectory() as tmp:
-                search = engine(ctx, seed, tmp)
+                search = reproduce.search_engine(ctx, fin.db, fin.dense_dir, Path(tmp), seed, tas=False,
+                                                 level=args.level, generations=0)
                 _, record = search.balance_kinds(search.start)
             choices.setdefault(str(n_tokens), []).append(
                 {'seed': seed, 'shift': record['shift'], 'heldout_ratio': ratio[record['shift']],

@@ -133,6 +133,8 @@ class Budget:
     tas_batch: int = 1                 # sequences per TAS optimizer step: 2048 tokens = 4 steps of 512 tokens
     tas_lr: float = 1e-4               # the paper's 1e-5 barely moves a model in 4 steps
     search_precision: str = 'auto'     # searches' forwards and TAS fits: 'auto': amp_bf16 with AMX or AVX512-BF16
+    winner: str = 'auto'               # SearchSettings.winner: KL-only searches return the parent with the best
+                                       # probe fitness, TAS its last parent ('last': the last parent everywhere)
     mlp_level_split: int = 1           # finer MLP levels: 2 = steps of 80 columns, level 5 = MLP level 10 of 18
     level6_generations: int = 3        # one-shot level-6 and gradual 5 -> 6 searches
     level6_selection: str = 'kl'       # 'kl' or 'tas' for those two searches
@@ -195,7 +197,7 @@ class Budget:
 
 # Budget fields added after results were committed, with the value the earlier runs used.
 ADDED_LATER = {'max_switches': 3, 'samples_by_source': False, 'mlp_level_split': 1, 'balance_kinds': False,
-               'balance_tokens': 0, 'protect_units': 0, 'balance_recheck_tokens': 0}
+               'balance_tokens': 0, 'protect_units': 0, 'balance_recheck_tokens': 0, 'winner': 'last'}
 QUICK = Budget()
 FULL = dataclasses.replace(QUICK, calibration_sequences=128, shared_database=False, signal_sequences=64,
                            generations=24, kl_generations=60, tas_seeds=0, offspring=16, survivors=(4, 2, 1),
@@ -353,10 +355,12 @@ class Context:
     dense_dir: str
     heldout: Callable[[], dict]  # domain -> LongTensor of held-out sequences (packed when first needed)
     _scorer: Optional[DomainScorer] = None
+    dense: Any = None  # the dense model when already loaded (else loaded for the scorer)
 
     def score(self, model) -> dict:
         if self._scorer is None:  # the dense pass only when some model still needs scoring
-            self._scorer = DomainScorer(load_dense(self.dense_dir), self.heldout())
+            self._scorer = DomainScorer(self.dense if self.dense is not None else load_dense(self.dense_dir),
+                                        self.heldout())
         return self._scorer.score(model)
 
 
@@ -434,6 +438,7 @@ def search_engine(ctx: Context, db, source_dir: str, out_dir: Path, seed: int, *
         survivors=tuple(b.survivors), fitness_tokens=tuple(b.fitness_tokens),
         train_tokens=tuple(b.tas_train_tokens) if tas else (0,) * len(b.fitness_tokens), lr=b.tas_lr,
         seq_len=b.seq_len, train_batch_size=b.tas_batch, micro_batch_size=2, seed=seed, output_dir=str(out_dir),
+        winner=b.winner,
         device='cpu', precision=search_precision(b), progress_bar=False)
     return EvolutionarySearch(settings, db, dense_tensor_getter(source_dir), ShardTokens(ctx.shards / 'search'),
                               tokenizer=ctx.tokenizer)
@@ -443,6 +448,67 @@ def search_bounds(ctx: Context, db, source_dir: str, seed: int, level: int):
     """The level bounds the study's level-``level`` searches of ``db`` use (from a throwaway engine)."""
     with tempfile.TemporaryDirectory() as tmp:
         return search_engine(ctx, db, source_dir, Path(tmp), seed, tas=False, level=level, generations=0).bounds
+
+
+def find_run(run: Path) -> dict:
+    """The converted dense model, the shared database and the MDS splits of a finished reproduction."""
+    cfgs = sorted(run.glob('model_cache/*/config.json')) + sorted(run.glob('model_cache/*/*/config.json'))
+    paths = {'dense': cfgs[0].parent if cfgs else None, 'db': run / 'work' / 'draw0' / 'db_dense',
+             'shards': run / 'mds'}
+    missing = [k for k, v in paths.items() if v is None or not Path(v).exists()]
+    if missing:
+        raise SystemExit(f'{run}: no {", ".join(missing)} there; run `python bench/reproduce.py` first (or pass '
+                         f'--run to a finished reproduction directory)')
+    return paths
+
+
+@dataclass
+class FinishedRun:
+    """A finished reproduction opened again by the studies that reuse it (``bench/kind_balance.py``,
+    ``start_moves.py``, ``search_length.py``, ``search_precision.py``): see :func:`open_run`."""
+    run: Path
+    dense_dir: str
+    dense: Any
+    tokenizer: Any
+    db: Any
+    ctx: Context  # no ledger; ``ctx.score`` is the study's held-out scorer (dense side computed when first used)
+
+    @property
+    def spec(self):
+        return self.db.level_spec
+
+    def stitch(self, levels) -> torch.nn.Module:
+        """``levels`` (a LevelConfig or its dict) stitched from the database, in eval mode."""
+        from darwinlm_foundry.obs.database import dense_tensor_getter
+        levels = levels.to_dict() if hasattr(levels, 'to_dict') else levels
+        return self.db.stitch(levels, dense_tensor_getter(self.dense_dir)).eval()
+
+    def search(self, out_dir: Path, seed: int, **kw) -> dict:
+        """:func:`search` on this run's database and dense model (``tas``, ``level``, ``generations``, ...)."""
+        return search(self.ctx, self.db, self.dense_dir, out_dir, seed, **{'tas': False, **kw})
+
+    def bounds(self, seed: int, level: int):
+        return search_bounds(self.ctx, self.db, self.dense_dir, seed, level)
+
+
+def open_run(run: Path, budget: Optional[Budget] = None, out: Optional[Path] = None) -> FinishedRun:
+    """The dense model, tokenizer, shared database and search splits of the finished reproduction in ``run``,
+    with a :class:`Context` for ``budget`` (default the quick one) writing under ``out`` (default ``run``)."""
+    from transformers import AutoTokenizer
+
+    from darwinlm_foundry.obs.database import SparsityDatabase
+    run = Path(run).resolve()
+    budget = budget or QUICK
+    paths = find_run(run)
+    dense_dir = str(paths['dense'])
+    tokenizer = AutoTokenizer.from_pretrained(dense_dir)
+    dense = load_dense(dense_dir)
+    ctx = Context(budget=budget, out=Path(out or run), shards=paths['shards'], tokenizer=tokenizer, ledger=None,
+                  dense_dir=dense_dir, heldout=lambda: heldout_tokens(paths['shards'], tokenizer, budget),
+                  dense=dense)
+    finished = FinishedRun(run=run, dense_dir=dense_dir, dense=dense, tokenizer=tokenizer,
+                           db=SparsityDatabase.open(paths['db'], dense, verify='size'), ctx=ctx)
+    return finished
 
 
 def search(ctx: Context, db, source_dir: str, out_dir: Path, seed: int, *, tas: bool, **kw) -> dict:
@@ -458,8 +524,21 @@ def search(ctx: Context, db, source_dir: str, out_dir: Path, seed: int, *, tas: 
             'probe_fitness_history': probe() if probe else None,
             'parents': [h['winner'] for h in result.history],  # the parent after each generation
             'start_probe_fitness': getattr(result, 'start_probe_fitness', None), 'winner_json': result.json_path,
+            'winner_generation': result.winner_generation, 'winner_rule': result.winner_rule,
+            'probe_fitness': result.probe_fitness,
             'seconds': round(time.time() - t0, 1), 'tas': tas, 'generations': engine.settings.generations,
             'train_tokens': list(engine.settings.train_tokens)}
+
+
+def parent_after(found: dict, generations: int) -> dict:
+    """What the search ``found`` (:func:`search`) would have returned had it stopped after ``generations``: by
+    its winner rule, the parent with the best probe fitness so far (the start included), or the parent then."""
+    from darwinlm_foundry.search.state import best_probe_generation
+    g = generations
+    if found.get('winner_rule') == 'best_probe':
+        probes = [{'probe_fitness': p} for p in found['probe_fitness_history'][:generations]]
+        g = best_probe_generation(found['start_probe_fitness'], probes)
+    return found['start'] if g == 0 else found['parents'][g - 1]
 
 
 def posttrain(ctx: Context, model_dir: str, out_dir: Path, seed: int, steps: int, note: str) -> str:
@@ -610,7 +689,7 @@ def run_seed(ctx: Context, seed: int, draw: int) -> dict:
         if b.kl_generations == b.generations:
             models['darwinlm5_kl_matched'] = models['darwinlm5_kl']
         else:
-            matched = searches['darwinlm5_kl']['parents'][b.generations - 1]
+            matched = parent_after(searches['darwinlm5_kl'], b.generations)
             models['darwinlm5_kl_matched'] = _scored(ctx, f'{key}/darwinlm5_kl_matched', lambda: stitched(
                 'darwinlm5_kl_matched', matched, f'DarwinLM level-5 KL-only search after {b.generations} '
                 'generations'), {'level': 5, 'levels': matched, 'arm': 6})
@@ -836,7 +915,10 @@ def render_markdown(doc: dict) -> str:
              f'{b["seq_len"]} tokens at lr {b["tas_lr"]}; level-6 searches {b["level6_generations"]} generations '
              f'({b["level6_selection"].upper()} selection); post-training N = {t["posttrain_N_tokens"]:,} tokens = '
              f'{t["posttrain_N_steps"]} optimizer steps of {b["posttrain_batch"]} x {b["seq_len"]} at lr '
-             f'{b["posttrain_lr"]} (cosine).', '']
+             f'{b["posttrain_lr"]} (cosine). Winner of a search (`winner: {b.get("winner", "last")}`): '
+             + ('the last parent.' if b.get('winner', 'last') == 'last' else
+                'one-shot (KL) searches return the parent with the lowest probe fitness, the start included '
+                '(a fixed sample of the last fitness step\'s size), TAS searches their last parent.'), '']
     short = [short_domain(d) for d in domains]
     for level, rows in doc['summary']['tables'].items():
         lines += [f'## Level {level}', '',

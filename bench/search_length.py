@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 import reproduce  # the study's budgets, search call and per-domain held-out scorer (bench/reproduce.py)
-from fitness_noise import find_run
 
 
 def main(argv=None) -> dict:
@@ -44,37 +43,28 @@ def main(argv=None) -> dict:
     at = sorted({g for g in map(int, args.at.split(',')) if 0 < g <= args.generations}
                 | ({args.generations} if args.generations else set()))
 
-    from transformers import AutoTokenizer
-
-    from darwinlm_foundry.obs.database import SparsityDatabase, dense_tensor_getter
     from darwinlm_foundry.search.space import uniform
 
     t0 = time.time()
     run = Path(args.run).resolve()
-    paths = find_run(run)
     out = Path(args.out or run / 'search_length').resolve()
     out.mkdir(parents=True, exist_ok=True)
-    budget = reproduce._override(reproduce.QUICK, args.set)
-    tokenizer = AutoTokenizer.from_pretrained(paths['dense'])
-    domains = reproduce.heldout_tokens(paths['shards'], tokenizer, budget)
-    dense = reproduce.load_dense(str(paths['dense']))
-    scorer = reproduce.DomainScorer(dense, domains)
-    db = SparsityDatabase.open(paths['db'], dense, verify='size')
-    ctx = reproduce.Context(budget=budget, out=out, shards=paths['shards'], tokenizer=tokenizer, ledger=None,
-                            dense_dir=str(paths['dense']), heldout=lambda: domains, _scorer=scorer)
-    found = reproduce.search(ctx, db, str(paths['dense']), out / 'search', args.seed, tas=args.tas,
-                             level=None if args.start else args.level, generations=args.generations,
-                             start=args.start, extra_levels=0)
-    getter = dense_tensor_getter(str(paths['dense']))
-    parents = {0: uniform(dense.config.num_hidden_layers, args.level, mlp_split=db.level_spec.mlp_split).to_dict()}
+    fin = reproduce.open_run(run, reproduce._override(reproduce.QUICK, args.set), out)
+    found = fin.search(out / 'search', args.seed, tas=args.tas, level=None if args.start else args.level,
+                       generations=args.generations, start=args.start, extra_levels=0)
+    budget = fin.ctx.budget
+    parents = {0: uniform(fin.spec.num_layers, args.level, mlp_split=fin.spec.mlp_split).to_dict()}
     if args.start or found['kind_balance']:  # the row 'start': the given levels or the balanced start
         parents['start'] = found['start']
     parents.update({g: found['parents'][g - 1] for g in at})
+    if found['winner_generation'] not in (args.generations, None):  # what the search returns, by its winner rule
+        parents[f'winner ({found["winner_rule"]}: generation {found["winner_generation"]})'] = found['levels']
     rows = []
     for g, levels in parents.items():
-        s = scorer.score(db.stitch(levels, getter).eval())
+        s = fin.ctx.score(fin.stitch(levels))
         probe = found['probe_fitness_history'][g - 1] if isinstance(g, int) and g else (
-            None if g == 0 and 'start' in parents else found['start_probe_fitness'])
+            None if g == 0 and 'start' in parents else
+            found['probe_fitness'] if str(g).startswith('winner') else found['start_probe_fitness'])
         rows.append({'generation': g, 'ppl': s['ppl'], 'kl': s['kl'], 'params': s['params'],
                      'domains': {reproduce.short_domain(d): v['ppl'] for d, v in s['domains'].items()},
                      'probe_kl': probe, 'levels': levels})

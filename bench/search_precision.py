@@ -13,6 +13,7 @@ sample. LAST line::
 """
 
 import argparse
+import dataclasses
 import json
 import shutil
 import sys
@@ -20,7 +21,6 @@ import time
 from pathlib import Path
 
 import reproduce  # the study's budgets and search call (bench/reproduce.py)
-from fitness_noise import find_run
 
 
 def main(argv=None) -> dict:
@@ -37,25 +37,17 @@ def main(argv=None) -> dict:
         print('note: this CPU has neither AMX tiles nor AVX512-BF16; bf16 autocast may be slower than fp32 here',
               flush=True)
 
-    from transformers import AutoTokenizer
-
-    from darwinlm_foundry.obs.database import SparsityDatabase
-
     run = Path(args.run).resolve()
-    paths = find_run(run)
     out = Path(args.out or run / 'search_precision').resolve()
-    tokenizer = AutoTokenizer.from_pretrained(paths['dense'])
-    dense = reproduce.load_dense(str(paths['dense']))
-    db = SparsityDatabase.open(paths['db'], dense, verify='size')
+    fin = reproduce.open_run(run, out=out)
     found = {}
     for precision in ('fp32', 'amp_bf16'):
         budget = reproduce._override(reproduce.QUICK, args.set + [f'search_precision={precision}'])
-        ctx = reproduce.Context(budget=budget, out=out, shards=paths['shards'], tokenizer=tokenizer, ledger=None,
-                                dense_dir=str(paths['dense']), heldout=lambda: None)
+        ctx = dataclasses.replace(fin.ctx, budget=budget)
         work = out / precision
         shutil.rmtree(work, ignore_errors=True)  # timed from scratch, never resumed
         t0 = time.time()
-        found[precision] = reproduce.search(ctx, db, str(paths['dense']), work, args.seed, tas=args.tas, level=5,
+        found[precision] = reproduce.search(ctx, fin.db, fin.dense_dir, work, args.seed, tas=args.tas, level=5,
                                             generations=args.generations)
         print(f'{precision}: {time.time() - t0:.1f} s', flush=True)
     a, b = found['fp32'], found['amp_bf16']

@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 import reproduce
-from fitness_noise import find_run
 
 
 def main(argv=None) -> dict:
@@ -32,34 +31,24 @@ def main(argv=None) -> dict:
     p.add_argument('--seed', type=int, default=0)
     args = p.parse_args(argv)
 
-    from transformers import AutoTokenizer
-
-    from darwinlm_foundry.obs.database import SparsityDatabase, dense_tensor_getter
     from darwinlm_foundry.search.space import (LevelConfig, kind_balance_candidates, kind_exchange, protect_unit,
                                                shift_group, uniform)
 
     t0 = time.time()
     run = Path(args.run).resolve()
-    paths = find_run(run)
     winner = json.loads((run / 'work' / f'seed{args.seed}' / 'darwinlm5_kl' / 'winner.json').read_text())
     if 'unit_protection' not in winner or 'kind_balance' not in winner:
         raise SystemExit(f'{run}: seed {args.seed} searched without kind balance and unit protection; re-run '
                          '`python bench/reproduce.py` with the current defaults')
-    dense = reproduce.load_dense(str(paths['dense']))
-    tokenizer = AutoTokenizer.from_pretrained(paths['dense'])
-    scorer = reproduce.DomainScorer(dense, reproduce.heldout_tokens(paths['shards'], tokenizer, reproduce.QUICK))
-    db = SparsityDatabase.open(paths['db'], dense, verify='size')
-    getter = dense_tensor_getter(str(paths['dense']))
-    spec = db.level_spec
+    fin = reproduce.open_run(run)
+    spec = fin.spec
     n = spec.num_layers
     lower, upper = [0] * n, [spec.max_exact_level('mlp')] * n
     start = LevelConfig.from_dict(winner['start'])
     moves = winner['unit_protection']['moves']
     # the kind-balanced start before protection: the winning shift's candidate, as the engine built it
     shift = winner['kind_balance']['shift']
-    ctx = reproduce.Context(budget=reproduce.QUICK, out=run, shards=paths['shards'], tokenizer=tokenizer,
-                            ledger=None, dense_dir=str(paths['dense']), heldout=lambda: {})
-    bounds = reproduce.search_bounds(ctx, db, str(paths['dense']), args.seed, 5)
+    bounds = fin.bounds(args.seed, 5)
     exchange = kind_exchange(spec.per_step_parameters('attn'), spec.per_step_parameters('mlp'))
     balanced = dict(kind_balance_candidates(uniform(n, 5), bounds, exchange))[shift]
 
@@ -90,12 +79,12 @@ def main(argv=None) -> dict:
     rows = []
     for name, config in variants:
         assert spec.parameter_count(config.to_dict()) == size, name
-        s = scorer.score(db.stitch(config.to_dict(), getter).eval())
+        s = fin.ctx.score(fin.stitch(config))
         rows.append({'name': name, 'ppl': s['ppl'], 'kl': s['kl'], 'levels': config.to_dict()})
         print(f'[start_moves {time.strftime("%H:%M:%S")}] {name}: held-out ppl {s["ppl"]:.2f}', flush=True)
     uni = rows[0]['ppl']
     print(f'\nLevel 5 ({size:,} parameters, every row), seed {args.seed}\'s start, held-out ppl over '
-          f'{len(scorer.refs)} domains:\n')
+          f'{len(fin.ctx.heldout())} domains:\n')
     print('| start | held-out ppl | / uniform | KL to dense |')
     print('|---|---|---|---|')
     for r in rows:

@@ -97,8 +97,9 @@ class DarwinLMSearch(Callback):
 
     Hyperparameters, logged once: `search/mode` and `search/world_size` before the search; after it
     `search/winner_levels` (JSON), `search/winner_params`, `search/dense_params`, `search/winner_fitness`
-    (last-step fitness of the winner; with 0 generations its probe fitness, or None),
-    `search/winner_probe_fitness` (None without a probe) and `search/winner_json` (path of ``winner.json``).
+    (last-step fitness of the winner; when the winner is the start, its probe fitness, or None),
+    `search/winner_probe_fitness` (None without a probe), `search/winner_generation` (the winner is the parent
+    after this generation, 0: the start; ``winner`` setting) and `search/winner_json` (path of ``winner.json``).
 
     Args:
         database (str): directory of the sparsity database of the model being trained (or of ``dense``).
@@ -163,6 +164,7 @@ class DarwinLMSearch(Callback):
             'search/dense_params': result.dense_parameters,
             'search/winner_fitness': result.fitness,
             'search/winner_probe_fitness': result.probe_fitness,
+            'search/winner_generation': result.winner_generation,
             'search/winner_json': result.json_path,
         })
         log.info('darwinlm_search: winner %s (%d of %d parameters), written to %s', result.winner.to_dict(),

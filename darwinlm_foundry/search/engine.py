@@ -60,7 +60,7 @@ from darwinlm_foundry.search.selection import GenerationResult
 from darwinlm_foundry.search.settings import SearchSettings
 from darwinlm_foundry.search.space import (GROUPS, LevelBounds, LevelConfig, kind_balance_candidates, kind_exchange,
                                            make_rng, spread_extra_levels, uniform, unit_protection_candidates)
-from darwinlm_foundry.search.state import SearchState, run_search, settings_fingerprint
+from darwinlm_foundry.search.state import SearchState, best_probe_generation, run_search, settings_fingerprint
 from darwinlm_foundry.search.tokens import ShardTokens, TensorTokens, TokenSource, derive_seed
 from darwinlm_foundry.utils.dist import broadcast_object, local_rank, torch_world
 from darwinlm_foundry.utils.io import atomic_write_text
@@ -93,6 +93,8 @@ class SearchResult:
     text_path: Optional[str] = None
     probe_fitness: Optional[float] = None
     start_probe_fitness: Optional[float] = None
+    winner_generation: Optional[int] = None  # the winner is the parent after this generation (0: the start)
+    winner_rule: str = 'last'
 
     def fitness_history(self) -> list:
         """The winner's last-step fitness per generation (each on that generation's fresh sample)."""
@@ -103,10 +105,13 @@ class SearchResult:
         return [h.get('probe_fitness') for h in self.history]
 
     def to_dict(self) -> dict:
-        """``fitness``: the winner's last-step fitness (with 0 generations: the start's probe fitness, or
-        None); ``probe_fitness``: the winner's fitness on the fixed probe sample (None without a probe)."""
+        """``fitness``: the winner's last-step fitness (the start's probe fitness when the winner is the start,
+        or None); ``probe_fitness``: the winner's fitness on the fixed probe sample (None without a probe);
+        ``winner_generation``: the generation after which the winner was the parent (0: the start), by
+        ``winner_rule`` (``SearchSettings.winner``)."""
         return {'levels': self.winner.to_dict(), 'fitness': self.fitness, 'parameters': self.parameters,
                 'dense_parameters': self.dense_parameters, 'generations': self.generations,
+                'winner_generation': self.winner_generation, 'winner_rule': self.winner_rule,
                 'fitness_history': self.fitness_history(), 'probe_fitness': self.probe_fitness,
                 'start_probe_fitness': self.start_probe_fitness,
                 'probe_fitness_history': self.probe_fitness_history(), 'mode': self.mode}
@@ -521,15 +526,32 @@ class EvolutionarySearch(CandidateScoring):
             self._drop_scratch()
             self._probe_targets = None  # in memory when small (see probe_fitness)
             self._release_file_maps()
-        probe = state.history[-1].get('probe_fitness') if state.history else state.extra.get('start_probe_fitness')
-        fitness = state.parent_fitness
-        if fitness is None and not state.history:
-            fitness = probe  # no generation ran: the start configuration's probe fitness (None without a probe)
-        result = SearchResult(winner=state.parent, fitness=fitness,
-                              parameters=self.spec.parameter_count(state.parent),
+        start_probe = state.extra.get('start_probe_fitness')
+        rule = s.winner_rule
+        picked = len(state.history)
+        if rule == 'best_probe':
+            best = best_probe_generation(start_probe, state.history)
+            picked = picked if best is None else best
+        if picked == len(state.history):
+            winner, fitness = state.parent, state.parent_fitness
+        elif picked == 0:
+            winner, fitness = LevelConfig.from_dict(state.extra['start']), None
+        else:
+            winner, fitness = LevelConfig.from_dict(state.history[picked - 1]['winner']), \
+                state.history[picked - 1]['fitness']
+        probe = state.history[picked - 1].get('probe_fitness') if picked else start_probe
+        if fitness is None and not picked:
+            fitness = probe  # the start configuration: its probe fitness (None without a probe)
+        if picked != len(state.history):
+            last = state.history[-1].get('probe_fitness')
+            print(f'DarwinLM search: winner: {rule}: the parent after generation {picked} of {len(state.history)}'
+                  f'{" (the start)" if not picked else ""}, probe fitness {probe:.4f} against the last parent\'s '
+                  f'{"n/a" if last is None else f"{last:.4f}"}', flush=True)
+        result = SearchResult(winner=winner, fitness=fitness,
+                              parameters=self.spec.parameter_count(winner),
                               dense_parameters=self.spec.dense_parameter_count(), generations=state.generation,
                               history=state.history, mode=self.mode, probe_fitness=probe,
-                              start_probe_fitness=state.extra.get('start_probe_fitness'))
+                              start_probe_fitness=start_probe, winner_generation=picked, winner_rule=rule)
         self.write_outputs(result, state)
         return result
 

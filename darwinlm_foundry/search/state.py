@@ -201,6 +201,14 @@ def _record(generation: int, result: GenerationResult, num_offspring: int, secon
     return record
 
 
+def best_probe_generation(start_probe: Optional[float], history: Sequence[dict]) -> Optional[int]:
+    """The generation (0: the start) whose parent has the lowest probe fitness, the earliest on ties; None when no
+    parent has one (``history``: the state's records, whose ``probe_fitness`` scores the parent after each)."""
+    scored = [(f, g) for g, f in enumerate([start_probe] + [h.get('probe_fitness') for h in history])
+              if f is not None]
+    return min(scored)[1] if scored else None
+
+
 def run_search(state: SearchState, n_generations: int,
                make_evaluate: Callable[[int], Callable[[list, int], Sequence[float]]],
                bounds: LevelBounds, schedule: SelectionSchedule, checkpoint_path: Optional[str],

@@ -19,7 +19,8 @@ from darwinlm_foundry.search.selection import PARENT, SelectionSchedule, rank, r
 from darwinlm_foundry.search.space import (GROUPS, LevelBounds, LevelConfig, admits_switch,
                                            assert_same_size, make_offspring, make_rng, mutate, num_switches,
                                            rng_from_state, rng_state, spread_extra_levels, total_levels, uniform)
-from darwinlm_foundry.search.state import SearchState, SearchStateError, run_search, settings_fingerprint
+from darwinlm_foundry.search.state import (SearchState, SearchStateError, best_probe_generation, run_search,
+                                           settings_fingerprint)
 
 
 # ==================================================================================================
@@ -356,6 +357,15 @@ def test_selection_keeps_lowest_fitness_survivors(seed):
     assert parent not in sum((c for k, c in calls[:-1]), [])  # the parent joins the last step only
     if tables[3][parent] == best:
         assert result.winner == parent and result.parent_won  # ties go to the parent
+
+
+def test_best_probe_generation_is_the_lowest_probe_earliest_on_ties():
+    history = [{'probe_fitness': f} for f in (1.2, 0.9, None, 0.9, 1.0)]
+    assert best_probe_generation(1.1, history) == 2  # generation 2's parent; generation 4 ties it later
+    assert best_probe_generation(0.8, history) == 0  # the start
+    assert best_probe_generation(None, history[:1]) == 1
+    assert best_probe_generation(None, [{}, {'probe_fitness': None}]) is None  # no probe: no pick
+    assert best_probe_generation(0.5, []) == 0
 
 
 def test_elitism():

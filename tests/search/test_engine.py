@@ -292,7 +292,9 @@ def test_memory_lean_fitness_equals_the_reference_path(mode, runs, pretrained, d
                            candidate_hook=lambda config, model: models.append(model)).run()
     assert all(m.model.gradient_checkpointing == bool(train[0]) for m in models)
     del models
-    assert ref.winner == lean.winner and ref.fitness == lean.fitness
+    # the same trajectory (without a probe the reference returns its last parent: winner 'auto' -> 'last')
+    assert ref.winner_rule == 'last' and ref.winner.to_dict() == lean.history[-1]['winner']
+    assert ref.fitness == lean.history[-1]['fitness']
     assert _strip(ref.history) == _strip(lean.history, drop=('seconds', 'probe_fitness'))
     assert ref.probe_fitness is None and 'probe_fitness' not in ref.history[0]
 
@@ -787,6 +789,33 @@ def test_finer_mlp_levels_search_from_the_same_uniform_model(pretrained, databas
     winner = json.loads((tmp_path / 'fine' / WINNER_JSON).read_text())
     assert winner['mlp_level_split'] == 2 and winner['level_steps'] == {'attn': 1, 'mlp': 16}
     assert fine.level_spec.parameter_count(result.winner.to_dict()) == size
+
+
+def test_winner_best_probe_returns_the_parent_with_the_lowest_probe(pretrained, database, tokens, tmp_path):
+    """winner: best_probe (the default for one-shot selection) returns the parent, the start included, with the
+    lowest probe fitness; winner: last the final parent; the rule reads the same finished state (not
+    fingerprinted), so switching it re-runs nothing; TAS defaults to last."""
+    settings = _settings(tmp_path / 'w', generations=4)
+    assert settings.winner_rule == 'best_probe' and _settings(tmp_path, (512, 1024)).winner_rule == 'last'
+    result = _engine(settings, pretrained, database, tokens).run()
+    state = json.loads((tmp_path / 'w' / STATE_FILE).read_text())
+    probes = [state['extra']['start_probe_fitness']] + [h['probe_fitness'] for h in state['history']]
+    parents = [state['extra']['start']] + [h['winner'] for h in state['history']]
+    best = min(range(len(probes)), key=lambda g: (probes[g], g))
+    assert result.winner_generation == best and result.winner.to_dict() == parents[best]
+    assert result.probe_fitness == probes[best]
+    data = json.loads((tmp_path / 'w' / WINNER_JSON).read_text())
+    assert data['levels'] == parents[best] and data['winner_generation'] == best
+    assert data['winner_rule'] == 'best_probe'
+    last = _engine(dataclasses.replace(settings, winner='last'), pretrained, database, tokens)
+    last.evaluate = lambda *a: pytest.fail('switching the winner rule re-ran a generation')
+    result = last.run()
+    assert result.winner.to_dict() == parents[-1] and result.winner_generation == 4
+    assert result.probe_fitness == probes[-1]
+    with pytest.raises(ValueError, match='best_probe picks the parent by its probe fitness'):
+        _settings(tmp_path, probe_tokens=0, winner='best_probe')
+    with pytest.raises(ValueError, match='winner must be one of'):
+        _settings(tmp_path, winner='first')
 
 
 def test_protect_units_starts_from_the_fittest_protection(pretrained, database, tokens, tmp_path):
