@@ -542,7 +542,7 @@ class EvolutionarySearch(CandidateScoring):
         probe = state.history[picked - 1].get('probe_fitness') if picked else start_probe
         if fitness is None and not picked:
             fitness = probe  # the start configuration: its probe fitness (None without a probe)
-        if picked != len(state.history):
+        if winner != state.parent:  # (a parent kept through the last generations ties with itself: no news)
             last = state.history[-1].get('probe_fitness')
             print(f'DarwinLM search: winner: {rule}: the parent after generation {picked} of {len(state.history)}'
                   f'{" (the start)" if not picked else ""}, probe fitness {probe:.4f} against the last parent\'s '

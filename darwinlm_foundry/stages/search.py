@@ -55,7 +55,7 @@ def _describe_fitness(result) -> str:
     text = f'fitness {result.fitness:.4g}'
     if result.probe_fitness is not None:
         text += f', probe fitness {result.probe_fitness:.4g}'
-    if result.winner_generation is not None and result.winner_generation != len(result.history):
+    if result.winner.to_dict() != result.history[-1]['winner']:  # not the last parent (winner rule)
         text += (f'; the parent after generation {result.winner_generation} of {len(result.history)} '
                  f'(winner: {result.winner_rule})')
     return text
