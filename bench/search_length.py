@@ -58,19 +58,20 @@ def main(argv=None) -> dict:
         parents['start'] = found['start']
     parents.update({g: found['parents'][g - 1] for g in at})
     if found['winner_generation'] not in (args.generations, None):  # what the search returns, by its winner rule
-        parents[f'winner ({found["winner_rule"]}: generation {found["winner_generation"]})'] = found['levels']
+        parents['winner'] = found['levels']
     rows = []
     for g, levels in parents.items():
         s = fin.ctx.score(fin.stitch(levels))
         probe = found['probe_fitness_history'][g - 1] if isinstance(g, int) and g else (
             None if g == 0 and 'start' in parents else
-            found['probe_fitness'] if str(g).startswith('winner') else found['start_probe_fitness'])
+            found['probe_fitness'] if g == 'winner' else found['start_probe_fitness'])
         rows.append({'generation': g, 'ppl': s['ppl'], 'kl': s['kl'], 'params': s['params'],
                      'domains': {reproduce.short_domain(d): v['ppl'] for d, v in s['domains'].items()},
                      'probe_kl': probe, 'levels': levels})
     base = rows[0]['ppl']
     doc = {'run': str(run), 'level': args.level, 'seed': args.seed, 'generations': args.generations,
            'budget': budget.describe(), 'search_seconds': found['seconds'], 'seconds': round(time.time() - t0, 1),
+           'winner_rule': found['winner_rule'], 'winner_generation': found['winner_generation'],
            'rows': rows}
     (out / 'search_length.json').write_text(json.dumps(doc, indent=1))
     names = list(rows[0]['domains'])
@@ -81,11 +82,13 @@ def main(argv=None) -> dict:
     print('| generations | held-out ppl | / uniform | KL to dense | parent probe KL | ' + ' | '.join(names) + ' |')
     print('|---|---|---|---|---|' + '---|' * len(names))
     for r in rows:
-        print(f'| {r["generation"]} | {r["ppl"]:.2f} | {r["ppl"] / base:.3f} | {r["kl"]:.4f} | '
+        label = (f'winner ({found["winner_rule"]}: generation {found["winner_generation"]})'
+                 if r['generation'] == 'winner' else r['generation'])
+        print(f'| {label} | {r["ppl"]:.2f} | {r["ppl"] / base:.3f} | {r["kl"]:.4f} | '
               f'{r["probe_kl"] if r["probe_kl"] is None else round(r["probe_kl"], 4)} | '
               + ' | '.join(f'{r["domains"][d]:.1f}' for d in names) + ' |')
     print(f'written {out / "search_length.json"} in {doc["seconds"]:.0f} s')
-    probe = [r['probe_kl'] for r in rows if r['probe_kl'] is not None]
+    probe = [r['probe_kl'] for r in rows if r['probe_kl'] is not None and r['generation'] != 'winner']
     print(f'generations={args.generations} uniform_ppl={base:.2f} '
           + ' '.join(f'ratio_at_{r["generation"]}={r["ppl"] / base:.3f}' for r in rows[1:])
           + (f' probe_kl_start={probe[0]:.4f} probe_kl_end={probe[-1]:.4f}' if probe else ''), flush=True)
