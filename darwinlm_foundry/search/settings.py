@@ -58,9 +58,10 @@ class SearchSettings:
     sample's noise (SmolLM2-135M's first MLP layer: protecting it alone takes the kind-balanced start from 0.69x
     to 0.58x the uniform model's held-out perplexity). Each round has up to one candidate per unit, screened
     through the selection's steps (all on the sample's first ``fitness_tokens[0]`` tokens, the best
-    ``survivors[0]`` on the next, ..., the last ones on the whole sample). 0 (off) by default. ``balance_recheck_tokens``: the kind balance's best 3 splits are scored again on a fresh sample
-    of this many tokens and the fittest there is kept (None: the first sample decides; it is the noisiest choice of
-    the start, made on one fitness step's tokens).
+    ``survivors[0]`` on the next, ..., the last ones on the whole sample). 0 (off) by default.
+    ``balance_recheck_tokens``: the kind balance's best 3 splits are scored again on a fresh sample of this many
+    tokens and the fittest there is kept (None: the first sample decides; it is the noisiest choice of the start,
+    made on one fitness step's tokens).
     Probe: ``probe_tokens`` -- after every generation the parent, as stitched (no fine-tuning), is also scored
     on one fixed probe sample of this many tokens (the same tokens every generation, drawn with a fixed seed;
     default: the last ``fitness_tokens`` step; 0: no probe) and recorded as ``probe_fitness``: the selection's
