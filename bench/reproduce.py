@@ -43,8 +43,9 @@ protects up to ``protect_units`` units, one per round (a unit gives back half it
 the fittest such move on the same sample kept while it beats the start: a one-level switch is too small a step to
 find a unit far more sensitive than the rest through a sample's noise); the protections are screened through
 the selection's steps. Arm 7 starts from arm 6's start of the same seed (the start phase does not train, so it
-would choose the same one). Arm 6's start alone is scored too (``balanced5``), and the first ``uniform_start_seeds`` seeds also run arm 6 from the
-uniform start, as the paper does (``darwinlm5_kl_uniform``).
+would choose the same one). Arm 6's start alone is scored too (``balanced5``), and the first
+``uniform_start_seeds`` seeds also run arm 6 from the uniform start, as the paper does (``darwinlm5_kl_uniform``).
+One-shot searches return the parent with the best probe fitness (``winner``), TAS searches their last parent.
 
 Every seed runs 6; the first ``tas_seeds`` seeds (quick: 1; full: all) also run 7, 8 for 7 and 9, which cost
 the most per generation (TAS fine-tunes every final-step candidate) and measure the mechanisms rather than the
