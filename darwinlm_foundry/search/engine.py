@@ -531,7 +531,10 @@ class EvolutionarySearch(CandidateScoring):
         picked = len(state.history)
         if rule == 'best_probe':
             best = best_probe_generation(start_probe, state.history)
-            picked = picked if best is None else best
+            if best is None:  # a state written before the probe existed: its last parent, said so
+                rule = 'last'
+            else:
+                picked = best
         if picked == len(state.history):
             winner, fitness = state.parent, state.parent_fitness
         elif picked == 0:
