@@ -507,9 +507,8 @@ def open_run(run: Path, budget: Optional[Budget] = None, out: Optional[Path] = N
     ctx = Context(budget=budget, out=Path(out or run), shards=paths['shards'], tokenizer=tokenizer, ledger=None,
                   dense_dir=dense_dir, heldout=lambda: heldout_tokens(paths['shards'], tokenizer, budget),
                   dense=dense)
-    finished = FinishedRun(run=run, dense_dir=dense_dir, dense=dense, tokenizer=tokenizer,
-                           db=SparsityDatabase.open(paths['db'], dense, verify='size'), ctx=ctx)
-    return finished
+    return FinishedRun(run=run, dense_dir=dense_dir, dense=dense, tokenizer=tokenizer,
+                       db=SparsityDatabase.open(paths['db'], dense, verify='size'), ctx=ctx)
 
 
 def search(ctx: Context, db, source_dir: str, out_dir: Path, seed: int, *, tas: bool, **kw) -> dict:
@@ -672,16 +671,16 @@ def run_seed(ctx: Context, seed: int, draw: int) -> dict:
         # start is the KL-only search's (the start phase scores without training and draws its sample from the
         # seed alone, so it would choose the same start again: 3 minutes saved)
         def tas_search():
+            if not b.balance_kinds:  # the uniform start: nothing to share
+                return search(ctx, db, ctx.dense_dir, work / 'darwinlm5_tas', seed, tas=True, level=5,
+                              generations=b.generations)
+            from darwinlm_foundry.utils.io import atomic_write_json
             start = work / 'darwinlm5_tas_start.json'
-            if b.balance_kinds:
-                from darwinlm_foundry.utils.io import atomic_write_json
-                atomic_write_json(start, searches['darwinlm5_kl']['start'])
-            out = search(ctx, db, ctx.dense_dir, work / 'darwinlm5_tas', seed, tas=True,
-                         level=None if b.balance_kinds else 5, generations=b.generations,
-                         start=str(start) if b.balance_kinds else None, extra_levels=0, balance=False)
-            if b.balance_kinds:
-                out.update(start_from='darwinlm5_kl', kind_balance=searches['darwinlm5_kl']['kind_balance'],
-                           unit_protection=searches['darwinlm5_kl'].get('unit_protection'))
+            atomic_write_json(start, searches['darwinlm5_kl']['start'])
+            out = search(ctx, db, ctx.dense_dir, work / 'darwinlm5_tas', seed, tas=True, level=None,
+                         generations=b.generations, start=str(start), extra_levels=0, balance=False)
+            out.update(start_from='darwinlm5_kl', kind_balance=searches['darwinlm5_kl']['kind_balance'],
+                       unit_protection=searches['darwinlm5_kl'].get('unit_protection'))
             return out
         searches['darwinlm5_tas'] = led.step(f'{key}/search/darwinlm5_tas', tas_search)
         models['darwinlm5_tas'] = _scored(ctx, f'{key}/darwinlm5_tas', lambda: stitched(
