@@ -57,7 +57,7 @@ def main(argv=None) -> dict:
     if args.start or found['kind_balance']:  # the row 'start': the given levels or the balanced start
         parents['start'] = found['start']
     parents.update({g: found['parents'][g - 1] for g in at})
-    if found['winner_generation'] not in (args.generations, None):  # what the search returns, by its winner rule
+    if found['parents'] and found['levels'] != found['parents'][-1]:  # what it returns, by its winner rule
         parents['winner'] = found['levels']
     rows = []
     for g, levels in parents.items():

@@ -80,11 +80,12 @@ def main(argv=None) -> dict:
     for name, config in variants:
         assert spec.parameter_count(config.to_dict()) == size, name
         s = fin.ctx.score(fin.stitch(config))
-        rows.append({'name': name, 'ppl': s['ppl'], 'kl': s['kl'], 'levels': config.to_dict()})
+        rows.append({'name': name, 'ppl': s['ppl'], 'kl': s['kl'], 'levels': config.to_dict(),
+                     'domains': len(s['domains'])})
         print(f'[start_moves {time.strftime("%H:%M:%S")}] {name}: held-out ppl {s["ppl"]:.2f}', flush=True)
     uni = rows[0]['ppl']
     print(f'\nLevel 5 ({size:,} parameters, every row), seed {args.seed}\'s start, held-out ppl over '
-          f'{len(fin.ctx.heldout())} domains:\n')
+          f'{rows[0]["domains"]} domains:\n')
     print('| start | held-out ppl | / uniform | KL to dense |')
     print('|---|---|---|---|')
     for r in rows:
