@@ -21,6 +21,11 @@ Needs a reproduction run directory (database, shards, converted model): ``python
 ``tokens_for_progress=<smallest N2 with P(better than parent) >= 0.5 or none> p_better_at_1024=<p>
 p_better_at_4096=<p> kl_spread=<std of true KL over candidates> search_heldout_spearman=<rho>
 gated_gain_at_4096=<mean true KL gain per generation with gated elitism>``. ``--reuse JSON`` replays a saved run.
+
+``--start-of SEED``: the parent is that seed's level-5 KL-only search start (kind balance + protection) with that
+search's bounds, instead of the uniform model. ``--chunk C`` also keeps the KL per C positions and replays
+fitness samples of shorter windows (each a different sequence's first W = C, 2C, .. tokens: more documents for
+the same tokens) judged on whole unseen sequences. ``--bf16``: forwards in bf16 autocast, as the study searches.
 """
 
 import argparse
@@ -45,21 +50,67 @@ def _spearman(a, b) -> float:
 
 
 @torch.no_grad()
-def score_sequences(models: list, dense, tokens: torch.Tensor, batch: int) -> tuple[np.ndarray, np.ndarray]:
-    """(KL, NLL) per model and sequence: token means over each sequence's next-token predictions."""
+def score_sequences(models: list, dense, tokens: torch.Tensor, batch: int, chunk: int = 0,
+                    bf16: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(KL, NLL) per model and sequence: token means over each sequence's next-token predictions.
+
+    With ``chunk`` the KL is kept per ``chunk`` positions too (shape models x sequences x chunks; chunk ``c``
+    holds predictions ``c*chunk .. (c+1)*chunk - 1``): a causal model's first ``w`` predictions of a sequence
+    are exactly what a ``w``-token window would give, so shorter fitness windows are replayed from one scoring.
+    ``bf16`` autocasts the forwards as the study's searches do (the KL itself is fp32)."""
     from darwinlm_foundry.search.fitness import kl_divergence, next_token_labels, token_nll
-    n = tokens.shape[0]
-    kl, nll = np.zeros((len(models), n)), np.zeros((len(models), n))
+    n, positions = tokens.shape[0], tokens.shape[1] - 1
+    n_chunks = math.ceil(positions / chunk) if chunk else 1
+    kl, nll = np.zeros((len(models), n, n_chunks)), np.zeros((len(models), n))
+    cast = torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16)
     for i in range(0, n, batch):
         ids = tokens[i:i + batch]
         labels = next_token_labels(ids)
-        target = dense(input_ids=ids).logits
+        with cast:
+            target = dense(input_ids=ids).logits.float()
         for m, model in enumerate(models):
-            logits = model(input_ids=ids).logits
-            kl[m, i:i + batch] = kl_divergence(target[:, :-1], logits[:, :-1], reduction='none').mean(-1).numpy()
+            with cast:
+                logits = model(input_ids=ids).logits.float()
+            per_token = kl_divergence(target[:, :-1], logits[:, :-1], reduction='none')
+            for c in range(n_chunks):
+                span = per_token[:, c * chunk:(c + 1) * chunk] if chunk else per_token
+                kl[m, i:i + batch, c] = span.mean(-1).numpy()
             nll[m, i:i + batch] = token_nll(logits, labels, reduction='none')[:, :-1].mean(-1).numpy()
         print(f'[fitness_noise {time.strftime("%H:%M:%S")}] scored {min(i + batch, n)}/{n} sequences', flush=True)
-    return kl, nll
+    return (kl if chunk else kl[..., 0]), nll
+
+
+def sequence_kl(klc: np.ndarray, chunks: int = 0) -> np.ndarray:
+    """Per-sequence KL from per-chunk KL: the mean over the first ``chunks`` chunks (0: all), position-weighted
+    (every chunk is full but perhaps the last, which is one position short of the others at most)."""
+    return klc[..., :chunks or klc.shape[-1]].mean(-1)
+
+
+def replay_windows(klc: np.ndarray, chunk: int, window: int, survivors: int, n1: int, n2: int, trials: int,
+                   rng: random.Random) -> dict:
+    """:func:`replay` with fitness samples of ``window``-token windows (each a different sequence's first
+    ``window`` tokens) instead of whole sequences, judged on whole unseen sequences (as held-out text is)."""
+    w = window // chunk
+    k1, k2 = math.ceil(n1 / window), math.ceil(n2 / window)
+    win, full = sequence_kl(klc, w), sequence_kl(klc)
+    n_seq = klc.shape[1]
+    if k1 + k2 + 8 > n_seq:
+        return {}
+    best_hits = better = 0
+    gains = []
+    for _ in range(trials):
+        idx = list(range(n_seq))
+        rng.shuffle(idx)
+        s1, s2, rest = idx[:k1], idx[k1:k1 + k2], idx[k1 + k2:]
+        off = 1 + np.argsort(win[1:, s1].mean(1), kind='stable')[:survivors]
+        finalists = [0] + list(off)
+        pick = finalists[int(np.argmin(win[finalists][:, s2].mean(1)))]
+        true = full[:, rest].mean(1)
+        best_hits += pick == int(np.argmin(true))
+        better += true[pick] < true[0]
+        gains.append(true[0] - true[pick])
+    return {'window': window, 'n1': n1, 'n2': n2, 'p_pick_is_best': best_hits / trials,
+            'p_better_than_parent': better / trials, 'mean_true_kl_gain': float(np.mean(gains)), 'trials': trials}
 
 
 def replay(kl: np.ndarray, seq_len: int, survivors: int, n1: int, n2: int, trials: int, rng: random.Random) -> dict:
@@ -107,13 +158,21 @@ def main(argv=None) -> dict:
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--out', default=None, help='JSON output (default <run>/fitness_noise.json)')
     p.add_argument('--reuse', default=None, help="an earlier run's JSON: replay its per-sequence KL, score nothing")
+    p.add_argument('--start-of', type=int, default=None, metavar='SEED',
+                   help="the parent is that seed's level-5 KL-only search start (default: the uniform model)")
+    p.add_argument('--chunk', type=int, default=0,
+                   help='keep KL per CHUNK positions and replay fitness windows of 1, 2, .. chunks (0: off)')
+    p.add_argument('--bf16', action='store_true', help='bf16 autocast forwards, as the study searches')
     args = p.parse_args(argv)
     if args.reuse:
         doc = json.loads(Path(args.reuse).read_text())
         kl = np.array(doc['per_sequence_kl'])
+        klc = np.array(doc['per_chunk_kl']) if doc.get('chunk') else None
         rng = random.Random(args.seed)
         doc['budgets'] = [r for n1, n2 in BUDGETS
                           if (r := replay(kl, args.seq_len, doc['survivors'], n1, n2, args.trials, rng))]
+        if klc is not None:
+            doc['windows'] = window_rows(klc, doc['chunk'], args.seq_len, doc['survivors'], args.trials, rng)
         return report(doc, kl, Path(args.out or args.reuse))
 
     import reproduce  # the study's run, opened again, and its held-out packing (bench/reproduce.py)
@@ -127,19 +186,26 @@ def main(argv=None) -> dict:
     dense, spec = fin.dense, fin.spec
     n_layers = dense.config.num_hidden_layers
     # The engine's bounds for a uniform start: 0 .. the highest exact-size level, per kind.
-    bounds = LevelBounds(uniform(n_layers, 0), LevelConfig(**{g: [spec.max_exact_level(g)] * n_layers
-                                                               for g in GROUPS}))
-    parent = uniform(n_layers, args.level, mlp_split=spec.mlp_split)
+    if args.start_of is None:
+        bounds = LevelBounds(uniform(n_layers, 0), LevelConfig(**{g: [spec.max_exact_level(g)] * n_layers
+                                                                   for g in GROUPS}))
+        parent = uniform(n_layers, args.level, mlp_split=spec.mlp_split)
+    else:  # a real search's start (kind balance + protection) and that search's bounds
+        winner = json.loads((run / 'work' / f'seed{args.start_of}' / f'darwinlm{args.level}_kl' / 'winner.json')
+                            .read_text())
+        parent, bounds = LevelConfig.from_dict(winner['start']), fin.bounds(args.start_of, args.level)
     offspring = make_offspring(parent, args.offspring, bounds, make_rng(args.seed))
     models = [fin.stitch(c) for c in [parent] + offspring]
 
     search = ShardTokens(fin.ctx.shards / 'search').sample(args.seqs, args.seq_len, seed=10_000 + args.seed).long()
-    kl, nll = score_sequences(models, dense, search, args.batch)
+    klc, nll = score_sequences(models, dense, search, args.batch, chunk=args.chunk, bf16=args.bf16)
+    kl = sequence_kl(klc) if args.chunk else klc
     held = torch.cat(list(fin.ctx.heldout().values()))
-    hkl, hnll = score_sequences(models, dense, held, args.batch)
+    hkl, hnll = score_sequences(models, dense, held, args.batch, bf16=args.bf16)
 
     rng = random.Random(args.seed)
     rows = [r for n1, n2 in BUDGETS if (r := replay(kl, args.seq_len, args.survivors, n1, n2, args.trials, rng))]
+    windows = window_rows(klc, args.chunk, args.seq_len, args.survivors, args.trials, rng) if args.chunk else None
     true_kl = kl.mean(1)
     search_rho = _spearman(true_kl, hnll.mean(1))
     doc = {'run': str(run), 'level': args.level, 'offspring': len(offspring), 'survivors': args.survivors,
@@ -149,8 +215,16 @@ def main(argv=None) -> dict:
            'per_sequence_kl_std': float(kl.std(1).mean()), 'kl_spread': float(true_kl[1:].std()),
            'parent_minus_best_offspring_kl': float(true_kl[0] - true_kl[1:].min()),
            'search_heldout_spearman': search_rho, 'budgets': rows, 'seconds': round(time.time() - t0, 1),
-           'per_sequence_kl': kl.tolist()}
+           'per_sequence_kl': kl.tolist(), 'parent': parent.to_dict(), 'bf16': args.bf16}
+    if args.chunk:
+        doc.update(chunk=args.chunk, windows=windows, per_chunk_kl=klc.tolist())
     return report(doc, kl, Path(args.out) if args.out else run / 'fitness_noise.json')
+
+
+def window_rows(klc: np.ndarray, chunk: int, seq_len: int, survivors: int, trials: int, rng) -> list:
+    """:func:`replay_windows` for every window of whole chunks below ``seq_len``, at the budgets of :data:`BUDGETS`."""
+    return [r for window in range(chunk, seq_len, chunk) for n1, n2 in BUDGETS
+            if (r := replay_windows(klc, chunk, window, survivors, n1, n2, trials, rng))]
 
 
 def report(doc: dict, kl: np.ndarray, out: Path) -> dict:
@@ -168,6 +242,15 @@ def report(doc: dict, kl: np.ndarray, out: Path) -> dict:
     for r in rows:
         print(f'| {r["n1"]}, {r["n2"]} | {r["p_pick_is_best"]:.2f} | {r["p_better_than_parent"]:.2f} | '
               f'{r["mean_true_kl_gain"]:+.4f} | {r["gated_true_kl_gain"]:+.4f} |')
+    if doc.get('windows'):
+        print('Fitness samples of windows (each a different sequence\'s first W tokens), judged on whole unseen '
+              'sequences (whole sequences: the table above):')
+        print('| window W | fitness tokens (N1, N2) | P(pick = truly best) | P(pick truly better than parent) | '
+              'mean true KL gain |')
+        print('|---|---|---|---|---|')
+        for r in doc['windows']:
+            print(f'| {r["window"]} | {r["n1"]}, {r["n2"]} | {r["p_pick_is_best"]:.2f} | '
+                  f'{r["p_better_than_parent"]:.2f} | {r["mean_true_kl_gain"]:+.4f} |')
     print(f'written {out} in {doc["seconds"]:.0f} s')
     at = {r['n2']: r['p_better_than_parent'] for r in rows}
     enough = next((r['n2'] for r in rows if r['p_better_than_parent'] >= 0.5), 'none')

@@ -36,6 +36,8 @@ def main(argv=None) -> dict:
     p.add_argument('--level', type=int, default=5)
     p.add_argument('--seeds', default='0,1,2,3,4', help='seeds whose balance samples make the choice')
     p.add_argument('--balance-tokens', default='2048', help='sample sizes of the choice (comma list)')
+    p.add_argument('--rows-from', default=None,
+                   help="an earlier run's JSON: reuse its held-out rows (the same run), score only the choices")
     p.add_argument('--out', default=None, help='output JSON (default <run>/kind_balance.json)')
     args = p.parse_args(argv)
 
@@ -49,8 +51,8 @@ def main(argv=None) -> dict:
     exchange = kind_exchange(spec.per_step_parameters('attn'), spec.per_step_parameters('mlp'))
     start = uniform(n, args.level, mlp_split=spec.mlp_split)
     bounds = fin.bounds(0, args.level)
-    rows = []
-    for shift, config in kind_balance_candidates(start, bounds, exchange):
+    rows = json.loads(Path(args.rows_from).read_text())['rows'] if args.rows_from else []
+    for shift, config in [] if rows else kind_balance_candidates(start, bounds, exchange):
         s = fin.ctx.score(fin.stitch(config))
         assert s['params'] == spec.parameter_count(start.to_dict()), s['params']
         rows.append({'shift': shift, 'attn_levels': sum(config.attn), 'mlp_levels': sum(config.mlp),
