@@ -26,16 +26,6 @@ REPO = reproduce.REPO
 DEFAULT_MODELS = ('dense', 'uniform5', 'shortgpt5', 'seed0/darwinlm5_kl', 'seed0/darwinlm5_kl+train')
 
 
-def model_paths(results: dict) -> dict:
-    """name -> checkpoint directory of every model of a reproduction's results.json (seeded arms as seedS/name)."""
-    paths = {'dense': results['dense']['path']}
-    for draw in results['draws'].values():
-        paths.update({name: m['path'] for name, m in draw['models'].items()})
-    for seed, entry in results['seeds'].items():
-        paths.update({f'seed{seed}/{name}': m['path'] for name, m in entry['models'].items()})
-    return paths
-
-
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--run', default=str(REPO / 'runs' / 'reproduce' / 'quick'))
@@ -56,7 +46,7 @@ def main(argv=None) -> dict:
 
     run = Path(args.run).resolve()
     results = json.loads((run / 'results.json').read_text())
-    paths = model_paths(results)
+    paths = reproduce.model_paths(results)
     names = args.models.split(',')
     missing = [n for n in names if n not in paths]
     if missing:

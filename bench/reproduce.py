@@ -511,6 +511,16 @@ def open_run(run: Path, budget: Optional[Budget] = None, out: Optional[Path] = N
                        db=SparsityDatabase.open(paths['db'], dense, verify='size'), ctx=ctx)
 
 
+def model_paths(results: dict) -> dict:
+    """name -> checkpoint directory of every model of a reproduction's results.json (seeded arms as seedS/name)."""
+    paths = {'dense': results['dense']['path']}
+    for draw in results['draws'].values():
+        paths.update({name: m['path'] for name, m in draw['models'].items()})
+    for seed, entry in results['seeds'].items():
+        paths.update({f'seed{seed}/{name}': m['path'] for name, m in entry['models'].items()})
+    return paths
+
+
 def search(ctx: Context, db, source_dir: str, out_dir: Path, seed: int, *, tas: bool, **kw) -> dict:
     """One search, run (or resumed) to its end: levels, histories, start and timings (see :func:`search_engine`)."""
     engine = search_engine(ctx, db, source_dir, out_dir, seed, tas=tas, **kw)
