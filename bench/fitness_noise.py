@@ -86,38 +86,15 @@ def sequence_kl(klc: np.ndarray, chunks: int = 0) -> np.ndarray:
     return klc[..., :chunks or klc.shape[-1]].mean(-1)
 
 
-def replay_windows(klc: np.ndarray, chunk: int, window: int, survivors: int, n1: int, n2: int, trials: int,
-                   rng: random.Random) -> dict:
-    """:func:`replay` with fitness samples of ``window``-token windows (each a different sequence's first
-    ``window`` tokens) instead of whole sequences, judged on whole unseen sequences (as held-out text is)."""
-    w = window // chunk
-    k1, k2 = math.ceil(n1 / window), math.ceil(n2 / window)
-    win, full = sequence_kl(klc, w), sequence_kl(klc)
-    n_seq = klc.shape[1]
-    if k1 + k2 + 8 > n_seq:
-        return {}
-    best_hits = better = 0
-    gains = []
-    for _ in range(trials):
-        idx = list(range(n_seq))
-        rng.shuffle(idx)
-        s1, s2, rest = idx[:k1], idx[k1:k1 + k2], idx[k1 + k2:]
-        off = 1 + np.argsort(win[1:, s1].mean(1), kind='stable')[:survivors]
-        finalists = [0] + list(off)
-        pick = finalists[int(np.argmin(win[finalists][:, s2].mean(1)))]
-        true = full[:, rest].mean(1)
-        best_hits += pick == int(np.argmin(true))
-        better += true[pick] < true[0]
-        gains.append(true[0] - true[pick])
-    return {'window': window, 'n1': n1, 'n2': n2, 'p_pick_is_best': best_hits / trials,
-            'p_better_than_parent': better / trials, 'mean_true_kl_gain': float(np.mean(gains)), 'trials': trials}
-
-
-def replay(kl: np.ndarray, seq_len: int, survivors: int, n1: int, n2: int, trials: int, rng: random.Random) -> dict:
+def replay(kl: np.ndarray, seq_len: int, survivors: int, n1: int, n2: int, trials: int, rng: random.Random,
+           select: np.ndarray = None) -> dict:
     """The engine's two-step selection (row 0 = parent) on random disjoint subsets, judged on the rest.
 
+    ``select``: what the selection sees of each sequence (default ``kl``; fitness windows: the KL of each
+    sequence's first ``seq_len`` tokens), while the pick is judged on ``kl`` of the sequences it did not see.
     Also replayed: a gated elitism that replaces the parent only when the pick's paired KL gain on the N2
     sample exceeds one standard error of the per-sequence differences (not in the engine; measured here)."""
+    sel = kl if select is None else select
     k1, k2 = math.ceil(n1 / seq_len), math.ceil(n2 / seq_len)
     n_seq = kl.shape[1]
     if k1 + k2 >= n_seq:
@@ -128,15 +105,15 @@ def replay(kl: np.ndarray, seq_len: int, survivors: int, n1: int, n2: int, trial
         idx = list(range(n_seq))
         rng.shuffle(idx)
         s1, s2, rest = idx[:k1], idx[k1:k1 + k2], idx[k1 + k2:]
-        off = 1 + np.argsort(kl[1:, s1].mean(1), kind='stable')[:survivors]
+        off = 1 + np.argsort(sel[1:, s1].mean(1), kind='stable')[:survivors]
         finalists = [0] + list(off)  # the parent first: it stays unless an offspring is strictly better
-        f2 = kl[finalists][:, s2].mean(1)
+        f2 = sel[finalists][:, s2].mean(1)
         pick = finalists[int(np.argmin(f2))]
         true = kl[:, rest].mean(1)
         best_hits += pick == int(np.argmin(true))
         better += true[pick] < true[0]
         gains.append(true[0] - true[pick])
-        diff = kl[0, s2] - kl[pick, s2]
+        diff = sel[0, s2] - sel[pick, s2]
         se = diff.std(ddof=1) / math.sqrt(len(diff)) if len(diff) > 1 else math.inf
         gated.append(true[0] - true[pick] if pick and diff.mean() > se else 0.0)
     return {'n1': n1, 'n2': n2, 'p_pick_is_best': best_hits / trials, 'p_better_than_parent': better / trials,
@@ -222,9 +199,11 @@ def main(argv=None) -> dict:
 
 
 def window_rows(klc: np.ndarray, chunk: int, seq_len: int, survivors: int, trials: int, rng) -> list:
-    """:func:`replay_windows` for every window of whole chunks below ``seq_len``, at the budgets of :data:`BUDGETS`."""
-    return [r for window in range(chunk, seq_len, chunk) for n1, n2 in BUDGETS
-            if (r := replay_windows(klc, chunk, window, survivors, n1, n2, trials, rng))]
+    """:func:`replay` with fitness samples of windows (each a different sequence's first ``window`` tokens, for
+    every window of whole chunks below ``seq_len``) at the budgets of :data:`BUDGETS`, judged on whole sequences."""
+    full = sequence_kl(klc)
+    return [{'window': window, **r} for window in range(chunk, seq_len, chunk) for n1, n2 in BUDGETS
+            if (r := replay(full, window, survivors, n1, n2, trials, rng, select=sequence_kl(klc, window // chunk)))]
 
 
 def report(doc: dict, kl: np.ndarray, out: Path) -> dict:
