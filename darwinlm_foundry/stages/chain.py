@@ -203,6 +203,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         return {}
     if 'stages' not in cfg:
         from darwinlm_foundry.stages.train import foundry_train
-        foundry_train(cfg)
+        from darwinlm_foundry.utils.composer import close_trainer
+        close_trainer(foundry_train(cfg))  # closes callbacks and loggers now (foundry's train() leaves it open)
         return {}
     return run_chain(cfg)

@@ -10,16 +10,22 @@ from typing import Any, Dict, Optional
 
 from darwinlm_foundry.stages.common import base_model
 from darwinlm_foundry.utils.checkpoints import load_hf_model, save_hf_model
+from darwinlm_foundry.utils.composer import close_trainer
 from darwinlm_foundry.utils.dist import barrier, rank
 
 
 def foundry_train(cfg: Dict[str, Any]):
-    """llm-foundry's own train loop on a plain foundry config (our registry entries are visible to it)."""
+    """llm-foundry's own train loop on a plain foundry config (our registry entries are visible to it); returns
+    its trainer, which the caller closes."""
     from llmfoundry.command_utils import train
     from omegaconf import OmegaConf
 
     from darwinlm_foundry.data.loaders import serialized_shm_registration
-    with serialized_shm_registration():  # two jobs on one node would otherwise race for streaming's prefix
+    from darwinlm_foundry.utils.composer import weak_engine_atexit
+
+    # the lock: two jobs on one node would otherwise race for streaming's shared-memory prefix; the weak at-exit
+    # close: once the caller closes and drops the trainer, its model and optimizer are freed (the chain goes on)
+    with serialized_shm_registration(), weak_engine_atexit():
         return train(OmegaConf.create(cfg))
 
 
@@ -60,7 +66,8 @@ def run_train(cfg, stage_dir, refs, run, outputs):
         return {'model': os.path.abspath(final), 'base_model': base_model(refs)}
     trainer = _train_with_icl_files_in(train_cfg, os.path.join(stage_dir, 'icl_tasks'))
     batch = int(trainer.state.timestamp.batch)
-    trainer.close()
+    close_trainer(trainer)  # its model and optimizer are freed with it: the chain goes on in this process
+    del trainer
     exported = os.path.join(export_dir, 'huggingface', f'ba{batch}')
     if rank() == 0:
         if not os.path.exists(os.path.join(exported, 'config.json')):

@@ -1,37 +1,60 @@
-"""Composer ``Trainer`` objects that live for one short job inside a long process.
+"""Composer ``Trainer`` objects that live for one job inside a long process.
 
 Composer's ``Engine`` registers ``atexit.register(Engine._close, state, logger)`` so that callbacks are closed
 when the interpreter exits. That registration holds the ``State`` -- model, optimizer, dataloader -- until
-the process ends, even after ``trainer.close()``. A process that runs many short fits (the search fine-tunes
-every offspring; the reproduction post-trains dozens of models) then keeps every model it ever trained:
-~0.3 GB per level-5 offspring of a 18M-parameter model, an out-of-memory kill after a few hundred fits.
+the process ends, even after ``trainer.close()``. A process that runs many fits (the search fine-tunes every
+offspring; the reproduction post-trains dozens of models; the chain post-trains in one process beside later
+stages) then keeps every model and optimizer it ever trained: ~0.3 GB per level-5 offspring of a 18M-parameter
+model, ~1.3 GB (weights + AdamW moments) per SmolLM2 train stage. Saving a checkpoint adds a second holder:
+torch's distributed-checkpoint helper ``_get_fqns`` is an unbounded ``functools.cache`` keyed on the model
+(torch 2.7), which :func:`close_trainer` empties.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
-from typing import Any, Iterator
+import weakref
+from typing import Any, Callable, Iterator
 
-__all__ = ['transient_trainer']
+__all__ = ['close_trainer', 'transient_trainer', 'weak_engine_atexit']
+
+
+def _close_if_alive(close: Callable, refs: list) -> None:
+    objects = [ref() for ref in refs]
+    if all(obj is not None for obj in objects):  # still referenced at exit: close it, as Composer would have
+        close(*objects)
 
 
 @contextlib.contextmanager
-def _without_engine_atexit() -> Iterator[None]:
+def weak_engine_atexit() -> Iterator[None]:
+    """Engines created inside the block register their at-exit close on weak references to their state and
+    logger: a trainer still alive when the interpreter exits is closed then, as Composer intends, and one that
+    was closed and dropped is freed at once instead of at exit."""
     from composer.core.engine import Engine
 
     register = atexit.register
 
-    def skip_engine_close(func, *args, **kwargs):
-        if func is Engine._close:  # closed explicitly by transient_trainer instead
+    def weak_register(func, *args, **kwargs):
+        if func is Engine._close and not kwargs:
+            register(_close_if_alive, func, [weakref.ref(arg) for arg in args])
             return func
         return register(func, *args, **kwargs)
 
-    atexit.register = skip_engine_close
+    atexit.register = weak_register
     try:
         yield
     finally:
         atexit.register = register
+
+
+def close_trainer(trainer) -> None:
+    """Close ``trainer`` and drop the library caches that would keep its model alive after it."""
+    trainer.close()
+    from torch.distributed.checkpoint import state_dict
+    fqns = getattr(state_dict, '_get_fqns', None)
+    if hasattr(fqns, 'cache_clear'):  # the cache only saves recomputing names; cleared, it fills again on use
+        fqns.cache_clear()
 
 
 @contextlib.contextmanager
@@ -41,9 +64,9 @@ def transient_trainer(**trainer_kwargs: Any):
     references, the model, optimizer and dataloader can be freed."""
     from composer import Trainer
 
-    with _without_engine_atexit():
+    with weak_engine_atexit():
         trainer = Trainer(**trainer_kwargs)
     try:
         yield trainer
     finally:
-        trainer.close()
+        close_trainer(trainer)
