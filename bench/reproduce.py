@@ -38,7 +38,8 @@ Arms (the same parameter budget at level 5; level 6 for the gradual comparison),
 
 Every search starts from the fittest attention/MLP split of its size (``balance_kinds``, beyond the paper:
 mutation never moves levels between the kinds, so the start fixes how much of the cut falls on attention; the
-candidates trade whole exchanges of equal parameter cost and are scored on one sample of search tokens), then
+candidates trade whole exchanges of equal parameter cost and are scored on one sample of ``balance_tokens``
+search tokens, twice the last fitness step's: on 2,048 the pick was the noisiest choice of the start), then
 protects up to ``protect_units`` units, one per round (a unit gives back half its kind's mean level to the others,
 the fittest such move on the same sample kept while it beats the start: a one-level switch is too small a step to
 find a unit far more sensitive than the rest through a sample's noise); the protections are screened through
@@ -122,7 +123,8 @@ class Budget:
     samples_by_source: bool = False    # True: fitness samples balanced over the 7 domains (no better on seed 0:
                                        # 0.770 against 0.737 after 25 generations, search_length_bysource.txt)
     balance_kinds: bool = True         # searches start from the fittest attention/MLP split of their size
-    balance_tokens: int = 0            # tokens of the sample that picks that split (0: the last fitness step's)
+    balance_tokens: int = 4096         # tokens of the sample that picks that split (0: the last fitness step's;
+                                       # 4,096 against 2,048: seed 2 starts attention dense, 0.477 against 0.597)
     protect_units: int = 1             # then up to this many rounds protecting one unit each, on the same sample
                                        # (a 2nd round: held-out -0.027..+0.029 on seeds 0-2, neutral, twice the cost)
     balance_recheck_tokens: int = 0    # the best 3 splits scored again on this many fresh tokens (0: no re-check)
@@ -209,6 +211,7 @@ FULL = dataclasses.replace(QUICK, calibration_sequences=128, shared_database=Fal
                            icl_tasks=('arc_easy', 'piqa', 'winogrande', 'boolq', 'logi_qa', 'arc_challenge'),
                            icl_seeds=3)
 SMOKE = dataclasses.replace(QUICK, seeds=(0,), layers=2, seq_len=128, calibration_sequences=8, signal_sequences=4,
+                            balance_tokens=0,
                             generations=1, kl_generations=2, offspring=2, survivors=(1,), fitness_tokens=(256,),
                             tas_train_tokens=(256,), level6_generations=1, posttrain_steps=1, posttrain_batch=1,
                             posttrain_warmup=0, heldout_sequences=1, icl_tasks=('arc_easy', 'piqa'), icl_limit=4,

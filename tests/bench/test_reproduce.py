@@ -161,9 +161,10 @@ def test_ledger_refuses_other_settings_unless_restarted(tmp_path):
     older ledgers valid at the value those runs used."""
     reproduce = _load_reproduce()
     old = {k: v for k, v in reproduce.QUICK.fingerprint().items()}
-    # at their old values they are left out; balance_kinds was turned on deliberately (older runs are other runs)
+    # at their old values they are left out; balance_kinds and a 4,096-token balance sample were turned on
+    # deliberately (older runs are other runs)
     assert not {k for k, v in reproduce.ADDED_LATER.items() if getattr(reproduce.QUICK, k) == v} & set(old)
-    assert old['balance_kinds'] is True and 'balance_tokens' not in old
+    assert old['balance_kinds'] is True and old['balance_tokens'] == 4096 and 'samples_by_source' not in old
     assert reproduce._override(reproduce.QUICK, ['mlp_level_split=2']).fingerprint()['mlp_level_split'] == 2
     key = {'budget': old, 'data': 'd', 'model': {'sha256': 's', 'layers': 0}}
     ledger = reproduce.Ledger(tmp_path / 'ledger.json', key)
