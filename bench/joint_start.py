@@ -67,7 +67,9 @@ def main(argv=None) -> dict:
             _, record = engine.balance_kinds(engine.start, tokens)
             splits = dict(kind_balance_candidates(engine.start, engine.bounds, exchange))
             fitness = {c['shift']: c['fitness'] for c in record['candidates']}
-            top = sorted(fitness, key=fitness.__getitem__)[:args.top]
+            # the search's own order (ties to the smaller shift), so the first is the split it picks
+            top = sorted(fitness, key=lambda shift: (fitness[shift], abs(shift)))[:args.top]
+            assert top[0] == record['shift'], (top, record['shift'])
             rows = []
             for shift in top:
                 config, protection = engine.protect_units(splits[shift], tokens, fitness[shift])
