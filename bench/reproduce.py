@@ -127,6 +127,8 @@ class Budget:
                                        # 4,096 against 2,048: seed 2 starts attention dense, 0.477 against 0.597)
     protect_units: int = 1             # then up to this many rounds protecting one unit each, on the same sample
                                        # (a 2nd round: held-out -0.027..+0.029 on seeds 0-2, neutral, twice the cost)
+    balance_top: int = 1               # the split and its protection chosen together: the fittest this many
+                                       # splits protected, the fittest result kept (1: the split alone)
     balance_recheck_tokens: int = 0    # the best 3 splits scored again on this many fresh tokens (0: no re-check)
     uniform_start_seeds: int = 1       # with balance_kinds, the first this many seeds also run the KL-only search
                                        # from the uniform start (the paper's), kl_generations long
@@ -200,7 +202,7 @@ class Budget:
 
 # Budget fields added after results were committed, with the value the earlier runs used.
 ADDED_LATER = {'max_switches': 3, 'samples_by_source': False, 'mlp_level_split': 1, 'balance_kinds': False,
-               'balance_tokens': 0, 'protect_units': 0, 'balance_recheck_tokens': 0, 'winner': 'last'}
+               'balance_tokens': 0, 'protect_units': 0, 'balance_recheck_tokens': 0, 'winner': 'last', 'balance_top': 1}
 QUICK = Budget()
 FULL = dataclasses.replace(QUICK, calibration_sequences=128, shared_database=False, signal_sequences=64,
                            generations=24, kl_generations=60, tas_seeds=0, offspring=16, survivors=(4, 2, 1),
@@ -432,12 +434,14 @@ def search_engine(ctx: Context, db, source_dir: str, out_dir: Path, seed: int, *
     from darwinlm_foundry.search.settings import SearchSettings
     from darwinlm_foundry.search.tokens import ShardTokens
     b = ctx.budget
+    balance = b.balance_kinds if balance is None else balance
     settings = SearchSettings(
         target_level=level, start_config=start, generations=generations,
         extra_levels=(1 if start else 0) if extra_levels is None else extra_levels,
         offspring=b.offspring, max_switches=b.max_switches, samples_by_source=b.samples_by_source,
-        balance_kinds=b.balance_kinds if balance is None else balance, balance_tokens=b.balance_tokens or None,
-        protect_units=b.protect_units if (b.balance_kinds if balance is None else balance) else 0,
+        balance_kinds=balance, balance_tokens=b.balance_tokens or None,
+        protect_units=b.protect_units if balance else 0,
+        balance_top=b.balance_top if balance and b.protect_units else 1,
         balance_recheck_tokens=b.balance_recheck_tokens or None,
         survivors=tuple(b.survivors), fitness_tokens=tuple(b.fitness_tokens),
         train_tokens=tuple(b.tas_train_tokens) if tas else (0,) * len(b.fitness_tokens), lr=b.tas_lr,

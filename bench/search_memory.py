@@ -55,14 +55,20 @@ def child(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     settings = dict(SETTINGS, generations=args.generations, output_dir=args.child_out,
-                    train_tokens=[int(t) for t in args.train_tokens.split(',')])
+                    train_tokens=[int(t) for t in args.train_tokens.split(',')], **_overrides(args.set))
     if args.activation_checkpointing:
         settings['activation_checkpointing'] = True
     rss = {'import': _rss_gb(), 'max': 0.0}
 
+    t_start = time.perf_counter()
+
     def sample():  # the RSS over time, for the log (the peak reported is the kernel's, not this)
+        shown = 0.0
         while True:
             rss['max'] = max(rss['max'], _rss_gb())
+            if args.trace and rss['max'] >= shown + args.trace:  # each new high by `trace` GB, between the
+                shown = rss['max']                                # engine's lines: which phase sets the peak
+                print(f'  [rss {time.perf_counter() - t_start:7.1f} s] new high {shown:.2f} GB', flush=True)
             time.sleep(0.05)
 
     threading.Thread(target=sample, daemon=True).start()
@@ -87,13 +93,27 @@ def child(args) -> None:
                                   'stats': engine.stats}), flush=True)
 
 
+def _overrides(pairs) -> dict:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition('=')
+        if not sep:
+            raise SystemExit(f'--set takes KEY=VALUE, got {pair!r}')
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
 def _run_child(args, out_dir: str, pythonpath=None, extra=()) -> dict:
     env = dict(os.environ)
     if pythonpath:
         env['PYTHONPATH'] = pythonpath + (os.pathsep + env['PYTHONPATH'] if env.get('PYTHONPATH') else '')
     cmd = [sys.executable, os.path.abspath(__file__), '--child', '--child-out', out_dir, '--db', args.db,
            '--model', args.model, '--shards', args.shards, '--generations', str(args.generations),
-           '--train-tokens', args.train_tokens, '--threads', str(args.threads), *extra]
+           '--train-tokens', args.train_tokens, '--threads', str(args.threads), '--trace', str(args.trace),
+           *[f'--set={kv}' for kv in args.set], *extra]
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     result = None
@@ -134,6 +154,12 @@ def main(argv=None) -> None:
     p.add_argument('--before-pythonpath', default=None,
                    help='run the same search first with this PYTHONPATH (an older darwinlm_foundry copy)')
     p.add_argument('--before-gb', type=float, default=None, help='peak measured earlier, for the last line')
+    p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
+                   help='a search setting over the search5 ones (VALUE as JSON, else a string), e.g. the gradual '
+                        'search6: --set start_config=<search5 winner.json> --set target_level=null '
+                        '--set extra_levels=1 --set balance_kinds=true --set protect_units=1')
+    p.add_argument('--trace', type=float, default=0.0,
+                   help='print the RSS each time it passes its last high by this many GB (0: off)')
     p.add_argument('--child', action='store_true', help=argparse.SUPPRESS)
     p.add_argument('--child-out', default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -154,6 +180,7 @@ def main(argv=None) -> None:
         cmd = [sys.executable, os.path.abspath(__file__), '--db', args.db, '--model', args.model, '--shards',
                args.shards, '--out', out, '--generations', str(args.generations), '--train-tokens',
                args.train_tokens, '--threads', str(args.threads), '--before-gb', str(before_gb),
+               '--trace', str(args.trace), *[f'--set={kv}' for kv in args.set],
                *(['--activation-checkpointing'] if args.activation_checkpointing else [])]
         lines = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()
         print('\n'.join(lines[:-1]), flush=True)

@@ -317,7 +317,9 @@ class EvolutionarySearch(CandidateScoring):
                 start, extra['kind_balance'] = self.balance_kinds(self.start, tokens)
                 chosen = extra['kind_balance']['shift']  # its fitness on this sample: protection compares there
                 fitness = next(c['fitness'] for c in extra['kind_balance']['candidates'] if c['shift'] == chosen)
-            if s.protect_units:
+            if s.protect_units and s.balance_top > 1:
+                start, extra['unit_protection'] = self._protect_top_splits(extra['kind_balance'], tokens)
+            elif s.protect_units:
                 start, extra['unit_protection'] = self.protect_units(start, tokens, fitness)
             self.cache.forget(('balance',))
         return SearchState.new(start, derive_seed(self.settings.seed, 'mutation'), fp,
@@ -386,6 +388,28 @@ class EvolutionarySearch(CandidateScoring):
             print(f'DarwinLM search: unit protection: no one-unit move beats the start ({first:.4f})', flush=True)
         return config, {'tokens': int(tokens.numel()), 'start_fitness': first, 'fitness': fitness, 'moves': moves,
                         'screening': [{'tokens': int(tokens[:n].numel()), 'keep': keep} for n, keep in screens]}
+
+    def _protect_top_splits(self, record: dict, tokens: torch.Tensor) -> tuple[LevelConfig, dict]:
+        """``balance_top``: protect each of the kind balance's fittest splits (its pick first, then by fitness on
+        ``tokens``, ties to the smaller shift) and keep the fittest protected start, ties to the earlier. Updates
+        ``record`` (``balance_kinds``'s): ``split_shift`` the balance's pick, ``shift`` the split kept,
+        ``protected`` each split's protected fitness. Returns the start and the kept split's protection record."""
+        exchange = kind_exchange(self.spec.per_step_parameters('attn'), self.spec.per_step_parameters('mlp'))
+        splits = dict(kind_balance_candidates(self.start, self.bounds, exchange))
+        fitness = {row['shift']: row['fitness'] for row in record['candidates']}
+        rest = sorted((k for k in fitness if k != record['shift']), key=lambda k: (fitness[k], abs(k)))
+        best = None
+        record['split_shift'], record['protected'] = record['shift'], {}
+        for shift in [record['shift']] + rest[:self.settings.balance_top - 1]:
+            print(f'DarwinLM search: protecting split {shift:+d} (fitness {fitness[shift]:.4f})', flush=True)
+            config, protection = self.protect_units(splits[shift], tokens, fitness[shift])
+            record['protected'][str(shift)] = protection['fitness']
+            if best is None or protection['fitness'] < best[2]['fitness']:
+                best = (shift, config, protection)
+        record['shift'] = best[0]
+        print(f'DarwinLM search: split {best[0]:+d} kept, protected fitness {best[2]["fitness"]:.4f} ('
+              + ', '.join(f'{k}: {v:.4f}' for k, v in record['protected'].items()) + ')', flush=True)
+        return best[1], best[2]
 
     def balance_kinds(self, config: LevelConfig, tokens: Optional[torch.Tensor] = None) -> tuple[LevelConfig, dict]:
         """The fittest of ``config``'s kind-balance candidates (``balance_kinds``) and a record of their scores.

@@ -291,7 +291,7 @@ def test_memory_lean_fitness_equals_the_reference_path(mode, runs, pretrained, d
                            database, dense_tensor_getter(pretrained), TensorTokens(tokens[64:]),
                            candidate_hook=lambda config, model: models.append(model)).run()
     assert all(m.model.gradient_checkpointing == bool(train[0]) for m in models)
-    del models
+    models.clear()
     # the same trajectory (without a probe the reference returns its last parent: winner 'auto' -> 'last')
     assert ref.winner_rule == 'last' and ref.winner.to_dict() == lean.history[-1]['winner']
     assert ref.fitness == lean.history[-1]['fitness']
@@ -857,6 +857,59 @@ def test_protect_units_starts_from_the_fittest_protection(pretrained, database, 
     resumed = _engine(dataclasses.replace(settings, generations=1), pretrained, database, tokens)
     resumed.protect_units = lambda *a: pytest.fail('a resumed search scored the protections again')
     assert resumed.run().generations == 1
+
+
+def test_balance_top_protects_each_fittest_split_and_keeps_the_fittest(pretrained, database, tokens, tmp_path):
+    """balance_top: the kind balance's pick and its next fittest splits are each protected on the balance
+    sample, and the fittest protected start is kept (against the protections run one by one); a split that
+    protects better than the pick wins, ties go to the pick; the start keeps its exact size."""
+    from darwinlm_foundry.search.space import kind_balance_candidates, kind_exchange
+    from darwinlm_foundry.search.tokens import derive_seed
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match='balance_top must be an integer >= 1'):
+            SearchSettings(balance_top=bad)
+    with pytest.raises(ValueError, match='needs balance_kinds: true and protect_units >= 1'):
+        SearchSettings(balance_top=2, balance_kinds=True)
+    assert 'balance_top' not in SearchSettings().result_fields()
+    assert SearchSettings(balance_top=2, balance_kinds=True, protect_units=1).result_fields()['balance_top'] == 2
+    spec = database.level_spec
+    settings = _settings(tmp_path / 'top', generations=0, balance_kinds=True, protect_units=1, balance_top=3,
+                         survivors=(2, 1))
+    engine = _engine(settings, pretrained, database, tokens)
+    exchange = kind_exchange(spec.per_step_parameters('attn'), spec.per_step_parameters('mlp'))
+    splits = dict(kind_balance_candidates(uniform(2, 5), engine.bounds, exchange))
+    sample = engine.data.sample(engine._n_seqs(1024), SEQ, derive_seed(3, 'balance'))
+    fitness = {k: engine.config_fitness(c, sample) for k, c in splits.items()}
+    top = sorted(fitness, key=lambda k: (fitness[k], abs(k)))[:3]
+    protected = {k: engine.protect_units(splits[k], sample, fitness[k]) for k in top}
+    kept = min(top, key=lambda k: protected[k][1]['fitness'])  # min keeps the first on ties, as the engine does
+    result = engine.run()
+    data = json.loads((tmp_path / 'top' / WINNER_JSON).read_text())
+    record = data['kind_balance']
+    assert record['split_shift'] == top[0] and record['shift'] == kept
+    assert {int(k): v for k, v in record['protected'].items()} == pytest.approx(
+        {k: p[1]['fitness'] for k, p in protected.items()}, rel=1e-6)
+    assert LevelConfig.from_dict(data['start']) == protected[kept][0] == result.winner
+    assert data['unit_protection']['moves'] == pytest.approx(protected[kept][1]['moves'])
+    assert result.parameters == spec.parameter_count(5)
+
+    # the choice itself: a later split whose protection is fitter wins; an equal one does not
+    fitness_top0 = engine.balance_kinds(engine.start, sample)[1]['candidates']
+    fitness_top0 = next(r['fitness'] for r in fitness_top0 if r['shift'] == top[0])
+    def fake(gain):
+        def protect(config, tokens, fitness):
+            split = next(k for k, c in splits.items() if c == config)
+            # split top[1] protects to the pick's own fitness minus gain (gain 0: a tie)
+            return config, {'fitness': (fitness_top0 - gain) if split == top[1] else fitness, 'moves': []}
+        return protect
+
+    for gain, winner in ((0.5, top[1]), (0.0, top[0])):
+        other = _engine(dataclasses.replace(settings, output_dir=str(tmp_path / f'fake{gain}'), balance_top=2),
+                        pretrained, database, tokens)
+        other.protect_units = fake(gain)
+        record = other.balance_kinds(other.start, sample)[1]
+        config, _ = other._protect_top_splits(record, sample)
+        assert record['split_shift'] == top[0] and record['shift'] == winner and config == splits[winner]
 
 
 def test_balance_kinds_starts_from_the_fittest_exchange(pretrained, database, tokens, tmp_path):
