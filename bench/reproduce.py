@@ -46,7 +46,8 @@ find a unit far more sensitive than the rest through a sample's noise); the prot
 the selection's steps. With ``balance_top`` K > 1 the K fittest splits are each protected and the fittest
 protected start is kept (the split and its protection chosen together). Arm 7 starts from arm 6's start of the same seed (the start phase does not train, so it
 would choose the same one). Arm 6's start alone is scored too (``balanced5``), and the first
-``uniform_start_seeds`` seeds also run arm 6 from the uniform start, as the paper does (``darwinlm5_kl_uniform``).
+``uniform_start_seeds`` seeds (full: 1, quick: 0) also run arm 6 from the uniform start, as the paper does
+(``darwinlm5_kl_uniform``).
 One-shot searches return the parent with the best probe fitness (``winner``), TAS searches their last parent.
 
 Every seed runs 6; the first ``tas_seeds`` seeds (quick: 1; full: all) also run 7, 8 for 7 and 9, which cost
@@ -128,11 +129,14 @@ class Budget:
                                        # 4,096 against 2,048: seed 2 starts attention dense, 0.477 against 0.597)
     protect_units: int = 1             # then up to this many rounds protecting one unit each, on the same sample
                                        # (a 2nd round: held-out -0.027..+0.029 on seeds 0-2, neutral, twice the cost)
-    balance_top: int = 1               # the split and its protection chosen together: the fittest this many
-                                       # splits protected, the fittest result kept (1: the split alone)
+    balance_top: int = 2               # the split and its protection chosen together: the fittest this many
+                                       # splits protected, the fittest result kept (1: the split alone; 2: seed
+                                       # 1 0.574 -> 0.510, level 6 0.459 -> 0.415x uniform, quick_top2/)
     balance_recheck_tokens: int = 0    # the best 3 splits scored again on this many fresh tokens (0: no re-check)
-    uniform_start_seeds: int = 1       # with balance_kinds, the first this many seeds also run the KL-only search
-                                       # from the uniform start (the paper's), kl_generations long
+    uniform_start_seeds: int = 0       # with balance_kinds, the first this many seeds also run the KL-only search
+                                       # from the uniform start (the paper's), kl_generations long (full: 1; quick
+                                       # 0 since balance_top 2, for time: 0.967x uniform on seed 0 in quick_4096/
+                                       # and quick_top2/)
     survivors: tuple = (2, 1)
     fitness_tokens: tuple = (1024, 2048)  # fewer let sample noise pick (bench/results/fitness_noise)
     tas_train_tokens: tuple = (0, 2048)  # per candidate and selection step (0: that step selects one-shot)
@@ -210,11 +214,11 @@ FULL = dataclasses.replace(QUICK, calibration_sequences=128, shared_database=Fal
                            fitness_tokens=(1024, 2048, 4096),
                            tas_train_tokens=(1024, 2048, 4096), level6_generations=16, level6_selection='tas',
                            posttrain_steps=32, posttrain_batch=4, posttrain_warmup=3, level6_baselines=True,
-                           heldout_sequences=8,
+                           heldout_sequences=8, uniform_start_seeds=1,
                            icl_tasks=('arc_easy', 'piqa', 'winogrande', 'boolq', 'logi_qa', 'arc_challenge'),
                            icl_seeds=3)
 SMOKE = dataclasses.replace(QUICK, seeds=(0,), layers=2, seq_len=128, calibration_sequences=8, signal_sequences=4,
-                            balance_tokens=0,
+                            balance_tokens=0, uniform_start_seeds=1,
                             generations=1, kl_generations=2, offspring=2, survivors=(1,), fitness_tokens=(256,),
                             tas_train_tokens=(256,), level6_generations=1, posttrain_steps=1, posttrain_batch=1,
                             posttrain_warmup=0, heldout_sequences=1, icl_tasks=('arc_easy', 'piqa'), icl_limit=4,
@@ -704,10 +708,13 @@ def run_seed(ctx: Context, seed: int, draw: int) -> dict:
         models['darwinlm5_tas'] = _scored(ctx, f'{key}/darwinlm5_tas', lambda: stitched(
             'darwinlm5_tas', searches['darwinlm5_tas']['levels'], 'DarwinLM level-5 TAS search'),
             {'level': 5, 'levels': searches['darwinlm5_tas']['levels'], 'arm': 7})
-        if b.kl_generations == b.generations:
+        from darwinlm_foundry.search.space import LevelConfig
+        matched = parent_after(searches['darwinlm5_kl'], b.generations)
+        if LevelConfig.from_dict(matched) == LevelConfig.from_dict(searches['darwinlm5_kl']['levels']):
+            # the same parent (as long a search, or the winner rule picked a parent of the first generations):
+            # the same model, and the same post-training below
             models['darwinlm5_kl_matched'] = models['darwinlm5_kl']
         else:
-            matched = parent_after(searches['darwinlm5_kl'], b.generations)
             models['darwinlm5_kl_matched'] = _scored(ctx, f'{key}/darwinlm5_kl_matched', lambda: stitched(
                 'darwinlm5_kl_matched', matched, f'DarwinLM level-5 KL-only search after {b.generations} '
                 'generations'), {'level': 5, 'levels': matched, 'arm': 6})
@@ -719,7 +726,7 @@ def run_seed(ctx: Context, seed: int, draw: int) -> dict:
         models[f'{name}+train'] = _scored(ctx, f'{key}/{name}+train', lambda: posttrain(
             ctx, models[name]['path'], mdir / f'{name}+train', seed, b.posttrain_steps, name),
             {'level': 5, 'levels': models[name]['levels'], 'arm': 8, 'train_tokens': n_tokens})
-    if tas and b.kl_generations == b.generations:
+    if tas and models['darwinlm5_kl_matched'] is models['darwinlm5_kl']:
         models['darwinlm5_kl_matched+train'] = models['darwinlm5_kl+train']
     if not tas:
         return {'draw': draw, 'models': models, 'searches': searches}
@@ -853,9 +860,10 @@ def summarise(doc: dict) -> dict:
                          'domains': {d: _stats([v['domains'][d]['ppl'] for v in vals]) for d in domains}})
         tables[str(level)] = rows
 
-    def ratio(num: str, den: str) -> dict:  # over the seeds that have both (TAS arms: the first tas_seeds)
-        return _stats([_model(doc, s, num)['ppl'] / _model(doc, s, den)['ppl'] for s in seeds
-                       if _model(doc, s, num) and _model(doc, s, den)])
+    def ratio(num: str, den: str) -> Optional[dict]:  # over the seeds that have both (TAS: the first tas_seeds)
+        values = [_model(doc, s, num)['ppl'] / _model(doc, s, den)['ppl'] for s in seeds
+                  if _model(doc, s, num) and _model(doc, s, den)]
+        return _stats(values) if values else None
     headline = {'searched_vs_uniform_ppl_ratio': ratio('darwinlm5_kl', 'uniform5'),
                 'tas_gain': ratio('darwinlm5_kl_matched+train', 'darwinlm5_tas+train'),
                 'gradual_gain': ratio('darwinlm6+train2N', 'gradual6+train'),
@@ -868,6 +876,9 @@ def summarise(doc: dict) -> dict:
                 'searched_vs_shortgpt_ppl_ratio': ratio('darwinlm5_kl', 'shortgpt5'),
                 'searched_plus_N_vs_uniform_ppl_ratio': ratio('darwinlm5_kl+train', 'uniform5'),
                 'oneshot6_vs_uniform6_ppl_ratio': ratio('darwinlm6', 'uniform6')}
+    # arms a budget leaves out (e.g. the uniform-start search in quick mode) have no seeds to average; the three
+    # of the LAST line are in every budget
+    headline = {k: v for k, v in headline.items() if v is not None}
     return {'tables': tables, 'headline': headline}
 
 

@@ -165,6 +165,8 @@ def test_ledger_refuses_other_settings_unless_restarted(tmp_path):
     # deliberately (older runs are other runs)
     assert not {k for k, v in reproduce.ADDED_LATER.items() if getattr(reproduce.QUICK, k) == v} & set(old)
     assert old['balance_kinds'] is True and old['balance_tokens'] == 4096 and 'samples_by_source' not in old
+    assert old['balance_top'] == 2 and 'balance_top' not in reproduce._override(
+        reproduce.QUICK, ['balance_top=1']).fingerprint()  # runs made before it resume with balance_top=1
     assert reproduce._override(reproduce.QUICK, ['mlp_level_split=2']).fingerprint()['mlp_level_split'] == 2
     key = {'budget': old, 'data': 'd', 'model': {'sha256': 's', 'layers': 0}}
     ledger = reproduce.Ledger(tmp_path / 'ledger.json', key)
