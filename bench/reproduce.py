@@ -44,8 +44,8 @@ protects up to ``protect_units`` units, one per round (a unit gives back half it
 the fittest such move on the same sample kept while it beats the start: a one-level switch is too small a step to
 find a unit far more sensitive than the rest through a sample's noise); the protections are screened through
 the selection's steps. With ``balance_top`` K > 1 the K fittest splits are each protected and the fittest
-protected start is kept (the split and its protection chosen together). Arm 7 starts from arm 6's start of the same seed (the start phase does not train, so it
-would choose the same one). Arm 6's start alone is scored too (``balanced5``), and the first
+protected start is kept (the split and its protection chosen together). Arm 7 starts from arm 6's start of the
+same seed (the start phase does not train, so it would choose the same one). Arm 6's start alone is scored too (``balanced5``), and the first
 ``uniform_start_seeds`` seeds (full: 1, quick: 0) also run arm 6 from the uniform start, as the paper does
 (``darwinlm5_kl_uniform``).
 One-shot searches return the parent with the best probe fitness (``winner``), TAS searches their last parent.
