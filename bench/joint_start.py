@@ -36,7 +36,7 @@ def main(argv=None) -> dict:
     p.add_argument('--out', default=None, help='output JSON (default <run>/joint_start.json)')
     args = p.parse_args(argv)
 
-    from darwinlm_foundry.search.space import kind_balance_candidates, kind_exchange, uniform
+    from darwinlm_foundry.search.space import uniform
     from darwinlm_foundry.utils.io import atomic_write_json
 
     t0 = time.time()
@@ -46,7 +46,6 @@ def main(argv=None) -> dict:
     fin = reproduce.open_run(run, budget=budget)
     spec = fin.spec
     uniform_config = uniform(spec.num_layers, args.level, mlp_split=spec.mlp_split)
-    exchange = kind_exchange(spec.per_step_parameters('attn'), spec.per_step_parameters('mlp'))
     scores = {}
     out = Path(args.out or run / 'joint_start.json')
 
@@ -65,7 +64,7 @@ def main(argv=None) -> dict:
                                              level=args.level, generations=0)
             tokens = engine.balance_sample()
             _, record = engine.balance_kinds(engine.start, tokens)
-            splits = dict(kind_balance_candidates(engine.start, engine.bounds, exchange))
+            splits = dict(engine.kind_splits(engine.start)[1])
             fitness = {c['shift']: c['fitness'] for c in record['candidates']}
             # the search's own order (ties to the smaller shift), so the first is the split it picks
             top = sorted(fitness, key=lambda shift: (fitness[shift], abs(shift)))[:args.top]

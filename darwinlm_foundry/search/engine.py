@@ -389,8 +389,9 @@ class EvolutionarySearch(CandidateScoring):
         return config, {'tokens': int(tokens.numel()), 'start_fitness': first, 'fitness': fitness, 'moves': moves,
                         'screening': [{'tokens': int(tokens[:n].numel()), 'keep': keep} for n, keep in screens]}
 
-    def _kind_splits(self, config: LevelConfig) -> tuple[tuple[int, int], list]:
-        """The exchange of equal parameter cost between the kinds and ``config``'s kind-balance candidates."""
+    def kind_splits(self, config: LevelConfig) -> tuple[tuple[int, int], list]:
+        """The exchange of equal parameter cost between the kinds and ``config``'s kind-balance candidates
+        (``(shift, config)`` pairs, :func:`~darwinlm_foundry.search.space.kind_balance_candidates`)."""
         exchange = kind_exchange(self.spec.per_step_parameters('attn'), self.spec.per_step_parameters('mlp'))
         return exchange, kind_balance_candidates(config, self.bounds, exchange)
 
@@ -399,7 +400,7 @@ class EvolutionarySearch(CandidateScoring):
         ``tokens``, ties to the smaller shift) and keep the fittest protected start, ties to the earlier. Updates
         ``record`` (``balance_kinds``'s): ``split_shift`` the balance's pick, ``shift`` the split kept,
         ``protected`` each split's protected fitness. Returns the start and the kept split's protection record."""
-        splits = dict(self._kind_splits(self.start)[1])
+        splits = dict(self.kind_splits(self.start)[1])
         fitness = {row['shift']: row['fitness'] for row in record['candidates']}
         rest = sorted((k for k in fitness if k != record['shift']), key=lambda k: (fitness[k], abs(k)))
         best = None
@@ -423,7 +424,7 @@ class EvolutionarySearch(CandidateScoring):
         sample (``tokens``, default :meth:`balance_sample`). Runs
         on the rank that creates the state; the others receive the state it makes.
         """
-        exchange, candidates = self._kind_splits(config)
+        exchange, candidates = self.kind_splits(config)
         size = self.spec.parameter_count(config)
         own = tokens is None
         if own:
