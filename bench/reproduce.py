@@ -132,7 +132,9 @@ class Budget:
     balance_top: int = 2               # the split and its protection chosen together: the fittest this many
                                        # splits protected, the fittest result kept (1: the split alone; 2: seed
                                        # 1 0.574 -> 0.510, level 6 0.459 -> 0.415x uniform, quick_top2/)
-    balance_recheck_tokens: int = 0    # the best 3 splits scored again on this many fresh tokens (0: no re-check)
+    balance_recheck_tokens: int = 0    # the start's finalists (the best 3 splits; with balance_top > 1 the protected
+                                       # ones) scored again on this many fresh tokens (0: no re-check; 16,384 in
+                                       # quick_recheck/: 0.493 mean, but held-out sided with 1 of its 3 changes)
     uniform_start_seeds: int = 0       # with balance_kinds, the first this many seeds also run the KL-only search
                                        # from the uniform start (the paper's), kl_generations long (full: 1; quick
                                        # 0 since balance_top 2, for time: 0.967x uniform on seed 0 in quick_4096/

@@ -472,6 +472,27 @@ class CandidateScoring:
         total, count = self._fitness_sums(model, tokens, targets)
         return self._finish(total, count, self.settings.fitness)
 
+    def configs_fitness(self, configs: Sequence[LevelConfig], tokens: torch.Tensor, name: str) -> list[float]:
+        """Fitness of each of ``configs`` as stitched on one sample ``tokens``, its dense targets computed once
+        and dropped after (kept in a scratch file and read back a micro-batch at a time when larger than
+        ``spill_targets_mib``, so a large re-check sample costs no more memory than a fitness step); one rank.
+        ``name``: the sample's cache key / scratch file name. The same values as :meth:`config_fitness`."""
+        targets = None
+        if self.settings.fitness != 'ppl':
+            if self.cache.directory is None and self._spills(tokens):
+                targets = self._spill_dense_targets(tokens, name)
+            else:
+                targets = self.dense_targets((name, _digest(tokens)), tokens)
+                self._release_dense()
+        out = []
+        for config in configs:
+            model = self.build_candidate(config).to(self.device)
+            out.append(self._finish(*self._fitness_sums(model, tokens, targets), self.settings.fitness))
+            del model
+        self._drop_spilled(targets)
+        self.cache.forget((name, _digest(tokens)))
+        return out
+
     # -- the probe -----------------------------------------------------------------------------------
     def probe_sample(self) -> Optional[torch.Tensor]:
         """The fixed probe sample (same tokens every generation; None when ``probe_tokens`` is 0)."""

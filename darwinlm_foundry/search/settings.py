@@ -66,9 +66,11 @@ class SearchSettings:
     level 5, seed 1: the 2nd split protected is 1.359 against 1.411, 0.515x against 0.574x the uniform model's
     held-out perplexity, ``bench/joint_start.py``). Costs ``balance_top - 1`` more protection rounds; 1 (default):
     the balance's pick alone.
-    ``balance_recheck_tokens``: the kind balance's best 3 splits are scored again on a fresh sample of this many
-    tokens and the fittest there is kept (None: the first sample decides; it is the noisiest choice of the start,
-    made on one fitness step's tokens).
+    ``balance_recheck_tokens``: the start's finalists are scored again on a fresh sample of this many tokens and
+    the fittest there is kept: the kind balance's best 3 splits, or with ``balance_top`` > 1 the protected
+    splits (None: the first sample decides; the choice of the start is made on one sample, and its finalists
+    differ by less than that sample's noise). Its dense targets go to a scratch file above ``spill_targets_mib``,
+    so a large sample costs time, not memory.
     Probe: ``probe_tokens`` -- after every generation the parent, as stitched (no fine-tuning), is also scored
     on one fixed probe sample of this many tokens (the same tokens every generation, drawn with a fixed seed;
     default: the last ``fitness_tokens`` step; 0: no probe) and recorded as ``probe_fitness``: the selection's

@@ -911,6 +911,21 @@ def test_balance_top_protects_each_fittest_split_and_keeps_the_fittest(pretraine
         config, _ = other._protect_top_splits(record, sample)
         assert record['split_shift'] == top[0] and record['shift'] == winner and config == splits[winner]
 
+    # balance_recheck_tokens with balance_top > 1: the protected finalists (not the raw splits) are scored again
+    # on a fresh sample, which decides (its targets spilled to a file at spill_targets_mib 0: the same values)
+    recheck = _engine(dataclasses.replace(settings, output_dir=str(tmp_path / 'recheck'), balance_top=2,
+                                          balance_recheck_tokens=512, spill_targets_mib=0),
+                      pretrained, database, tokens)
+    again = engine.data.sample(engine._n_seqs(512), SEQ, derive_seed(3, 'balance_recheck'))
+    rescored = {k: engine.config_fitness(protected[k][0], again) for k in top[:2]}
+    record = recheck.balance_kinds(recheck.start, sample)[1]
+    assert 'recheck' not in record  # the raw splits are not re-scored when the finalists are
+    config, _ = recheck._protect_top_splits(record, sample)
+    assert record['recheck']['tokens'] == 512
+    assert {int(k): v for k, v in record['recheck']['fitness'].items()} == pytest.approx(rescored, rel=1e-6)
+    assert record['shift'] == min(top[:2], key=rescored.__getitem__) and config == protected[record['shift']][0]
+    assert not list((tmp_path / 'recheck').glob('.darwinlm_targets_*'))  # the spilled targets are gone
+
 
 def test_balance_kinds_starts_from_the_fittest_exchange(pretrained, database, tokens, tmp_path):
     """balance_kinds: every start of whole attention-for-MLP exchanges is scored on the balance sample, the
