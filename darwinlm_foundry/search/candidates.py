@@ -477,12 +477,12 @@ class CandidateScoring:
         and dropped after (kept in a scratch file and read back a micro-batch at a time when larger than
         ``spill_targets_mib``, so a large re-check sample costs no more memory than a fitness step); one rank.
         ``name``: the sample's cache key / scratch file name. The same values as :meth:`config_fitness`."""
-        targets = None
+        targets, key = None, (name, _digest(tokens))
         if self.settings.fitness != 'ppl':
             if self.cache.directory is None and self._spills(tokens):
                 targets = self._spill_dense_targets(tokens, name)
             else:
-                targets = self.dense_targets((name, _digest(tokens)), tokens)
+                targets = self.dense_targets(key, tokens)
                 self._release_dense()
         out = []
         for config in configs:
@@ -490,7 +490,7 @@ class CandidateScoring:
             out.append(self._finish(*self._fitness_sums(model, tokens, targets), self.settings.fitness))
             del model
         self._drop_spilled(targets)
-        self.cache.forget((name, _digest(tokens)))
+        self.cache.forget(key)
         return out
 
     # -- the probe -----------------------------------------------------------------------------------

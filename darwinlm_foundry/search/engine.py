@@ -413,8 +413,8 @@ class EvolutionarySearch(CandidateScoring):
             if best is None or protection['fitness'] < best[2]['fitness']:
                 best = finalists[-1]
         if self.settings.balance_recheck_tokens:
-            # the finalists again on a larger fresh sample: their gaps on the first one are inside its noise
-            # (SmolLM2-135M, level 5, seed 2: 0.7% on 4,096 tokens, the other way round held-out)
+            # the finalists again on a fresh sample: each one's protection was chosen on the first sample, which
+            # so flatters them all; only a fresh one compares them fairly
             recheck = self._recheck_sample()
             again = self.configs_fitness([f[1] for f in finalists], recheck, 'balance_recheck')
             best = finalists[min(range(len(finalists)), key=again.__getitem__)]
