@@ -1,9 +1,9 @@
 """Are the reproduction's held-out perplexity ratios measured precisely enough? The same models, more text.
 
-The quick reproduction scores held-out perplexity on ``heldout_sequences`` (2) packed 512-token sequences per
-domain, 14 in all: its searched-vs-uniform ratios rest on about 7,000 tokens. This bench takes a finished
-reproduction's models and scores them on the first ``--seqs`` held-out sequences of every domain (the study's 2
-are the first of them; a domain with less text gives what it has), per sequence, so that every ratio to the
+The quick reproduction scores held-out perplexity on ``heldout_sequences`` (6; 2 until 2026-12-06) packed
+512-token sequences per domain, 40 in all (cc has 4). This bench takes a finished reproduction's models and scores
+them on the first ``--seqs`` held-out sequences of every domain (the study's are the first of them; a domain with
+less text gives what it has), per sequence, so that every ratio to the
 uniform model comes with the standard error of its paired per-sequence log-perplexity differences. Printed for
 both the study's sequences and the larger set: overall ratio ± SE, and the ratio per domain. Each model's
 per-sequence NLL is saved as it finishes (``--out``), so an interrupted run resumes. LAST line::
@@ -32,17 +32,27 @@ DEFAULT_MODELS = ('uniform5', 'shortgpt5', 'seed0/balanced5', 'seed1/balanced5',
 SEARCHED = 'seed0/darwinlm5_kl,seed1/darwinlm5_kl,seed2/darwinlm5_kl'
 
 
-def ratio_row(nll: dict, base: dict, keep) -> tuple[float, float]:
-    """(ppl ratio, SE of its log) of per-sequence NLL lists against ``base`` on the sequences ``keep(domain, i)``
-    (every sequence has the same number of predicted tokens, so the token mean is the sequence mean)."""
-    d = np.array([m - b for dom in nll for i, (m, b) in enumerate(zip(nll[dom], base[dom])) if keep(dom, i)])
-    return math.exp(d.mean()), d.std(ddof=1) / math.sqrt(len(d))
+def ratio_row(nll: dict, base: dict, keep) -> tuple[float, float, float]:
+    """(ppl ratio, SE of its log stratified by domain, the same unstratified) of per-sequence NLL lists against
+    ``base`` on the sequences ``keep(domain, i)`` (every sequence has the same number of predicted tokens, so the
+    token mean is the sequence mean).
+
+    The sample is stratified: each domain's share of the sequences is fixed, so the spread between domains (github
+    0.1x, book 0.8x) is not sampling noise. Stratified: var = sum_d (n_d / n)^2 s_d^2 / n_d over the domains'
+    paired differences (a domain with one sequence adds nothing: its spread cannot be estimated)."""
+    diffs = {dom: np.array([m - b for i, (m, b) in enumerate(zip(nll[dom], base[dom])) if keep(dom, i)])
+             for dom in nll}
+    diffs = {dom: d for dom, d in diffs.items() if len(d)}
+    every = np.concatenate(list(diffs.values()))
+    n = len(every)
+    var = sum((len(d) / n) ** 2 * d.var(ddof=1) / len(d) for d in diffs.values() if len(d) > 1)
+    return math.exp(every.mean()), math.sqrt(var), every.std(ddof=1) / math.sqrt(n)
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--run', default=str(reproduce.REPO / 'runs' / 'reproduce' / 'quick'))
-    p.add_argument('--seqs', type=int, default=8, help='held-out sequences per domain (the study scores 2)')
+    p.add_argument('--seqs', type=int, default=8, help='held-out sequences per domain (the quick study scores 6)')
     p.add_argument('--models', default=','.join(DEFAULT_MODELS))
     p.add_argument('--searched', default=SEARCHED, help='models averaged in the LAST line')
     p.add_argument('--out', default=None, help='output directory (default <run>/heldout_separation)')
@@ -87,19 +97,22 @@ def main(argv=None) -> dict:
     counts = {d: len(v) for d, v in base.items()}
     everything, first = (lambda d, i: True), (lambda d, i: i < study)
     print(f'held-out sequences of 512 tokens per domain: {counts} ({sum(counts.values())} in all); the study scores '
-          f'the first {study} of each. Ratio = model / uniform5 perplexity, ± one SE (paired per-sequence log '
-          f'differences)')
+          f'the first {study} of each. Ratio = model / uniform5 perplexity, ± one SE of the paired per-sequence log '
+          f'differences, stratified by domain (in brackets: unstratified, which counts the spread between domains '
+          f'as noise)')
     dnames = list(base)
     print(f'| model | study\'s {sum(min(c, study) for c in counts.values())} sequences | all '
           f'{sum(counts.values())} | ' + ' | '.join(dnames) + ' |')
     print('|---|---:|---:|' + '---:|' * len(dnames))
     rows = {}
     for name in names:
-        (r2, s2), (ra, sa) = ratio_row(nll[name], base, first), ratio_row(nll[name], base, everything)
+        (r2, s2, u2), (ra, sa, ua) = ratio_row(nll[name], base, first), ratio_row(nll[name], base, everything)
         per = {d: math.exp(np.mean(nll[name][d]) - np.mean(base[d])) for d in dnames}
         ppl = math.exp(np.mean([x for v in nll[name].values() for x in v]))
-        rows[name] = {'study_ratio': r2, 'study_se': s2, 'ratio': ra, 'se': sa, 'ppl': ppl, 'domains': per}
-        print(f'| {name} (ppl {ppl:.1f}) | {r2:.3f} ± {r2 * s2:.3f} | {ra:.3f} ± {ra * sa:.3f} | '
+        rows[name] = {'study_ratio': r2, 'study_se': s2, 'study_se_unstratified': u2, 'ratio': ra, 'se': sa,
+                      'se_unstratified': ua, 'ppl': ppl, 'domains': per}
+        print(f'| {name} (ppl {ppl:.1f}) | {r2:.3f} ± {r2 * s2:.3f} ({r2 * u2:.3f}) | {ra:.3f} ± {ra * sa:.3f} '
+              f'({ra * ua:.3f}) | '
               + ' | '.join(f'{per[d]:.3f}' for d in dnames) + ' |')
     searched = [n for n in args.searched.split(',') if n in rows]
     summary = {'seqs': args.seqs, 'sequences': sum(counts.values())}

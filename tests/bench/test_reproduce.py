@@ -140,14 +140,15 @@ def test_study_split_gives_every_source_calibration_search_and_heldout_text(tmp_
 
 def test_budget_overrides_and_token_accounting():
     reproduce = _load_reproduce()
-    b = reproduce._override(reproduce.QUICK, ['generations=7', 'survivors=4,2,1', 'fitness_tokens=512,512,1024',
-                                              'tas_train_tokens=0,1024,2048', 'shared_database=false'])
-    assert (b.generations, b.survivors, b.shared_database) == (7, (4, 2, 1), False)
+    b = reproduce._override(reproduce.QUICK, ['generations=7', 'kl_generations=9', 'survivors=4,2,1',
+                                              'fitness_tokens=512,512,1024', 'tas_train_tokens=0,1024,2048',
+                                              'shared_database=false'])
+    assert (b.generations, b.kl_generations, b.survivors, b.shared_database) == (7, 9, (4, 2, 1), False)
     assert b.tokens()['tas_steps_per_candidate'] == [0, 2, 4]
     assert reproduce.QUICK.tokens()['posttrain_N_tokens'] == 4 * 2 * 512
     with pytest.raises(ValueError, match='one entry per selection step'):
         reproduce._override(reproduce.QUICK, ['survivors=4,2,1'])
-    with pytest.raises(ValueError, match='kl_generations'):
+    with pytest.raises(ValueError, match='add --set kl_generations=40'):  # the error names the fix
         reproduce._override(reproduce.QUICK, ['generations=40'])
     assert reproduce.QUICK.runs_tas(reproduce.QUICK.seeds[0]) and not reproduce.QUICK.runs_tas(reproduce.QUICK.seeds[1])
     assert all(reproduce.FULL.runs_tas(s) for s in reproduce.FULL.seeds)
