@@ -32,23 +32,6 @@ DEFAULT_MODELS = ('uniform5', 'shortgpt5', 'seed0/balanced5', 'seed1/balanced5',
 SEARCHED = 'seed0/darwinlm5_kl,seed1/darwinlm5_kl,seed2/darwinlm5_kl'
 
 
-def ratio_row(nll: dict, base: dict, keep) -> tuple[float, float, float]:
-    """(ppl ratio, SE of its log stratified by domain, the same unstratified) of per-sequence NLL lists against
-    ``base`` on the sequences ``keep(domain, i)`` (every sequence has the same number of predicted tokens, so the
-    token mean is the sequence mean).
-
-    The sample is stratified: each domain's share of the sequences is fixed, so the spread between domains (github
-    0.1x, book 0.8x) is not sampling noise. Stratified: var = sum_d (n_d / n)^2 s_d^2 / n_d over the domains'
-    paired differences (a domain with one sequence adds nothing: its spread cannot be estimated)."""
-    diffs = {dom: np.array([m - b for i, (m, b) in enumerate(zip(nll[dom], base[dom])) if keep(dom, i)])
-             for dom in nll}
-    diffs = {dom: d for dom, d in diffs.items() if len(d)}
-    every = np.concatenate(list(diffs.values()))
-    n = len(every)
-    var = sum((len(d) / n) ** 2 * d.var(ddof=1) / len(d) for d in diffs.values() if len(d) > 1)
-    return math.exp(every.mean()), math.sqrt(var), every.std(ddof=1) / math.sqrt(n)
-
-
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--run', default=str(reproduce.REPO / 'runs' / 'reproduce' / 'quick'))
@@ -58,7 +41,6 @@ def main(argv=None) -> dict:
     p.add_argument('--out', default=None, help='output directory (default <run>/heldout_separation)')
     args = p.parse_args(argv)
 
-    from darwinlm_foundry.eval.heldout import HeldoutReference
     from darwinlm_foundry.utils.io import atomic_write_json
 
     run = Path(args.run).resolve()
@@ -75,19 +57,18 @@ def main(argv=None) -> dict:
     domains = {reproduce.short_domain(d): t for d, t in fin.ctx.heldout().items()}
     out = Path(args.out or run / 'heldout_separation')
     out.mkdir(parents=True, exist_ok=True)
-    refs = None  # one reference per sequence (its dense probabilities kept): per-sequence NLL, one dense pass
+    scorer = None  # the study's scorer: per-sequence NLL, the dense side computed once
     nll = {}
     for name in names:
         cache = out / f'{name.replace("/", "_")}_{args.seqs}.json'
         if cache.is_file():
             nll[name] = json.loads(cache.read_text())['nll']
             continue
-        if refs is None:
-            refs = {d: [HeldoutReference(fin.dense, t[i:i + 1], batch_size=1) for i in range(len(t))]
-                    for d, t in domains.items()}
+        if scorer is None:
+            scorer = reproduce.DomainScorer(fin.dense, domains)
         t0 = time.time()
         model = reproduce.load_pruned(paths[name]).eval()
-        nll[name] = {d: [r.score(model)['nll'] for r in rs] for d, rs in refs.items()}
+        nll[name] = scorer.score(model)['seq_nll']
         del model
         atomic_write_json(cache, {'model': name, 'path': paths[name], 'nll': nll[name],
                                   'seconds': round(time.time() - t0, 1)})
@@ -106,7 +87,8 @@ def main(argv=None) -> dict:
     print('|---|---:|---:|' + '---:|' * len(dnames))
     rows = {}
     for name in names:
-        (r2, s2, u2), (ra, sa, ua) = ratio_row(nll[name], base, first), ratio_row(nll[name], base, everything)
+        (r2, s2, u2) = reproduce.paired_ratio(nll[name], base, first)
+        (ra, sa, ua) = reproduce.paired_ratio(nll[name], base, everything)
         per = {d: math.exp(np.mean(nll[name][d]) - np.mean(base[d])) for d in dnames}
         ppl = math.exp(np.mean([x for v in nll[name].values() for x in v]))
         rows[name] = {'study_ratio': r2, 'study_se': s2, 'study_se_unstratified': u2, 'ratio': ra, 'se': sa,

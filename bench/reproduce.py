@@ -78,6 +78,8 @@ y = ppl(6 after ``generations``, post-trained) / ppl(7 post-trained) at level 5 
     training and generations; the first ``tas_seeds`` seeds);
 z = ppl(one-shot 6 post-trained on 2N tokens) / ppl(gradual 6, N + N tokens) (> 1: gradual ahead);
 d = the dense model's held-out ppl.
+``results.md``'s ratio table gives each seed's ratio with its standard error from the held-out text alone
+(per-sequence NLL, :func:`paired_ratio`; the seeds share the held-out sample, so their spread does not show it).
 """
 
 from __future__ import annotations
@@ -339,26 +341,54 @@ def short_domain(name: str) -> str:
 
 
 class DomainScorer:
-    """Held-out ppl / KL(dense || model) per domain and overall, with the dense side computed once per domain
-    (``evaluation.HeldoutReference``). Overall: every domain's sequences together (token-weighted)."""
+    """Held-out ppl / KL(dense || model) per domain and overall, with the dense side computed once
+    (``evaluation.HeldoutReference``). Overall: every domain's sequences together (token-weighted).
+
+    Scored one sequence at a time (as fast per token as batches of 4 on a CPU), so every model also gets its
+    per-sequence NLL (``seq_nll``, per domain): a ratio of two models then has a standard error from the held-out
+    text itself (:func:`paired_ratio`)."""
 
     def __init__(self, dense, domains: dict[str, torch.Tensor]):
         from darwinlm_foundry.eval.heldout import HeldoutReference
-        self.refs = {d: HeldoutReference(dense, t, batch_size=4) for d, t in domains.items()}
+        self.refs = {d: [HeldoutReference(dense, t[i:i + 1], batch_size=1) for i in range(len(t))]
+                     for d, t in domains.items()}
 
     def score(self, model) -> dict:
         nll = kl = count = 0.0
-        per = {}
+        per, seq_nll = {}, {}
         s = {}
-        for d, ref in self.refs.items():
-            s = ref.score(model)
-            n = ref.tokens[:, 1:].numel()
-            per[d] = {'ppl': s['ppl'], 'kl': s['kl'], 'tokens': int(n)}
-            nll += s['nll'] * n
-            kl += s['kl'] * n
-            count += n
+        for d, refs in self.refs.items():
+            scores = [ref.score(model) for ref in refs]
+            n = refs[0].tokens.shape[1] - 1  # predicted tokens per sequence (all sequences are seq_len long)
+            d_nll, d_kl = sum(x['nll'] for x in scores) / len(scores), sum(x['kl'] for x in scores) / len(scores)
+            per[d] = {'ppl': math.exp(d_nll), 'kl': d_kl, 'tokens': n * len(scores)}
+            seq_nll[d] = [x['nll'] for x in scores]
+            s = scores[-1]
+            nll += d_nll * n * len(scores)
+            kl += d_kl * n * len(scores)
+            count += n * len(scores)
         return {'ppl': math.exp(nll / count), 'nll': nll / count, 'kl': kl / count, 'params': s['params'],
-                'domains': per}
+                'domains': per, 'seq_nll': seq_nll}
+
+
+def paired_ratio(nll: dict, base: dict, keep: Optional[Callable[[str, int], bool]] = None
+                 ) -> tuple[float, float, float]:
+    """(ppl ratio, SE of its log stratified by domain, the same unstratified) of two models' per-sequence NLL
+    (``{domain: [nll, ...]}``, as :class:`DomainScorer` gives them) on the sequences ``keep(domain, i)`` (default
+    all; every sequence has the same number of predicted tokens, so the token mean is the sequence mean).
+
+    The held-out sample is stratified: each domain's share of the sequences is fixed, so the spread between
+    domains (on SmolLM2 github 0.1x, book 0.8x) is not sampling noise. Stratified: var = sum_d (n_d / n)^2 s_d^2 /
+    n_d over the domains' paired differences (a domain with one sequence adds nothing: its spread cannot be
+    estimated)."""
+    import numpy as np
+    diffs = {dom: np.array([m - b for i, (m, b) in enumerate(zip(nll[dom], base[dom])) if keep is None or keep(dom, i)])
+             for dom in nll}
+    diffs = {dom: d for dom, d in diffs.items() if len(d)}
+    every = np.concatenate(list(diffs.values()))
+    n = len(every)
+    var = sum((len(d) / n) ** 2 * d.var(ddof=1) / len(d) for d in diffs.values() if len(d) > 1)
+    return math.exp(every.mean()), math.sqrt(var), float(every.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0
 
 
 # ----------------------------------------------------------------------------------------------- the run
@@ -875,9 +905,15 @@ def summarise(doc: dict) -> dict:
         tables[str(level)] = rows
 
     def ratio(num: str, den: str) -> Optional[dict]:  # over the seeds that have both (TAS: the first tas_seeds)
-        values = [_model(doc, s, num)['ppl'] / _model(doc, s, den)['ppl'] for s in seeds
-                  if _model(doc, s, num) and _model(doc, s, den)]
-        return _stats(values) if values else None
+        pairs = [(_model(doc, s, num), _model(doc, s, den)) for s in seeds]
+        pairs = [(a, b) for a, b in pairs if a and b]
+        if not pairs:
+            return None
+        out = _stats([a['ppl'] / b['ppl'] for a, b in pairs])
+        if all('seq_nll' in a and 'seq_nll' in b for a, b in pairs):
+            # each seed's ratio's standard error from the held-out text alone (runs before 2026-12-06 lack it)
+            out['heldout_se'] = [r * se for r, se, _ in (paired_ratio(a['seq_nll'], b['seq_nll']) for a, b in pairs)]
+        return out
     headline = {'searched_vs_uniform_ppl_ratio': ratio('darwinlm5_kl', 'uniform5'),
                 'tas_gain': ratio('darwinlm5_kl_matched+train', 'darwinlm5_tas+train'),
                 'gradual_gain': ratio('darwinlm6+train2N', 'gradual6+train'),
@@ -973,8 +1009,16 @@ def render_markdown(doc: dict) -> str:
         lines += ['', 'Per-domain columns: held-out ppl. The dense row\'s KL (to itself) is the scorer\'s '
                   'rounding floor.', '']
     lines += ['## Ratios (per seed, then mean ± std)', '', '| ratio | value | per seed |', '|---|---|---|']
+    with_se = False
     for name, s in doc['summary']['headline'].items():
-        lines.append(f'| {name} | {_cell(s, 3)} | {", ".join(f"{x:.3f}" for x in s["values"])} |')
+        se = s.get('heldout_se')
+        with_se |= se is not None
+        per = [f'{x:.3f}' + (f' ± {e:.3f}' if se is not None else '') for x, e in zip(s['values'], se or s['values'])]
+        lines.append(f'| {name} | {_cell(s, 3)} | {", ".join(per)} |')
+    if with_se:
+        lines += ['', 'Per seed ±: the standard error of that ratio from the held-out text alone (paired per-sequence '
+                  'log differences, stratified by domain, `paired_ratio`); the seeds share the held-out sample, so '
+                  'it moves them together and the spread over seeds does not show it.']
     ic = doc.get('icl')
     if ic:
         tasks = list(ic['chance'])

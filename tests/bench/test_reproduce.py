@@ -6,6 +6,7 @@ The numbers of a 2-layer cut of the model mean nothing; what is checked is the b
 
 import importlib.util
 import json
+import math
 import re
 import subprocess
 import sys
@@ -95,9 +96,17 @@ def test_reproduce_smoke_and_resume(smollm2_wheel, tmp_path):
     # held-out text for every domain of the mix, scored per domain and overall
     held = doc['heldout']
     assert held['missing'] == [] and len(held['domains']) == 7
+    seq_len = doc['budget']['seq_len']
     for m in [doc['dense'], *models.values()]:
         assert set(m['domains']) == set(held['domains'])
         assert min(d['ppl'] for d in m['domains'].values()) <= m['ppl'] <= max(d['ppl'] for d in m['domains'].values())
+        # scored one sequence at a time: the per-sequence NLL are the overall numbers' parts
+        assert {d: len(v) for d, v in m['seq_nll'].items()} == {d: n // seq_len for d, n in held['domains'].items()}
+        every = [x for v in m['seq_nll'].values() for x in v]
+        assert math.exp(sum(every) / len(every)) == pytest.approx(m['ppl'], rel=1e-9)
+    # every ratio has each seed's held-out standard error (one sequence per domain at this budget: 0)
+    for r in doc['summary']['headline'].values():
+        assert len(r['heldout_se']) == len(r['values']) and all(e == 0.0 for e in r['heldout_se'])
     # KL of the dense model to itself: 0 up to the float32 rounding of HeldoutReference's prepared KL (~1e-3)
     assert doc['dense']['kl'] == pytest.approx(0.0, abs=5e-3)
     # every model is a saved, loadable HF directory
@@ -155,6 +164,26 @@ def test_budget_overrides_and_token_accounting():
     with pytest.raises(ValueError, match='KEY=VALUE'):
         reproduce._override(reproduce.QUICK, ['no_such_field=1'])
     assert reproduce.short_domain('redpajama_c4-rp1') == 'c4' and reproduce.short_domain('redpajama_book2') == 'book'
+
+
+def test_paired_ratio_stratified_and_unstratified_standard_errors():
+    """The held-out standard error of a ratio (per-sequence NLL of two models) against hand-computed values."""
+    import numpy as np
+    paired_ratio = _load_reproduce().paired_ratio
+    base = {'a': [0.0] * 3, 'b': [0.0] * 4, 'c': [0.0]}
+    nll = {'a': [1.0, 2.0, 3.0], 'b': [5.0, 5.0, 5.0, 7.0], 'c': [4.0]}
+    ratio, strat, unstrat = paired_ratio(nll, base)
+    assert ratio == pytest.approx(math.exp(32 / 8))
+    # by hand: var_a = 1, var_b = 1 (ddof 1); c has one sequence and adds nothing
+    assert strat == pytest.approx(math.sqrt((3 / 8) ** 2 * 1 / 3 + (4 / 8) ** 2 * 1 / 4))
+    assert unstrat == pytest.approx(np.std([1, 2, 3, 5, 5, 5, 7, 4], ddof=1) / math.sqrt(8))
+    # differences constant within each domain: no sampling noise in a stratified sample, whatever the domains' gap
+    _, strat, unstrat = paired_ratio({'a': [1.0] * 3, 'b': [6.0] * 4}, {'a': [0.0] * 3, 'b': [0.0] * 4})
+    assert strat == 0.0 and unstrat > 1.0
+    # keep() selects the sequences: the first 2 of each domain
+    ratio, strat, _ = paired_ratio(nll, base, lambda d, i: i < 2)
+    assert ratio == pytest.approx(math.exp((1 + 2 + 5 + 5 + 4) / 5))
+    assert strat == pytest.approx(math.sqrt((2 / 5) ** 2 * 0.5 / 2))
 
 
 def test_ledger_refuses_other_settings_unless_restarted(tmp_path):
