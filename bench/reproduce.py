@@ -380,15 +380,16 @@ def paired_ratio(nll: dict, base: dict, keep: Optional[Callable[[str, int], bool
     The held-out sample is stratified: each domain's share of the sequences is fixed, so the spread between
     domains (on SmolLM2 github 0.1x, book 0.8x) is not sampling noise. Stratified: var = sum_d (n_d / n)^2 s_d^2 /
     n_d over the domains' paired differences (a domain with one sequence adds nothing: its spread cannot be
-    estimated)."""
+    estimated; NaN when no domain has two)."""
     import numpy as np
     diffs = {dom: np.array([m - b for i, (m, b) in enumerate(zip(nll[dom], base[dom])) if keep is None or keep(dom, i)])
              for dom in nll}
     diffs = {dom: d for dom, d in diffs.items() if len(d)}
     every = np.concatenate(list(diffs.values()))
     n = len(every)
-    var = sum((len(d) / n) ** 2 * d.var(ddof=1) / len(d) for d in diffs.values() if len(d) > 1)
-    return math.exp(every.mean()), math.sqrt(var), float(every.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0
+    spread = [d for d in diffs.values() if len(d) > 1]
+    strat = math.sqrt(sum((len(d) / n) ** 2 * d.var(ddof=1) / len(d) for d in spread)) if spread else math.nan
+    return math.exp(every.mean()), strat, float(every.std(ddof=1) / math.sqrt(n)) if n > 1 else math.nan
 
 
 # ----------------------------------------------------------------------------------------------- the run
@@ -912,7 +913,9 @@ def summarise(doc: dict) -> dict:
         out = _stats([a['ppl'] / b['ppl'] for a, b in pairs])
         if all('seq_nll' in a and 'seq_nll' in b for a, b in pairs):
             # each seed's ratio's standard error from the held-out text alone (runs before 2026-12-06 lack it)
-            out['heldout_se'] = [r * se for r, se, _ in (paired_ratio(a['seq_nll'], b['seq_nll']) for a, b in pairs)]
+            # (None where it cannot be estimated: one sequence per domain)
+            out['heldout_se'] = [None if math.isnan(se) else r * se
+                                 for r, se, _ in (paired_ratio(a['seq_nll'], b['seq_nll']) for a, b in pairs)]
         return out
     headline = {'searched_vs_uniform_ppl_ratio': ratio('darwinlm5_kl', 'uniform5'),
                 'tas_gain': ratio('darwinlm5_kl_matched+train', 'darwinlm5_tas+train'),
@@ -1011,9 +1014,9 @@ def render_markdown(doc: dict) -> str:
     lines += ['## Ratios (per seed, then mean ± std)', '', '| ratio | value | per seed |', '|---|---|---|']
     with_se = False
     for name, s in doc['summary']['headline'].items():
-        se = s.get('heldout_se')
-        with_se |= se is not None
-        per = [f'{x:.3f}' + (f' ± {e:.3f}' if se is not None else '') for x, e in zip(s['values'], se or s['values'])]
+        se = s.get('heldout_se') or [None] * len(s['values'])
+        with_se |= any(e is not None for e in se)
+        per = [f'{x:.3f}' + (f' ± {e:.3f}' if e is not None else '') for x, e in zip(s['values'], se)]
         lines.append(f'| {name} | {_cell(s, 3)} | {", ".join(per)} |')
     if with_se:
         lines += ['', 'Per seed ±: the standard error of that ratio from the held-out text alone (paired per-sequence '

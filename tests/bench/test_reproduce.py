@@ -104,9 +104,10 @@ def test_reproduce_smoke_and_resume(smollm2_wheel, tmp_path):
         assert {d: len(v) for d, v in m['seq_nll'].items()} == {d: n // seq_len for d, n in held['domains'].items()}
         every = [x for v in m['seq_nll'].values() for x in v]
         assert math.exp(sum(every) / len(every)) == pytest.approx(m['ppl'], rel=1e-9)
-    # every ratio has each seed's held-out standard error (one sequence per domain at this budget: 0)
+    # every ratio has each seed's held-out standard error, unknown at one sequence per domain (this budget)
     for r in doc['summary']['headline'].values():
-        assert len(r['heldout_se']) == len(r['values']) and all(e == 0.0 for e in r['heldout_se'])
+        assert r['heldout_se'] == [None] * len(r['values'])
+    assert 'Per seed ±' not in (out / 'results.md').read_text()
     # KL of the dense model to itself: 0 up to the float32 rounding of HeldoutReference's prepared KL (~1e-3)
     assert doc['dense']['kl'] == pytest.approx(0.0, abs=5e-3)
     # every model is a saved, loadable HF directory
@@ -180,6 +181,8 @@ def test_paired_ratio_stratified_and_unstratified_standard_errors():
     # differences constant within each domain: no sampling noise in a stratified sample, whatever the domains' gap
     _, strat, unstrat = paired_ratio({'a': [1.0] * 3, 'b': [6.0] * 4}, {'a': [0.0] * 3, 'b': [0.0] * 4})
     assert strat == 0.0 and unstrat > 1.0
+    # one sequence per domain: no spread to estimate
+    assert math.isnan(paired_ratio({'a': [1.0], 'b': [2.0]}, {'a': [0.0], 'b': [0.0]})[1])
     # keep() selects the sequences: the first 2 of each domain
     ratio, strat, _ = paired_ratio(nll, base, lambda d, i: i < 2)
     assert ratio == pytest.approx(math.exp((1 + 2 + 5 + 5 + 4) / 5))
