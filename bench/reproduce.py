@@ -354,21 +354,18 @@ class DomainScorer:
                      for d, t in domains.items()}
 
     def score(self, model) -> dict:
+        from darwinlm_foundry.utils.params import count_parameters
         nll = kl = count = 0.0
         per, seq_nll = {}, {}
-        s = {}
         for d, refs in self.refs.items():
             scores = [ref.score(model) for ref in refs]
-            n = refs[0].tokens.shape[1] - 1  # predicted tokens per sequence (all sequences are seq_len long)
-            d_nll, d_kl = sum(x['nll'] for x in scores) / len(scores), sum(x['kl'] for x in scores) / len(scores)
-            per[d] = {'ppl': math.exp(d_nll), 'kl': d_kl, 'tokens': n * len(scores)}
+            tokens = len(scores) * (refs[0].tokens.shape[1] - 1)  # every sequence is seq_len long
+            d_nll, d_kl = (sum(x[k] for x in scores) / len(scores) for k in ('nll', 'kl'))
+            per[d] = {'ppl': math.exp(d_nll), 'kl': d_kl, 'tokens': tokens}
             seq_nll[d] = [x['nll'] for x in scores]
-            s = scores[-1]
-            nll += d_nll * n * len(scores)
-            kl += d_kl * n * len(scores)
-            count += n * len(scores)
-        return {'ppl': math.exp(nll / count), 'nll': nll / count, 'kl': kl / count, 'params': s['params'],
-                'domains': per, 'seq_nll': seq_nll}
+            nll, kl, count = nll + d_nll * tokens, kl + d_kl * tokens, count + tokens
+        return {'ppl': math.exp(nll / count), 'nll': nll / count, 'kl': kl / count,
+                'params': count_parameters(model), 'domains': per, 'seq_nll': seq_nll}
 
 
 def paired_ratio(nll: dict, base: dict, keep: Optional[Callable[[str, int], bool]] = None
