@@ -627,8 +627,11 @@ def _scored(ctx: Context, key: str, build: Callable[[], str], info: dict) -> dic
     return entry
 
 
-def run_draw(ctx: Context, draw: int) -> dict:
-    """One calibration draw: the dense database, the baselines' local signals and the baselines (arms 2-5)."""
+def run_draw(ctx: Context, draw: int, headline: bool = False) -> dict:
+    """One calibration draw: the dense database, the baselines' local signals and the baselines (arms 2-5).
+
+    ``headline``: only the database and the uniform level-5 model (what the headline ratio needs; see :func:`main`).
+    """
     from darwinlm_foundry.obs.calibration import collect_hessians
     from darwinlm_foundry.obs.database import dense_tensor_getter
     from darwinlm_foundry.search.baselines import (allocate_min_error, block_influence, layer_drop_config,
@@ -647,6 +650,16 @@ def run_draw(ctx: Context, draw: int) -> dict:
     spec = db.level_spec
     max_level = {kind: spec.max_exact_level(kind) for kind in ('attn', 'mlp')}
 
+    def stitched(name: str, levels: dict, note: str) -> str:
+        return export(ctx, db.stitch(levels, dense_tensor_getter(ctx.dense_dir)), mdir / name, note, levels=levels)
+
+    models = {}
+    uni5 = uniform(n_layers, 5, mlp_split=spec.mlp_split).to_dict()
+    models['uniform5'] = _scored(ctx, f'{key}/uniform5', lambda: stitched('uniform5', uni5, 'uniform level 5, OBS'),
+                                 {'level': 5, 'levels': uni5, 'arm': 2})
+    if headline:
+        return {'models': models}
+
     def local_signals():
         batches = calibration_batches(ctx, b.signal_sequences, draw)
         errors = unit_errors(db, collect_hessians(dense, batches), dense_tensor_getter(dense))
@@ -656,14 +669,11 @@ def run_draw(ctx: Context, draw: int) -> dict:
     errors = {Unit(int(k.split('/')[0]), k.split('/')[1]): {int(l): e for l, e in v.items()}
               for k, v in signals['errors'].items()}
 
-    def stitched(name: str, levels: dict, note: str) -> str:
-        return export(ctx, db.stitch(levels, dense_tensor_getter(ctx.dense_dir)), mdir / name, note, levels=levels)
-
-    models = {}
     for level in (5, 6):
-        uni = uniform(n_layers, level, mlp_split=spec.mlp_split).to_dict()
-        models[f'uniform{level}'] = _scored(ctx, f'{key}/uniform{level}', lambda: stitched(
-            f'uniform{level}', uni, f'uniform level {level}, OBS'), {'level': level, 'levels': uni, 'arm': 2})
+        uni = uni5 if level == 5 else uniform(n_layers, level, mlp_split=spec.mlp_split).to_dict()
+        if level == 6:
+            models['uniform6'] = _scored(ctx, f'{key}/uniform6', lambda: stitched(
+                'uniform6', uni, 'uniform level 6, OBS'), {'level': 6, 'levels': uni, 'arm': 2})
         if level == 6 and not b.level6_baselines:
             continue
 
@@ -689,8 +699,11 @@ def run_draw(ctx: Context, draw: int) -> dict:
     return {'database': led.data[f'{key}/database'], 'signals': signals, 'models': models, 'level_spec': spec.to_dict()}
 
 
-def run_seed(ctx: Context, seed: int, draw: int) -> dict:
-    """The searched arms 6-9 of one seed, on the database of calibration draw ``draw``."""
+def run_seed(ctx: Context, seed: int, draw: int, headline: bool = False) -> dict:
+    """The searched arms 6-9 of one seed, on the database of calibration draw ``draw``.
+
+    ``headline``: only the KL-only level-5 search and its start (what the headline ratio needs; see :func:`main`).
+    """
     from darwinlm_foundry.obs.database import SparsityDatabase, dense_tensor_getter
     b, led = ctx.budget, ctx.ledger
     key = f'seed{seed}'
@@ -722,6 +735,9 @@ def run_seed(ctx: Context, seed: int, draw: int) -> dict:
             'nothing searched'),
             {'level': 5, 'levels': balanced, 'arm': 6, 'kind_balance': searches['darwinlm5_kl']['kind_balance'],
              'unit_protection': searches['darwinlm5_kl'].get('unit_protection')})
+    if headline:
+        return {'draw': draw, 'models': models, 'searches': searches}
+    if b.balance_kinds:
         if seed in b.seeds[:b.uniform_start_seeds]:
             searches['darwinlm5_kl_uniform'] = led.step(f'{key}/search/darwinlm5_kl_uniform', lambda: search(
                 ctx, db, ctx.dense_dir, work / 'darwinlm5_kl_uniform', seed, tas=False, level=5,
@@ -1180,6 +1196,13 @@ def main(argv=None) -> dict:
         doc['dense'] = ledger.step('dense/score', lambda: {'path': dense_dir, **ctx.score(load_dense(dense_dir))})
         log(f'dense: held-out ppl {doc["dense"]["ppl"]:.2f}, {doc["dense"]["params"]:,} parameters')
         draw_of = {s: (budget.seeds[0] if budget.shared_database else s) for s in budget.seeds}
+        # every seed's headline arms first (database, uniform 5, KL-only search), so that a long run stopped
+        # part-way (the full one takes ~15 h on 2 cores) has the headline ratio of every seed; the second pass
+        # finds those steps in the ledger
+        for s in budget.seeds:
+            uniform5 = run_draw(ctx, draw_of[s], headline=True)['models']['uniform5']
+            kl5 = run_seed(ctx, s, draw_of[s], headline=True)['models']['darwinlm5_kl']
+            log(f'seed {s} headline: searched / uniform held-out ppl at level 5 {kl5["ppl"] / uniform5["ppl"]:.3f}')
         draws = {d: run_draw(ctx, d) for d in dict.fromkeys(draw_of.values())}
         seeds = {s: run_seed(ctx, s, draw_of[s]) for s in budget.seeds}
         doc['draws'] = {str(d): v for d, v in draws.items()}
