@@ -40,12 +40,16 @@ def tokenizer(llama2_tokenizer):
     return llama2_tokenizer
 
 
-@pytest.fixture(scope='module')
-def pruned_dir(tmp_path_factory, tokenizer):
-    path = tmp_path_factory.mktemp('pruned')
-    _tiny_pruned().save_pretrained(path)
+def _saved(tmp_path_factory, name, model, tokenizer):
+    path = tmp_path_factory.mktemp(name)
+    model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope='module')
+def pruned_dir(tmp_path_factory, tokenizer):
+    return _saved(tmp_path_factory, 'pruned', _tiny_pruned(), tokenizer)
 
 
 # ------------------------------------------------------------------------------------ task configs (pure)
@@ -111,10 +115,7 @@ def _context_sensitive_tiny():
 
 @pytest.fixture(scope='module')
 def sensitive_dir(tmp_path_factory, tokenizer):
-    path = tmp_path_factory.mktemp('sensitive')
-    _context_sensitive_tiny().save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return _saved(tmp_path_factory, 'sensitive', _context_sensitive_tiny(), tokenizer)
 
 
 def test_fast_icl_eval_equals_padded_reference(sensitive_dir, tokenizer, capsys):

@@ -30,30 +30,29 @@ def test_every_shipped_yaml_validates():
         assert stages, path
 
 
-def test_bad_configs_are_named(tmp_path):
+def _set(path, value):
+    def edit(cfg):
+        *head, last = path
+        target = cfg
+        for key in head:
+            target = target[key]
+        target[last] = value
+    return edit
+
+
+@pytest.mark.parametrize('edit, match', [
+    (_set(('stages', 2, 'calibraton'), {}), r"stages\[2\]\.calibraton: unknown key .*\(stage 'db', kind database\)"),
+    (_set(('stages', 3, 'database'), 'train'), '`database: train` does not name an earlier stage'),
+    (_set(('stages', 4, 'model'), 'data'), 'names a data stage, which produces no model'),
+    (_set(('stages', 1, 'kind'), 'prune'), '`kind` must be one of'),
+    (lambda cfg: cfg['stages'].append(dict(cfg['stages'][0])), "stage name 'data' is used twice"),
+    (_set(('unknown_top',), 1), r"run\.unknown_top: unknown key"),
+], ids=['unknown_key', 'later_stage', 'data_as_model', 'unknown_kind', 'duplicate_name', 'unknown_top_key'])
+def test_bad_configs_are_named(tmp_path, edit, match):
     cfg = chain(tmp_path)
-    cfg['stages'][2]['calibraton'] = {}
-    with pytest.raises(ValueError, match=r"stages\[2\]\.calibraton: unknown key .*\(stage 'db', kind database\)"):
-        parse_run(cfg)
-    cfg = chain(tmp_path)
-    cfg['stages'][3]['database'] = 'train'
-    with pytest.raises(ValueError, match='`database: train` does not name an earlier stage'):
-        parse_run(cfg)
-    cfg = chain(tmp_path)
-    cfg['stages'][4]['model'] = 'data'
-    with pytest.raises(ValueError, match='names a data stage, which produces no model'):
-        parse_run(cfg)
-    cfg = chain(tmp_path)
-    cfg['stages'][1]['kind'] = 'prune'
-    with pytest.raises(ValueError, match='`kind` must be one of'):
-        parse_run(cfg)
-    cfg = chain(tmp_path)
-    cfg['stages'].append(dict(cfg['stages'][0]))
-    with pytest.raises(ValueError, match="stage name 'data' is used twice"):
-        parse_run(cfg)
-    cfg = chain(tmp_path)
-    cfg['unknown_top'] = 1
-    with pytest.raises(ValueError, match=r"run\.unknown_top: unknown key"):
+    parse_run(copy.deepcopy(cfg))  # the unedited chain is valid: the error comes from the edit
+    edit(cfg)
+    with pytest.raises(ValueError, match=match):
         parse_run(cfg)
 
 
