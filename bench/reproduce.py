@@ -487,8 +487,16 @@ def search_engine(ctx: Context, db, source_dir: str, out_dir: Path, seed: int, *
         seq_len=b.seq_len, train_batch_size=b.tas_batch, micro_batch_size=2, seed=seed, output_dir=str(out_dir),
         winner=b.winner,
         device='cpu', precision=search_precision(b), progress_bar=False)
+    name = out_dir.relative_to(ctx.out) if out_dir.is_relative_to(ctx.out) else out_dir.name
+
+    def log_generation(metrics: dict, generation: int) -> None:  # a line a minute tells a long run is moving
+        fitness, probe = metrics.get('search/fitness'), metrics.get('search/probe_fitness')
+        log(f'{name} generation {generation}/{generations}:'
+            + (f' fitness {fitness:.4f}' if fitness is not None else ' the start')
+            + (f', parent probe {probe:.4f}' if probe is not None else '')
+            + (' (parent kept)' if metrics.get('search/parent_kept') else ''))
     return EvolutionarySearch(settings, db, dense_tensor_getter(source_dir), ShardTokens(ctx.shards / 'search'),
-                              tokenizer=ctx.tokenizer)
+                              tokenizer=ctx.tokenizer, log_fn=log_generation)
 
 
 def search_bounds(ctx: Context, db, source_dir: str, seed: int, level: int):
