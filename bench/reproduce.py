@@ -956,8 +956,8 @@ def summarise(doc: dict) -> dict:
     return {'tables': tables, 'headline': headline}
 
 
-def timing(ledger: Ledger) -> dict:
-    """Wall and CPU minutes per part of the study, from the ledger's step times."""
+def timing(seconds: dict) -> dict:
+    """Wall and CPU minutes per part of the study, from the ledger's step times (``Ledger.seconds``)."""
     parts = [('ICL', r'^icl/'), ('database (dense)', r'^draw\d+/database$'),
              ('baselines: local signals', r'local_signals$'),
              ('baselines: build + score', r'^draw\d+/(uniform|magnitude|ziplm|shortgpt)'),
@@ -971,7 +971,7 @@ def timing(ledger: Ledger) -> dict:
               r'gradual6)$'),
              ('setup (held-out, dense score)', r'^(heldout|dense)')]
     out = {name: {'wall_min': 0.0, 'cpu_min': 0.0, 'steps': 0} for name, _ in parts}
-    for key, sec in ledger.seconds.items():
+    for key, sec in seconds.items():
         for name, pattern in parts:
             if re.search(pattern, key):
                 out[name]['wall_min'] += sec['wall'] / 60
@@ -979,6 +979,37 @@ def timing(ledger: Ledger) -> dict:
                 out[name]['steps'] += 1
                 break
     return {k: {**v, 'wall_min': round(v['wall_min'], 2), 'cpu_min': round(v['cpu_min'], 2)} for k, v in out.items()}
+
+
+def progress(out: Path) -> str:
+    """What a run has so far (finished or not; nothing is run), from its ledger: minutes per part and each
+    finished seed's headline ratio with its held-out standard error. The last line: their mean."""
+    if not (out / 'ledger.json').is_file():
+        raise SystemExit(f'{out / "ledger.json"} does not exist: start the run first (same --out)')
+    data = json.loads((out / 'ledger.json').read_text())
+    steps, shared = data['steps'], data['budget']['shared_database']
+    lines = [f'{out}: {len(steps)} steps finished, {sum(v["wall"] for v in data["seconds"].values()) / 3600:.2f} h '
+             'of wall time', '| part | steps | wall min | CPU min |', '|---|---|---|---|']
+    lines += [f'| {k} | {v["steps"]} | {v["wall_min"]:.1f} | {v["cpu_min"]:.1f} |'
+              for k, v in timing(data['seconds']).items() if v['steps']]
+    draws = sorted(int(m.group(1)) for k in steps if (m := re.fullmatch(r'draw(\d+)/uniform5', k)))
+    ratios = []
+    for key in sorted(k for k in steps if re.fullmatch(r'seed\d+/darwinlm5_kl', k)):
+        seed = int(key[4:].split('/')[0])
+        uniform = steps.get(f'draw{draws[0] if shared and draws else seed}/uniform5')
+        if uniform is None:
+            continue
+        ratio, se = steps[key]['ppl'] / uniform['ppl'], math.nan
+        if 'seq_nll' in uniform and 'seq_nll' in steps[key]:  # runs before 2026-12-06 kept no per-sequence NLL
+            ratio, se, _ = paired_ratio(steps[key]['seq_nll'], uniform['seq_nll'])
+        start = steps.get(f'seed{seed}/balanced5')
+        ratios.append(ratio)
+        lines.append(f'seed {seed}: searched level 5 {steps[key]["ppl"]:.2f} / uniform {uniform["ppl"]:.2f} = '
+                     f'{ratio:.3f}' + ('' if math.isnan(se) else f' ± {ratio * se:.3f}') + ' held-out'
+                     + (f'; its start alone {start["ppl"] / uniform["ppl"]:.3f}' if start else ''))
+    mean = f'{sum(ratios) / len(ratios):.3f}' if ratios else 'none'
+    lines.append(f'searched_vs_uniform_ppl_ratio={mean} seeds={len(ratios)}')
+    return '\n'.join(lines)
 
 
 def _cell(s: dict, digits: int) -> str:
@@ -1139,6 +1170,8 @@ def main(argv=None) -> dict:
                    help='override a budget field (repeatable), e.g. --set kl_generations=12 --set offspring=16 '
                         '--set survivors=4,2,1; fields: ' + ', '.join(f.name for f in dataclasses.fields(Budget)))
     p.add_argument('--threads', type=int, default=0, help='torch CPU threads (0: torch default)')
+    p.add_argument('--progress', action='store_true',
+                   help='print what the run in --out (or the mode\'s default) has so far, from its ledger; run nothing')
     p.add_argument('--restart', action='store_true',
                    help='discard an output directory made with other settings (default: refuse and say what differs)')
     args = p.parse_args(argv)
@@ -1156,6 +1189,9 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     t0 = time.time()
     out = Path(args.out or REPO / 'runs' / 'reproduce' / name).resolve()
+    if args.progress:
+        print(progress(out))
+        return None
     out.mkdir(parents=True, exist_ok=True)
 
     from transformers import AutoTokenizer
@@ -1221,7 +1257,7 @@ def main(argv=None) -> dict:
     doc['last_line'] = (f'searched_vs_uniform_ppl_ratio={hl["searched_vs_uniform_ppl_ratio"]["mean"]:.3f} '
                         f'tas_gain={hl["tas_gain"]["mean"]:.3f} gradual_gain={hl["gradual_gain"]["mean"]:.3f} '
                         f'dense_ppl={doc["dense"]["ppl"]:.2f}')
-    doc['timing'] = timing(ledger)
+    doc['timing'] = timing(ledger.seconds)
     doc['seconds'] = time.time() - t0  # this invocation (a resumed run counts only what it ran)
     doc['plots'] = plot(doc, out / 'plots')
     (out / 'results.json').write_text(json.dumps(doc, indent=1))

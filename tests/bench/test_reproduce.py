@@ -189,6 +189,35 @@ def test_paired_ratio_stratified_and_unstratified_standard_errors():
     assert strat == pytest.approx(math.sqrt((2 / 5) ** 2 * 0.5 / 2))
 
 
+def test_progress_reads_every_finished_seed_from_the_ledger(tmp_path):
+    """--progress: each seed whose level-5 search is scored gets its ratio against its draw's uniform model (a shared
+    database: the one draw), with the paired standard error; unfinished seeds are left out of the mean."""
+    reproduce = _load_reproduce()
+    uniform = {'ppl': 100.0, 'seq_nll': {'a': [5.0, 5.0], 'b': [4.0, 4.5]}}
+    steps = {'draw0/uniform5': uniform, 'draw1/uniform5': {'ppl': 1.0, 'seq_nll': {'a': [0.0, 0.0], 'b': [0.0, 0.0]}},
+             'seed0/darwinlm5_kl': {'ppl': 50.0, 'seq_nll': {'a': [4.0, 4.5], 'b': [3.0, 4.0]}},
+             'seed0/balanced5': {'ppl': 60.0},
+             'seed2/darwinlm5_kl': {'ppl': 40.0, 'seq_nll': {'a': [4.0, 4.0], 'b': [4.0, 3.5]}},
+             'seed3/search/darwinlm5_kl': {}}  # searched, not yet scored
+    seconds = {'draw0/database': {'wall': 120.0, 'cpu': 240.0}, 'seed0/search/darwinlm5_kl': {'wall': 3600, 'cpu': 7000}}
+    ledger = {'budget': {'shared_database': True}, 'steps': steps, 'seconds': seconds}
+    (tmp_path / 'ledger.json').write_text(json.dumps(ledger))
+    text = reproduce.progress(tmp_path).splitlines()
+    r0, se0, _ = reproduce.paired_ratio(steps['seed0/darwinlm5_kl']['seq_nll'], uniform['seq_nll'])
+    r2, _, _ = reproduce.paired_ratio(steps['seed2/darwinlm5_kl']['seq_nll'], uniform['seq_nll'])
+    assert f'seed 0: searched level 5 50.00 / uniform 100.00 = {r0:.3f} ± {r0 * se0:.3f} held-out; its start alone 0.600' \
+        in text
+    assert any(line.startswith(f'seed 2: searched level 5 40.00 / uniform 100.00 = {r2:.3f}') for line in text)
+    assert text[-1] == f'searched_vs_uniform_ppl_ratio={(r0 + r2) / 2:.3f} seeds=2'
+    assert '| search KL-only level 5 | 1 | 60.0 | 116.7 |' in text and '1.03 h of wall time' in text[0]
+    # per-seed databases: seed 2 is scored against draw 2, which has no uniform model yet
+    ledger['budget']['shared_database'] = False
+    (tmp_path / 'ledger.json').write_text(json.dumps(ledger))
+    assert reproduce.progress(tmp_path).splitlines()[-1] == f'searched_vs_uniform_ppl_ratio={r0:.3f} seeds=1'
+    with pytest.raises(SystemExit, match='does not exist: start the run first'):
+        reproduce.progress(tmp_path / 'nothing')
+
+
 def test_ledger_refuses_other_settings_unless_restarted(tmp_path):
     """A ledger of other settings is never discarded silently (it holds hours of work); fields added later keep
     older ledgers valid at the value those runs used."""
