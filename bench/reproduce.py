@@ -1007,6 +1007,12 @@ def progress(out: Path) -> str:
         lines.append(f'seed {seed}: searched level 5 {steps[key]["ppl"]:.2f} / uniform {uniform["ppl"]:.2f} = '
                      f'{ratio:.3f}' + ('' if math.isnan(se) else f' ± {ratio * se:.3f}') + ' held-out'
                      + (f'; its start alone {start["ppl"] / uniform["ppl"]:.3f}' if start else ''))
+        search = steps.get(f'seed{seed}/search/darwinlm5_kl', {})
+        probes = [search.get('start_probe_fitness')] + list(search.get('probe_fitness_history') or [])
+        if None not in probes and len(probes) > 1:  # the parent on the fixed probe sample after each generation
+            best = min(range(len(probes)), key=probes.__getitem__)
+            lines.append(f'  parent probe fitness: start {probes[0]:.4f}, best {probes[best]:.4f} (after generation '
+                         f'{best}), last {probes[-1]:.4f} (after generation {len(probes) - 1})')
     mean = f'{sum(ratios) / len(ratios):.3f}' if ratios else 'none'
     lines.append(f'searched_vs_uniform_ppl_ratio={mean} seeds={len(ratios)}')
     return '\n'.join(lines)

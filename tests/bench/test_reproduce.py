@@ -198,6 +198,7 @@ def test_progress_reads_every_finished_seed_from_the_ledger(tmp_path):
              'seed0/darwinlm5_kl': {'ppl': 50.0, 'seq_nll': {'a': [4.0, 4.5], 'b': [3.0, 4.0]}},
              'seed0/balanced5': {'ppl': 60.0},
              'seed2/darwinlm5_kl': {'ppl': 40.0, 'seq_nll': {'a': [4.0, 4.0], 'b': [4.0, 3.5]}},
+             'seed0/search/darwinlm5_kl': {'start_probe_fitness': 1.3, 'probe_fitness_history': [1.3, 1.2, 1.25]},
              'seed3/search/darwinlm5_kl': {}}  # searched, not yet scored
     seconds = {'draw0/database': {'wall': 120.0, 'cpu': 240.0}, 'seed0/search/darwinlm5_kl': {'wall': 3600, 'cpu': 7000}}
     ledger = {'budget': {'shared_database': True}, 'steps': steps, 'seconds': seconds}
@@ -207,6 +208,7 @@ def test_progress_reads_every_finished_seed_from_the_ledger(tmp_path):
     r2, _, _ = reproduce.paired_ratio(steps['seed2/darwinlm5_kl']['seq_nll'], uniform['seq_nll'])
     assert f'seed 0: searched level 5 50.00 / uniform 100.00 = {r0:.3f} ± {r0 * se0:.3f} held-out; its start alone 0.600' \
         in text
+    assert '  parent probe fitness: start 1.3000, best 1.2000 (after generation 2), last 1.2500 (after generation 3)' in text
     assert any(line.startswith(f'seed 2: searched level 5 40.00 / uniform 100.00 = {r2:.3f}') for line in text)
     assert text[-1] == f'searched_vs_uniform_ppl_ratio={(r0 + r2) / 2:.3f} seeds=2'
     assert '| search KL-only level 5 | 1 | 60.0 | 116.7 |' in text and '1.03 h of wall time' in text[0]
