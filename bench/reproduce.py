@@ -678,12 +678,13 @@ def run_draw(ctx: Context, draw: int, headline: bool = False) -> dict:
               for k, v in signals['errors'].items()}
 
     for level in (5, 6):
-        uni = uni5 if level == 5 else uniform(n_layers, level, mlp_split=spec.mlp_split).to_dict()
-        if level == 6:
+        uni = uni5
+        if level == 6:  # uniform 5 is made above, with the headline arms
+            uni = uniform(n_layers, 6, mlp_split=spec.mlp_split).to_dict()
             models['uniform6'] = _scored(ctx, f'{key}/uniform6', lambda: stitched(
                 'uniform6', uni, 'uniform level 6, OBS'), {'level': 6, 'levels': uni, 'arm': 2})
-        if level == 6 and not b.level6_baselines:
-            continue
+            if not b.level6_baselines:
+                continue
 
         def magnitude(uni=uni):
             model = shrink_model(dense, magnitude_kept(dense, spec, uni))
