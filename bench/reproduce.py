@@ -993,6 +993,12 @@ def progress(out: Path) -> str:
              'of wall time', '| part | steps | wall min | CPU min |', '|---|---|---|---|']
     lines += [f'| {k} | {v["steps"]} | {v["wall_min"]:.1f} | {v["cpu_min"]:.1f} |'
               for k, v in timing(data['seconds']).items() if v['steps']]
+    if 'dense/score' in steps:
+        lines.append(f'dense: held-out ppl {steps["dense/score"]["ppl"]:.2f}')
+    for state in sorted(out.glob('work/seed*/*/search_state.json')):  # searches part-way (none once finished)
+        key = f'{state.parent.parent.name}/search/{state.parent.name}'
+        if key not in steps:
+            lines.append(f'{key}: running, {json.loads(state.read_text())["generation"]} generations done')
     draws = sorted(int(m.group(1)) for k in steps if (m := re.fullmatch(r'draw(\d+)/uniform5', k)))
     ratios = []
     for key in sorted(k for k in steps if re.fullmatch(r'seed\d+/darwinlm5_kl', k)):

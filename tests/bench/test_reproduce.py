@@ -203,7 +203,11 @@ def test_progress_reads_every_finished_seed_from_the_ledger(tmp_path):
     seconds = {'draw0/database': {'wall': 120.0, 'cpu': 240.0}, 'seed0/search/darwinlm5_kl': {'wall': 3600, 'cpu': 7000}}
     ledger = {'budget': {'shared_database': True}, 'steps': steps, 'seconds': seconds}
     (tmp_path / 'ledger.json').write_text(json.dumps(ledger))
+    for search, generation in (('darwinlm5_kl', 60), ('darwinlm5_tas', 7)):  # a finished search, one part-way
+        (tmp_path / 'work' / 'seed0' / search).mkdir(parents=True)
+        (tmp_path / 'work' / 'seed0' / search / 'search_state.json').write_text(json.dumps({'generation': generation}))
     text = reproduce.progress(tmp_path).splitlines()
+    assert [line for line in text if 'running' in line] == ['seed0/search/darwinlm5_tas: running, 7 generations done']
     r0, se0, _ = reproduce.paired_ratio(steps['seed0/darwinlm5_kl']['seq_nll'], uniform['seq_nll'])
     r2, _, _ = reproduce.paired_ratio(steps['seed2/darwinlm5_kl']['seq_nll'], uniform['seq_nll'])
     assert f'seed 0: searched level 5 50.00 / uniform 100.00 = {r0:.3f} ± {r0 * se0:.3f} held-out; its start alone 0.600' \
