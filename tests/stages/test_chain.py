@@ -30,23 +30,14 @@ def test_every_shipped_yaml_validates():
         assert stages, path
 
 
-def _set(path, value):
-    def edit(cfg):
-        *head, last = path
-        target = cfg
-        for key in head:
-            target = target[key]
-        target[last] = value
-    return edit
-
-
 @pytest.mark.parametrize('edit, match', [
-    (_set(('stages', 2, 'calibraton'), {}), r"stages\[2\]\.calibraton: unknown key .*\(stage 'db', kind database\)"),
-    (_set(('stages', 3, 'database'), 'train'), '`database: train` does not name an earlier stage'),
-    (_set(('stages', 4, 'model'), 'data'), 'names a data stage, which produces no model'),
-    (_set(('stages', 1, 'kind'), 'prune'), '`kind` must be one of'),
-    (lambda cfg: cfg['stages'].append(dict(cfg['stages'][0])), "stage name 'data' is used twice"),
-    (_set(('unknown_top',), 1), r"run\.unknown_top: unknown key"),
+    (lambda c: c['stages'][2].update(calibraton={}),
+     r"stages\[2\]\.calibraton: unknown key .*\(stage 'db', kind database\)"),
+    (lambda c: c['stages'][3].update(database='train'), '`database: train` does not name an earlier stage'),
+    (lambda c: c['stages'][4].update(model='data'), 'names a data stage, which produces no model'),
+    (lambda c: c['stages'][1].update(kind='prune'), '`kind` must be one of'),
+    (lambda c: c['stages'].append(dict(c['stages'][0])), "stage name 'data' is used twice"),
+    (lambda c: c.update(unknown_top=1), r"run\.unknown_top: unknown key"),
 ], ids=['unknown_key', 'later_stage', 'data_as_model', 'unknown_kind', 'duplicate_name', 'unknown_top_key'])
 def test_bad_configs_are_named(tmp_path, edit, match):
     cfg = chain(tmp_path)
