@@ -982,6 +982,11 @@ def timing(seconds: dict) -> dict:
     return {k: {**v, 'wall_min': round(v['wall_min'], 2), 'cpu_min': round(v['cpu_min'], 2)} for k, v in out.items()}
 
 
+# The budget field that sets each search's length (by its directory under work/seed<n>/).
+SEARCH_LENGTH = {'darwinlm5_kl': 'kl_generations', 'darwinlm5_kl_uniform': 'kl_generations',
+                 'darwinlm5_tas': 'generations', 'darwinlm6': 'level6_generations', 'gradual6': 'level6_generations'}
+
+
 def progress(out: Path) -> str:
     """What a run has so far (finished or not; nothing is run), from its ledger: minutes per part and each
     finished seed's headline ratio with its held-out standard error. The last line: their mean."""
@@ -998,7 +1003,16 @@ def progress(out: Path) -> str:
     for state in sorted(out.glob('work/seed*/*/search_state.json')):  # searches part-way (none once finished)
         key = f'{state.parent.parent.name}/search/{state.parent.name}'
         if key not in steps:
-            lines.append(f'{key}: running, {json.loads(state.read_text())["generation"]} generations done')
+            doc = json.loads(state.read_text())
+            line = f'{key}: running, {doc["generation"]}'
+            total = data['budget'].get(SEARCH_LENGTH.get(state.parent.name, ''))
+            line += f' of {total} generations done' if total else ' generations done'
+            recent = [h['seconds'] for h in doc.get('history', [])[-5:] if 'seconds' in h]
+            if recent:  # a 15-hour run: how long this search still takes, at its recent pace
+                pace = sum(recent) / len(recent)
+                line += f', {pace:.0f} s each lately' + (
+                    f', about {(total - doc["generation"]) * pace / 60:.0f} min left' if total else '')
+            lines.append(line)
     draws = sorted(int(m.group(1)) for k in steps if (m := re.fullmatch(r'draw(\d+)/uniform5', k)))
     ratios = []
     for key in sorted(k for k in steps if re.fullmatch(r'seed\d+/darwinlm5_kl', k)):

@@ -201,13 +201,17 @@ def test_progress_reads_every_finished_seed_from_the_ledger(tmp_path):
              'seed0/search/darwinlm5_kl': {'start_probe_fitness': 1.3, 'probe_fitness_history': [1.3, 1.2, 1.25]},
              'seed3/search/darwinlm5_kl': {}}  # searched, not yet scored
     seconds = {'draw0/database': {'wall': 120.0, 'cpu': 240.0}, 'seed0/search/darwinlm5_kl': {'wall': 3600, 'cpu': 7000}}
-    ledger = {'budget': {'shared_database': True}, 'steps': steps, 'seconds': seconds}
+    ledger = {'budget': {'shared_database': True, 'generations': 10}, 'steps': steps, 'seconds': seconds}
     (tmp_path / 'ledger.json').write_text(json.dumps(ledger))
-    for search, generation in (('darwinlm5_kl', 60), ('darwinlm5_tas', 7)):  # a finished search, one part-way
+    history = [{'seconds': 999.0}] + [{'seconds': 60.0 + g} for g in range(5)]  # the pace: the last 5, 62 s
+    for search, generation in (('darwinlm5_kl', 60), ('darwinlm5_tas', 7), ('darwinlm6', 2)):  # finished, part-way
         (tmp_path / 'work' / 'seed0' / search).mkdir(parents=True)
-        (tmp_path / 'work' / 'seed0' / search / 'search_state.json').write_text(json.dumps({'generation': generation}))
+        (tmp_path / 'work' / 'seed0' / search / 'search_state.json').write_text(json.dumps(
+            {'generation': generation, 'history': history if search == 'darwinlm5_tas' else []}))
     text = reproduce.progress(tmp_path).splitlines()
-    assert [line for line in text if 'running' in line] == ['seed0/search/darwinlm5_tas: running, 7 generations done']
+    assert [line for line in text if 'running' in line] == [
+        'seed0/search/darwinlm5_tas: running, 7 of 10 generations done, 62 s each lately, about 3 min left',
+        'seed0/search/darwinlm6: running, 2 generations done']  # its length is not in this (older) ledger
     r0, se0, _ = reproduce.paired_ratio(steps['seed0/darwinlm5_kl']['seq_nll'], uniform['seq_nll'])
     r2, _, _ = reproduce.paired_ratio(steps['seed2/darwinlm5_kl']['seq_nll'], uniform['seq_nll'])
     assert f'seed 0: searched level 5 50.00 / uniform 100.00 = {r0:.3f} ± {r0 * se0:.3f} held-out; its start alone 0.600' \
