@@ -126,6 +126,7 @@ class Budget:
     tas_seeds: int = 1                 # the first this many seeds also run TAS and the level-6 arms (0: all)
     offspring: int = 8
     max_switches: int = 3              # mutation: min(U{1,m}, U{1,m}) level switches per offspring
+    replace_margin: float = 0.0        # an offspring replaces the parent only below (1 - this) x its fitness
     samples_by_source: bool = False    # True: fitness samples balanced over the 7 domains (no better on seed 0:
                                        # 0.770 against 0.737 after 25 generations, search_length_bysource.txt)
     balance_kinds: bool = True         # searches start from the fittest attention/MLP split of their size
@@ -215,7 +216,8 @@ class Budget:
 
 # Budget fields added after results were committed, with the value the earlier runs used.
 ADDED_LATER = {'max_switches': 3, 'samples_by_source': False, 'mlp_level_split': 1, 'balance_kinds': False,
-               'balance_tokens': 0, 'protect_units': 0, 'balance_recheck_tokens': 0, 'winner': 'last', 'balance_top': 1}
+               'balance_tokens': 0, 'protect_units': 0, 'balance_recheck_tokens': 0, 'winner': 'last', 'balance_top': 1,
+               'replace_margin': 0.0}
 QUICK = Budget()
 FULL = dataclasses.replace(QUICK, calibration_sequences=128, shared_database=False, signal_sequences=64,
                            generations=24, kl_generations=60, tas_seeds=0, offspring=16, survivors=(4, 2, 1),
@@ -477,7 +479,8 @@ def search_engine(ctx: Context, db, source_dir: str, out_dir: Path, seed: int, *
     settings = SearchSettings(
         target_level=level, start_config=start, generations=generations,
         extra_levels=(1 if start else 0) if extra_levels is None else extra_levels,
-        offspring=b.offspring, max_switches=b.max_switches, samples_by_source=b.samples_by_source,
+        offspring=b.offspring, max_switches=b.max_switches, replace_margin=b.replace_margin,
+        samples_by_source=b.samples_by_source,
         balance_kinds=balance, balance_tokens=b.balance_tokens or None,
         protect_units=b.protect_units if balance else 0,
         balance_top=b.balance_top if balance and b.protect_units else 1,
@@ -506,13 +509,16 @@ def search_bounds(ctx: Context, db, source_dir: str, seed: int, level: int):
 
 
 def find_run(run: Path) -> dict:
-    """The converted dense model, the shared database and the MDS splits of a finished reproduction."""
-    dense = None
+    """The converted dense model, draw 0's database and the MDS splits of a reproduction (finished, or part-way
+    past its first database)."""
+    dense, recorded = None, None
     if (run / 'results.json').is_file():  # the run's own record: also finds a --model-cache outside the run
         recorded = json.loads((run / 'results.json').read_text()).get('model', {}).get('dense_dir')
-        if recorded:
-            dense = Path(recorded) if Path(recorded).is_absolute() else REPO / recorded
-            dense = dense if (dense / 'config.json').is_file() else None
+    elif (run / 'ledger.json').is_file():  # a run part-way: its dense model was scored first
+        recorded = json.loads((run / 'ledger.json').read_text())['steps'].get('dense/score', {}).get('path')
+    if recorded:
+        dense = Path(recorded) if Path(recorded).is_absolute() else REPO / recorded
+        dense = dense if (dense / 'config.json').is_file() else None
     if dense is None:
         cfgs = sorted(run.glob('model_cache/*/config.json')) + sorted(run.glob('model_cache/*/*/config.json'))
         dense = cfgs[0].parent if cfgs else None

@@ -2,8 +2,8 @@
 
 The quick reproduction runs 5 generations per level-5 search (3 seeds, two selections, on 2 cores); the paper
 runs 200. This bench runs ONE KL-only level-5 search of ``--generations`` generations with the quick mode's
-budgets (offspring, survivors, fitness tokens; ``--set KEY=VALUE`` changes them as in ``reproduce.py``) on a
-finished reproduction's database, shards and held-out domains, and scores the parent after the generations in
+budgets (offspring, survivors, fitness tokens; ``--full``: the full run's; ``--set KEY=VALUE`` changes them as in
+``reproduce.py``) on a reproduction's database (draw 0's; a run part-way will do), shards and held-out domains, and scores the parent after the generations in
 ``--at`` on the held-out text of every domain (the reproduction's scorer), against the uniform level-5 model.
 The search resumes per generation (``--out``/search), so an interrupted run loses at most one generation. Like
 the study's searches it starts from the fittest attention/MLP split with its units protected (``balance_kinds``,
@@ -35,8 +35,13 @@ def main(argv=None) -> dict:
     p.add_argument('--level', type=int, default=5)
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--tas', action='store_true', help='training-aware selection (the TAS arm) instead of KL-only')
-    p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE', help='a quick-budget override')
+    p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE', help='a budget override')
+    p.add_argument('--full', action='store_true', help="the full budget's settings (offspring, survivors, fitness "
+                   'tokens, held-out sample) instead of the quick ones, e.g. on the full run')
     p.add_argument('--out', default=None, help='output directory (default <run>/search_length)')
+    p.add_argument('--reference', default=None, metavar='STEP',
+                   help="a search step of the run's ledger (e.g. seed0/search/darwinlm5_kl): its parents after the "
+                   'same generations (and its winner) are scored beside this search\'s, on the same held-out text')
     p.add_argument('--start', default=None, help="start from these levels (another search's winner.json) instead "
                    'of uniform; held-out ratios stay relative to the uniform model')
     args = p.parse_args(argv)
@@ -49,7 +54,7 @@ def main(argv=None) -> dict:
     run = Path(args.run).resolve()
     out = Path(args.out or run / 'search_length').resolve()
     out.mkdir(parents=True, exist_ok=True)
-    fin = reproduce.open_run(run, reproduce._override(reproduce.QUICK, args.set), out)
+    fin = reproduce.open_run(run, reproduce._override(reproduce.FULL if args.full else reproduce.QUICK, args.set), out)
     found = fin.search(out / 'search', args.seed, tas=args.tas, level=None if args.start else args.level,
                        generations=args.generations, start=args.start, extra_levels=0)
     budget = fin.ctx.budget
@@ -59,12 +64,19 @@ def main(argv=None) -> dict:
     parents.update({g: found['parents'][g - 1] for g in at})
     if found['parents'] and found['levels'] != found['parents'][-1]:  # what it returns, by its winner rule
         parents['winner'] = found['levels']
+    searches = {'': found}
+    if args.reference:  # the same generations of an earlier search of the run, for a paired comparison
+        ref = searches['reference '] = json.loads((run / 'ledger.json').read_text())['steps'][args.reference]
+        parents.update({f'reference {g}': ref['parents'][g - 1] for g in at if g <= len(ref['parents'])})
+        parents['reference winner'] = ref['levels']
     rows = []
     for g, levels in parents.items():
         s = fin.ctx.score(fin.stitch(levels))
-        probe = found['probe_fitness_history'][g - 1] if isinstance(g, int) and g else (
+        of = searches['reference ' if str(g).startswith('reference') else '']
+        n = int(str(g).split()[-1]) if str(g).split()[-1].isdigit() else None
+        probe = of['probe_fitness_history'][n - 1] if n else (
             None if g == 0 and 'start' in parents else
-            found['probe_fitness'] if g == 'winner' else found['start_probe_fitness'])
+            of['probe_fitness'] if str(g).endswith('winner') else found['start_probe_fitness'])
         rows.append({'generation': g, 'ppl': s['ppl'], 'kl': s['kl'], 'params': s['params'],
                      'domains': {reproduce.short_domain(d): v['ppl'] for d, v in s['domains'].items()},
                      'probe_kl': probe, 'levels': levels})
@@ -72,7 +84,7 @@ def main(argv=None) -> dict:
     doc = {'run': str(run), 'level': args.level, 'seed': args.seed, 'generations': args.generations,
            'budget': budget.describe(), 'search_seconds': found['seconds'], 'seconds': round(time.time() - t0, 1),
            'winner_rule': found['winner_rule'], 'winner_generation': found['winner_generation'],
-           'rows': rows}
+           'reference': args.reference, 'rows': rows}
     (out / 'search_length.json').write_text(json.dumps(doc, indent=1))
     names = list(rows[0]['domains'])
     print(f'{"TAS" if args.tas else "KL-only"} level-{args.level} search, seed {args.seed}: {budget.offspring} offspring, '
@@ -82,15 +94,17 @@ def main(argv=None) -> dict:
     print('| generations | held-out ppl | / uniform | KL to dense | parent probe KL | ' + ' | '.join(names) + ' |')
     print('|---|---|---|---|---|' + '---|' * len(names))
     for r in rows:
-        label = (f'winner ({found["winner_rule"]}: generation {found["winner_generation"]})'
-                 if r['generation'] == 'winner' else r['generation'])
+        of = searches['reference ' if str(r['generation']).startswith('reference') else '']
+        label = (f'{r["generation"]} ({of["winner_rule"]}: generation {of["winner_generation"]})'
+                 if str(r['generation']).endswith('winner') else r['generation'])
         print(f'| {label} | {r["ppl"]:.2f} | {r["ppl"] / base:.3f} | {r["kl"]:.4f} | '
               f'{r["probe_kl"] if r["probe_kl"] is None else round(r["probe_kl"], 4)} | '
               + ' | '.join(f'{r["domains"][d]:.1f}' for d in names) + ' |')
     print(f'written {out / "search_length.json"} in {doc["seconds"]:.0f} s')
-    probe = [r['probe_kl'] for r in rows if r['probe_kl'] is not None and r['generation'] != 'winner']
+    probe = [r['probe_kl'] for r in rows if r['probe_kl'] is not None and r['generation'] != 'winner'
+             and not str(r['generation']).startswith('reference')]
     print(f'generations={args.generations} uniform_ppl={base:.2f} '
-          + ' '.join(f'ratio_at_{r["generation"]}={r["ppl"] / base:.3f}' for r in rows[1:])
+          + ' '.join(f'ratio_at_{str(r["generation"]).replace(" ", "_")}={r["ppl"] / base:.3f}' for r in rows[1:])
           + (f' probe_kl_start={probe[0]:.4f} probe_kl_end={probe[-1]:.4f}' if probe else ''), flush=True)
     return doc
 

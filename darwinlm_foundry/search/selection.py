@@ -3,7 +3,8 @@
 Step ``k`` of a generation fine-tunes every remaining candidate on ``train_tokens[k]`` tokens, measures its
 fitness (lower is better, e.g. KL to the dense model) on ``fitness_tokens[k]`` tokens, and keeps the best
 ``survivors[k]``. The parent joins the last step (elitism): it is trained and measured with the last step's
-budget next to the remaining offspring, and stays the parent unless an offspring does strictly better.
+budget next to the remaining offspring, and stays the parent unless an offspring does strictly better (by
+more than ``replace_margin`` of the parent's fitness, where that is set).
 
 What "train" and "measure" mean is the caller's business: :func:`run_generation` receives an
 ``evaluate(candidates, step_index) -> list[float]`` callback. In the paper (and here) every step starts
@@ -44,6 +45,10 @@ class SelectionSchedule:
     - ``train_tokens[k]``: fine-tuning tokens per candidate before measuring in step k (>= 0; all zero means
       plain, training-free selection).
     - ``lr``: fine-tuning learning rate; ``offspring``: offspring per generation (>= survivors[0]).
+    - ``replace_margin``: in the last step an offspring replaces the parent only when its fitness is below
+      ``(1 - replace_margin)`` times the parent's (0: any strict improvement, the paper's). Most offspring of a
+      good parent are worse than it, so where the last step's sample cannot tell them apart, a bare win is more
+      often luck than gain.
     """
 
     survivors: tuple[int, ...] = (8, 4, 2, 1)
@@ -51,6 +56,7 @@ class SelectionSchedule:
     train_tokens: tuple[int, ...] = (10_000, 50_000, 100_000, 200_000)
     lr: float = 1e-5
     offspring: int = 16
+    replace_margin: float = 0.0
 
     def __post_init__(self):
         for name in ('survivors', 'fitness_tokens', 'train_tokens'):
@@ -79,6 +85,11 @@ class SelectionSchedule:
         if not (math.isfinite(lr) and lr > 0):
             raise ValueError(f'lr must be a positive number, got {self.lr!r}')
         object.__setattr__(self, 'lr', lr)
+        margin = float(self.replace_margin)
+        if not 0 <= margin < 1:
+            raise ValueError(f'replace_margin must lie in [0, 1) (a fraction of the parent\'s fitness), got '
+                             f'{self.replace_margin!r}')
+        object.__setattr__(self, 'replace_margin', margin)
 
     @property
     def num_steps(self) -> int:
@@ -149,7 +160,8 @@ def run_generation(parent: Hashable, offspring: Sequence[Hashable], schedule: Se
 
     Step k (k < last) keeps the best ``survivors[k]`` of the remaining offspring, in fitness order. The last
     step evaluates ``[parent] + remaining offspring`` and keeps the best one; the parent comes first so that
-    it wins ties (an offspring must do strictly better to replace it). All ties go to the earlier candidate.
+    it wins ties (an offspring must do strictly better to replace it, and with ``replace_margin`` better than
+    ``(1 - replace_margin)`` times the parent's fitness). All ties go to the earlier candidate.
     With fewer offspring than a step's survivors, all of them go on. Deterministic: no randomness inside.
     """
     offspring = list(offspring)
@@ -171,6 +183,9 @@ def run_generation(parent: Hashable, offspring: Sequence[Hashable], schedule: Se
             raise RuntimeError(f'evaluate returned {len(fitnesses)} fitness values for {len(candidates)} '
                                f'candidates in selection step {k}; it must return one per candidate')
         order = rank(fitnesses)[:schedule.survivors[k]]
+        if k == last and ids[order[0]] != PARENT and not (  # NaN parent: any finite offspring replaces it
+                fitnesses[order[0]] < fitnesses[0] * (1 - schedule.replace_margin) or math.isnan(fitnesses[0])):
+            order = [0]
         kept = [ids[j] for j in order]
         steps.append(StepRecord(step=k, candidates=ids, fitnesses=fitnesses, kept=kept,
                                 train_tokens=schedule.train_tokens[k], fitness_tokens=schedule.fitness_tokens[k]))

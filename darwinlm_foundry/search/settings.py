@@ -33,7 +33,9 @@ class SearchSettings:
     in each group spread at random (seeded; gradual mode, e.g. 1 for level 5 -> 6).
     Selection (paper defaults): ``generations`` (a total: a finished search run again with a larger number
     continues from its state), ``offspring``, ``survivors``, ``fitness_tokens``,
-    ``train_tokens``, ``lr``. Data: ``seq_len`` tokens per sequence; a fit runs
+    ``train_tokens``, ``lr``; ``replace_margin`` (default 0, the paper's: any strict improvement): an offspring
+    replaces the parent only when its last-step fitness is below ``(1 - replace_margin)`` times the parent's, on
+    the same tokens (:class:`~darwinlm_foundry.search.selection.SelectionSchedule`). Data: ``seq_len`` tokens per sequence; a fit runs
     ``ceil(train_tokens / seq_len)`` sequences in optimizer steps of ``train_batch_size`` sequences,
     ``micro_batch_size`` at a time (also the fitness batch). Fitness: ``'kl'``, ``'topk_kl'`` (dense top-``topk``
     stored, for 128K vocabularies) or ``'ppl'``. ``max_level``: highest level a unit may take (default: the
@@ -113,6 +115,7 @@ class SearchSettings:
     topk: Optional[int] = None
     max_level: Optional[int] = None
     max_switches: int = DEFAULT_MAX_SWITCHES
+    replace_margin: float = 0.0
     samples_by_source: bool = False
     balance_kinds: bool = False
     balance_tokens: Optional[int] = None
@@ -213,7 +216,8 @@ class SearchSettings:
     @property
     def schedule(self) -> SelectionSchedule:
         return SelectionSchedule(survivors=self.survivors, fitness_tokens=self.fitness_tokens,
-                                 train_tokens=self.train_tokens, lr=self.lr, offspring=self.offspring)
+                                 train_tokens=self.train_tokens, lr=self.lr, offspring=self.offspring,
+                                 replace_margin=self.replace_margin)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> 'SearchSettings':
@@ -245,6 +249,8 @@ class SearchSettings:
             del fields['balance_recheck_tokens']
         if fields['balance_top'] == 1:  # likewise
             del fields['balance_top']
+        if not fields['replace_margin']:  # likewise
+            del fields['replace_margin']
         return fields
 
     @property

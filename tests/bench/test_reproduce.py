@@ -251,3 +251,17 @@ def test_ledger_refuses_other_settings_unless_restarted(tmp_path):
     assert (tmp_path / 'models').is_dir()
     assert reproduce.Ledger(tmp_path / 'ledger.json', other, restart=True).data == {}
     assert not (tmp_path / 'models').exists()
+
+
+def test_find_run_takes_the_dense_model_from_a_ledger_part_way(tmp_path):
+    """A run still going has no results.json: the studies that reuse it find its dense model in its ledger."""
+    reproduce = _load_reproduce()
+    run, dense = tmp_path / 'run', tmp_path / 'cache' / 'abc'
+    (run / 'work' / 'draw0' / 'db_dense').mkdir(parents=True)
+    (run / 'mds').mkdir()
+    with pytest.raises(SystemExit, match='no dense there'):
+        reproduce.find_run(run)
+    dense.mkdir(parents=True)
+    (dense / 'config.json').write_text('{}')
+    (run / 'ledger.json').write_text(json.dumps({'steps': {'dense/score': {'path': str(dense)}}}))
+    assert reproduce.find_run(run) == {'dense': dense, 'db': run / 'work' / 'draw0' / 'db_dense', 'shards': run / 'mds'}

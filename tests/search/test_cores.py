@@ -312,7 +312,7 @@ def test_schedule_defaults_and_validation():
     assert not SelectionSchedule(train_tokens=[0, 0, 0, 0]).training_aware
     bad = [dict(survivors=[8, 4, 2]), dict(survivors=[8, 8, 2, 1]), dict(survivors=[8, 4, 2, 2]),
            dict(survivors=[32, 4, 2, 1]), dict(fitness_tokens=[0, 1, 2, 3]), dict(train_tokens=[-1, 0, 0, 0]),
-           dict(lr=0.0), dict(offspring=0), dict(survivors=[])]
+           dict(lr=0.0), dict(offspring=0), dict(survivors=[]), dict(replace_margin=-0.1), dict(replace_margin=1.0)]
     for kwargs in bad:
         with pytest.raises(ValueError):
             SelectionSchedule(**kwargs)
@@ -331,8 +331,9 @@ def table_evaluate(tables, calls):
 @pytest.mark.parametrize('seed', range(20))
 def test_selection_keeps_lowest_fitness_survivors(seed):
     py = random.Random(seed)
+    margin = py.choice([0.0, 0.3])
     schedule = SelectionSchedule(survivors=[6, 3, 2, 1], fitness_tokens=[1, 1, 1, 1], train_tokens=[0, 0, 0, 0],
-                                 offspring=10)
+                                 offspring=10, replace_margin=margin)
     parent = 'P'
     offspring = [f'o{i}' for i in range(py.choice([10, 7, 4]))]
     # Few distinct values force ties.
@@ -346,17 +347,20 @@ def test_selection_keeps_lowest_fitness_survivors(seed):
         assert sorted(candidates) == sorted(expected_candidates)
         kept = [parent if i == PARENT else offspring[i] for i in result.steps[k].kept]
         assert len(kept) == min(schedule.survivors[k], len(candidates))
-        # Brute force: no dropped candidate is strictly better than a kept one.
+        # Brute force: no dropped candidate is strictly better than a kept one (the last step: see below).
         dropped = [c for c in candidates if c not in kept]
-        if dropped:
+        if dropped and k < 3:
             assert max(tables[k][c] for c in kept) <= min(tables[k][c] for c in dropped)
         remaining = [c for c in kept if c != parent]
-    last = [parent] + [c for c in calls[-1][1] if c != parent]
-    best = min(tables[3][c] for c in last)
-    assert result.fitness == best and tables[3][result.winner] == best
+    rivals = [c for c in calls[-1][1] if c != parent]
+    best = min(tables[3][c] for c in rivals) if rivals else math.inf
+    if best < tables[3][parent] * (1 - margin):  # an offspring replaces the parent only by more than the margin
+        assert not result.parent_won and tables[3][result.winner] == best == result.fitness
+        assert result.winner == [c for c in rivals if tables[3][c] == best][0]  # ties to the earlier candidate
+    else:  # ties (and, with the margin, narrow wins) go to the parent
+        assert result.winner == parent and result.parent_won and result.fitness == tables[3][parent]
+    assert result.steps[3].kept == [PARENT if result.parent_won else offspring.index(result.winner)]
     assert parent not in sum((c for k, c in calls[:-1]), [])  # the parent joins the last step only
-    if tables[3][parent] == best:
-        assert result.winner == parent and result.parent_won  # ties go to the parent
 
 
 def test_best_probe_generation_is_the_lowest_probe_earliest_on_ties():
@@ -389,6 +393,15 @@ def test_elitism():
     calls = []
     result = run_generation('P', [], schedule, table_evaluate(tables, calls))
     assert result.winner == 'P' and calls == [(1, ['P'])]
+
+
+def test_replace_margin_reaches_the_schedule_and_is_fingerprinted_only_when_set():
+    from darwinlm_foundry.search.settings import SearchSettings
+    assert 'replace_margin' not in SearchSettings().result_fields()  # states written before it existed resume
+    settings = SearchSettings(replace_margin=0.002)
+    assert settings.result_fields()['replace_margin'] == 0.002 and settings.schedule.replace_margin == 0.002
+    with pytest.raises(ValueError, match=r'replace_margin must lie in \[0, 1\)'):
+        SearchSettings(replace_margin=2)
 
 
 def test_selection_rejects_bad_input_and_ranks_nan_last():
