@@ -3,8 +3,9 @@
 The quick reproduction runs 5 generations per level-5 search (3 seeds, two selections, on 2 cores); the paper
 runs 200. This bench runs ONE KL-only level-5 search of ``--generations`` generations with the quick mode's
 budgets (offspring, survivors, fitness tokens; ``--full``: the full run's; ``--set KEY=VALUE`` changes them as in
-``reproduce.py``) on a reproduction's database (draw 0's; a run part-way will do), shards and held-out domains, and scores the parent after the generations in
-``--at`` on the held-out text of every domain (the reproduction's scorer), against the uniform level-5 model.
+``reproduce.py``) on a reproduction's database (draw 0's; a run part-way will do), shards and held-out domains,
+and scores the parent after the generations in ``--at`` on the held-out text of every domain (the reproduction's
+scorer), against the uniform level-5 model.
 The search resumes per generation (``--out``/search), so an interrupted run loses at most one generation. Like
 the study's searches it starts from the fittest attention/MLP split with its units protected (``balance_kinds``,
 ``protect_units``; the row ``start``), unless ``--set balance_kinds=false`` (the paper's uniform start);
@@ -39,9 +40,6 @@ def main(argv=None) -> dict:
     p.add_argument('--full', action='store_true', help="the full budget's settings (offspring, survivors, fitness "
                    'tokens, held-out sample) instead of the quick ones, e.g. on the full run')
     p.add_argument('--out', default=None, help='output directory (default <run>/search_length)')
-    p.add_argument('--reference', default=None, metavar='STEP',
-                   help="a search step of the run's ledger (e.g. seed0/search/darwinlm5_kl): its parents after the "
-                   'same generations (and its winner) are scored beside this search\'s, on the same held-out text')
     p.add_argument('--start', default=None, help="start from these levels (another search's winner.json) instead "
                    'of uniform; held-out ratios stay relative to the uniform model')
     args = p.parse_args(argv)
@@ -64,19 +62,12 @@ def main(argv=None) -> dict:
     parents.update({g: found['parents'][g - 1] for g in at})
     if found['parents'] and found['levels'] != found['parents'][-1]:  # what it returns, by its winner rule
         parents['winner'] = found['levels']
-    searches = {'': found}
-    if args.reference:  # the same generations of an earlier search of the run, for a paired comparison
-        ref = searches['reference '] = json.loads((run / 'ledger.json').read_text())['steps'][args.reference]
-        parents.update({f'reference {g}': ref['parents'][g - 1] for g in at if g <= len(ref['parents'])})
-        parents['reference winner'] = ref['levels']
     rows = []
     for g, levels in parents.items():
         s = fin.ctx.score(fin.stitch(levels))
-        of = searches['reference ' if str(g).startswith('reference') else '']
-        n = int(str(g).split()[-1]) if str(g).split()[-1].isdigit() else None
-        probe = of['probe_fitness_history'][n - 1] if n else (
+        probe = found['probe_fitness_history'][g - 1] if isinstance(g, int) and g else (
             None if g == 0 and 'start' in parents else
-            of['probe_fitness'] if str(g).endswith('winner') else found['start_probe_fitness'])
+            found['probe_fitness'] if g == 'winner' else found['start_probe_fitness'])
         rows.append({'generation': g, 'ppl': s['ppl'], 'kl': s['kl'], 'params': s['params'],
                      'domains': {reproduce.short_domain(d): v['ppl'] for d, v in s['domains'].items()},
                      'probe_kl': probe, 'levels': levels})
@@ -84,7 +75,7 @@ def main(argv=None) -> dict:
     doc = {'run': str(run), 'level': args.level, 'seed': args.seed, 'generations': args.generations,
            'budget': budget.describe(), 'search_seconds': found['seconds'], 'seconds': round(time.time() - t0, 1),
            'winner_rule': found['winner_rule'], 'winner_generation': found['winner_generation'],
-           'reference': args.reference, 'rows': rows}
+           'rows': rows}
     (out / 'search_length.json').write_text(json.dumps(doc, indent=1))
     names = list(rows[0]['domains'])
     print(f'{"TAS" if args.tas else "KL-only"} level-{args.level} search, seed {args.seed}: {budget.offspring} offspring, '
@@ -94,17 +85,15 @@ def main(argv=None) -> dict:
     print('| generations | held-out ppl | / uniform | KL to dense | parent probe KL | ' + ' | '.join(names) + ' |')
     print('|---|---|---|---|---|' + '---|' * len(names))
     for r in rows:
-        of = searches['reference ' if str(r['generation']).startswith('reference') else '']
-        label = (f'{r["generation"]} ({of["winner_rule"]}: generation {of["winner_generation"]})'
-                 if str(r['generation']).endswith('winner') else r['generation'])
+        label = (f'winner ({found["winner_rule"]}: generation {found["winner_generation"]})'
+                 if r['generation'] == 'winner' else r['generation'])
         print(f'| {label} | {r["ppl"]:.2f} | {r["ppl"] / base:.3f} | {r["kl"]:.4f} | '
               f'{r["probe_kl"] if r["probe_kl"] is None else round(r["probe_kl"], 4)} | '
               + ' | '.join(f'{r["domains"][d]:.1f}' for d in names) + ' |')
     print(f'written {out / "search_length.json"} in {doc["seconds"]:.0f} s')
-    probe = [r['probe_kl'] for r in rows if r['probe_kl'] is not None and r['generation'] != 'winner'
-             and not str(r['generation']).startswith('reference')]
+    probe = [r['probe_kl'] for r in rows if r['probe_kl'] is not None and r['generation'] != 'winner']
     print(f'generations={args.generations} uniform_ppl={base:.2f} '
-          + ' '.join(f'ratio_at_{str(r["generation"]).replace(" ", "_")}={r["ppl"] / base:.3f}' for r in rows[1:])
+          + ' '.join(f'ratio_at_{r["generation"]}={r["ppl"] / base:.3f}' for r in rows[1:])
           + (f' probe_kl_start={probe[0]:.4f} probe_kl_end={probe[-1]:.4f}' if probe else ''), flush=True)
     return doc
 

@@ -183,8 +183,9 @@ def run_generation(parent: Hashable, offspring: Sequence[Hashable], schedule: Se
             raise RuntimeError(f'evaluate returned {len(fitnesses)} fitness values for {len(candidates)} '
                                f'candidates in selection step {k}; it must return one per candidate')
         order = rank(fitnesses)[:schedule.survivors[k]]
-        if k == last and ids[order[0]] != PARENT and not (  # NaN parent: any finite offspring replaces it
-                fitnesses[order[0]] < fitnesses[0] * (1 - schedule.replace_margin) or math.isnan(fitnesses[0])):
+        # an offspring that won the last step by no more than the margin leaves the parent (a NaN parent never stays)
+        if (k == last and ids[order[0]] != PARENT and not math.isnan(fitnesses[0])
+                and fitnesses[order[0]] >= fitnesses[0] * (1 - schedule.replace_margin)):
             order = [0]
         kept = [ids[j] for j in order]
         steps.append(StepRecord(step=k, candidates=ids, fitnesses=fitnesses, kept=kept,
