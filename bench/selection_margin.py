@@ -16,11 +16,9 @@ fitness); runs nothing. LAST line::
 import argparse
 import json
 import statistics
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from darwinlm_foundry.search.selection import PARENT  # noqa: E402
+from darwinlm_foundry.search.selection import PARENT
 
 
 def replacements(state: dict) -> list[tuple[float, float]]:
