@@ -62,8 +62,9 @@ its smallest level), ``darwinlm_foundry.search.baselines``.) The seed changes th
 the TAS fine-tunes and the post-training data order. Quick mode builds ONE database (calibration draw 0) shared
 by every seed, so arms 2-5 are deterministic and computed once (``shared_database``; ``--full`` builds one per
 seed). Held-out perplexity and KL(dense || model) per arm, overall and per domain, mean ± std over seeds;
-foundry ICL accuracy (``evaluation.run_icl_eval`` on the package's local task files) with chance level and
-binomial standard error, for the dense model, the baselines and the level-5 searched arms of the first seed.
+foundry ICL accuracy (``eval.icl.run_icl_eval``) with chance level and binomial standard error: quick mode on
+the package's embedded task files (100 examples per task) for the dense model, the baselines and the level-5
+searched arms of the first seed; ``--full`` on every example of arc_easy and piqa in ``../shared/data/icl``.
 
 Writes ``<out>/results.json`` (every number), ``<out>/results.md`` (the tables), plots in ``<out>/plots/``
 (generations vs fitness of every search; held-out ppl per arm) and every model as a Hugging Face directory
@@ -86,6 +87,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -163,7 +165,9 @@ class Budget:
     heldout_sequences: int = 6         # per domain (cc has 4: 40 sequences; 2 until 2026-12-06, whose 14 put the
                                        # same searched models at 0.645x uniform against 0.502x on 52, quick_default/)
     icl_tasks: tuple = ('arc_easy', 'piqa')
-    icl_limit: int = 100               # examples per task (the local files hold 100)
+    icl_limit: int = 100               # examples per task, the first of each file (the embedded files hold 100)
+    icl_dir: str = ''                  # task files: '' = the package's embedded ones (100 per task), else a folder
+                                       # (relative to the repository root) of foundry task files
     icl_seeds: int = 1                 # the searched arms of this many first seeds get ICL
     icl_models: tuple = LEVEL5_BASELINES + ('darwinlm5_kl', 'darwinlm5_kl_uniform', 'darwinlm5_tas',
                                             'darwinlm5_kl+train', 'darwinlm5_tas+train')
@@ -196,9 +200,15 @@ class Budget:
         Fields added after runs were made (:data:`ADDED_LATER`) count only away from the value that reproduces
         the older runs, so their ledgers stay valid.
         """
-        return {k: v for k, v in self.describe().items()
-                if k not in ('seeds', 'icl_seeds', 'icl_models', 'tas_seeds', 'uniform_start_seeds')
-                and ADDED_LATER.get(k, ()) != v}
+        return {k: v for k, v in self.describe().items() if k not in UNFINGERPRINTED and ADDED_LATER.get(k, ()) != v}
+
+    def icl_tag(self) -> str:
+        """'' for the quick ICL settings, else a short tag of tasks, limit and source: ICL steps are keyed by it
+        (the ICL settings are outside the fingerprint, so a run can change them before it gets there)."""
+        what = (self.icl_tasks, self.icl_limit, self.icl_dir)
+        if what == (QUICK.icl_tasks, QUICK.icl_limit, QUICK.icl_dir):
+            return ''
+        return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:8]
 
     def runs_tas(self, seed: int) -> bool:
         """Whether ``seed`` also runs TAS and the level-6 arms (the first ``tas_seeds`` seeds; 0: every seed)."""
@@ -214,6 +224,10 @@ class Budget:
                 'calibration_tokens': self.calibration_sequences * self.seq_len}
 
 
+# Budget fields no finished step depends on: which seeds and models to run or score, and the ICL settings (the
+# ICL steps carry Budget.icl_tag in their key). Ledgers are compared without them.
+UNFINGERPRINTED = ('seeds', 'icl_seeds', 'icl_models', 'icl_tasks', 'icl_limit', 'icl_dir', 'tas_seeds',
+                   'uniform_start_seeds')
 # Budget fields added after results were committed, with the value the earlier runs used.
 ADDED_LATER = {'max_switches': 3, 'samples_by_source': False, 'mlp_level_split': 1, 'balance_kinds': False,
                'balance_tokens': 0, 'protect_units': 0, 'balance_recheck_tokens': 0, 'winner': 'last', 'balance_top': 1,
@@ -225,8 +239,12 @@ FULL = dataclasses.replace(QUICK, calibration_sequences=128, shared_database=Fal
                            tas_train_tokens=(1024, 2048, 4096), level6_generations=16, level6_selection='tas',
                            posttrain_steps=32, posttrain_batch=4, posttrain_warmup=3, level6_baselines=True,
                            heldout_sequences=8, uniform_start_seeds=1,
-                           icl_tasks=('arc_easy', 'piqa', 'winogrande', 'boolq', 'logi_qa', 'arc_challenge'),
-                           icl_seeds=3)
+                           # every example of the two tasks where a 135M model is well above chance (2,376
+                           # arc_easy, 1,838 piqa: +-0.008 on their mean), on the arms that matter: 100
+                           # examples per task (+-0.05) cannot tell the level-5 models apart
+                           icl_tasks=('arc_easy', 'piqa'), icl_limit=2376, icl_dir='../shared/data/icl',
+                           icl_models=('uniform5', 'shortgpt5', 'darwinlm5_kl', 'darwinlm5_kl+train',
+                                       'darwinlm5_tas+train'), icl_seeds=3)
 SMOKE = dataclasses.replace(QUICK, seeds=(0,), layers=2, seq_len=128, calibration_sequences=8, signal_sequences=4,
                             balance_tokens=0, uniform_start_seeds=1,
                             generations=1, kl_generations=2, offspring=2, survivors=(1,), fitness_tokens=(256,),
@@ -251,7 +269,7 @@ class Ledger:
         self.seconds: dict[str, dict] = {}
         if path.is_file():
             data = json.loads(path.read_text())
-            if {k: data.get(k) for k in self.key} == self.key:
+            if {k: _without_unfingerprinted(data.get(k), k) for k in self.key} == self.key:
                 self.data, self.seconds = data['steps'], data.get('seconds', {})
             elif not restart:  # hours of work: never dropped without being asked to
                 raise SystemExit(f'{path} was written with other settings ({ledger_difference(data, key)}); use '
@@ -276,11 +294,19 @@ class Ledger:
         return value
 
 
+def _without_unfingerprinted(value, part: str):
+    """A stored ledger key part as it compares now: a budget without :data:`UNFINGERPRINTED` fields (ledgers
+    written before a field joined that list still hold it)."""
+    if part == 'budget' and isinstance(value, dict):
+        return {k: v for k, v in value.items() if k not in UNFINGERPRINTED}
+    return value
+
+
 def ledger_difference(stored: dict, key: dict) -> str:
     """``name: stored -> now`` for each ledger key (budget fields one by one) that differs."""
     diffs = []
     for part, now in key.items():
-        was = stored.get(part)
+        was = _without_unfingerprinted(stored.get(part), part)
         if part == 'budget' and isinstance(was, dict):
             diffs += [f'{k}: {was.get(k, "absent")} -> {now.get(k, "absent")}'
                       for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)]
@@ -837,16 +863,17 @@ def run_seed(ctx: Context, seed: int, draw: int, headline: bool = False) -> dict
 def icl(ctx: Context, draws: dict, seeds: dict) -> dict:
     """foundry ICL accuracy (``run_icl_eval``) with chance and binomial standard error per task."""
     from darwinlm_foundry.eval.icl import LOCAL_TASKS, available_tasks, run_icl_eval
-    from darwinlm_foundry.stages.eval import EMBEDDED_ICL
     from darwinlm_foundry.utils.logging import quiet
     b = ctx.budget
-    tasks = available_tasks(EMBEDDED_ICL, [t for t in LOCAL_TASKS if t.label in b.icl_tasks])
-    counts = {t.key: min(b.icl_limit, sum(1 for line in open(EMBEDDED_ICL / t.file_name) if line.strip()))
+    source = icl_source(b)
+    tasks = available_tasks(source, [t for t in LOCAL_TASKS if t.label in b.icl_tasks])
+    counts = {t.key: min(b.icl_limit, sum(1 for line in open(source / t.file_name) if line.strip()))
               for t in tasks}
+    step = 'icl' + (f'@{b.icl_tag()}' if b.icl_tag() else '')
 
     def evaluate(path: str) -> dict:
         with quiet('composer', 'llmfoundry', 'streaming', 'transformers'):
-            r = run_icl_eval(path, ctx.tokenizer, EMBEDDED_ICL, tasks, limit=b.icl_limit, device_eval_batch_size=8,
+            r = run_icl_eval(path, ctx.tokenizer, source, tasks, limit=b.icl_limit, device_eval_batch_size=8,
                              max_seq_len=2048, device='cpu')
         return r.tasks
 
@@ -862,12 +889,25 @@ def icl(ctx: Context, draws: dict, seeds: dict) -> dict:
     results = {}
     for name, path in wanted.items():
         shared = name != 'dense' and not name.startswith('seed')  # a baseline: one per calibration draw
-        accs = ctx.ledger.step(f'icl/draw{seeds[first]["draw"]}/{name}' if shared else f'icl/{name}',
+        accs = ctx.ledger.step(f'{step}/draw{seeds[first]["draw"]}/{name}' if shared else f'{step}/{name}',
                                lambda: evaluate(path))
         results[name] = _icl_row(accs, counts)
         log(f'ICL {name}: ' + ', '.join(f'{t} {a:.3f}' for t, a in accs.items()))
     return {'limit': b.icl_limit, 'examples': counts, 'chance': {t.key: t.random_baseline for t in tasks},
-            'models': results}
+            'source': 'embedded' if not b.icl_dir else b.icl_dir, 'models': results}
+
+
+def icl_source(b: Budget) -> Path:
+    """The folder of ICL task files of ``b`` (checked before any compute: the full run reads ../shared)."""
+    from darwinlm_foundry.stages.eval import EMBEDDED_ICL
+    if not b.icl_dir:
+        return Path(EMBEDDED_ICL)
+    path = (REPO / b.icl_dir).resolve()  # an absolute icl_dir stays itself
+    missing = [t for t in b.icl_tasks if not (path / f'{t}.jsonl').is_file()]
+    if b.icl_limit and missing:
+        raise SystemExit(f'icl_dir {path}: no task file for {missing}; point --set icl_dir= at a folder of foundry '
+                         "ICL task files (<task>.jsonl), or --set icl_dir= (empty) for the embedded 100 per task")
+    return path
 
 
 def _icl_row(accs: dict, counts: dict) -> dict:
@@ -965,7 +1005,7 @@ def summarise(doc: dict) -> dict:
 
 def timing(seconds: dict) -> dict:
     """Wall and CPU minutes per part of the study, from the ledger's step times (``Ledger.seconds``)."""
-    parts = [('ICL', r'^icl/'), ('database (dense)', r'^draw\d+/database$'),
+    parts = [('ICL', r'^icl[/@]'), ('database (dense)', r'^draw\d+/database$'),
              ('baselines: local signals', r'local_signals$'),
              ('baselines: build + score', r'^draw\d+/(uniform|magnitude|ziplm|shortgpt)'),
              ('search KL-only level 5', r'/search/darwinlm5_kl$'),
@@ -1110,15 +1150,23 @@ def render_markdown(doc: dict) -> str:
     ic = doc.get('icl')
     if ic:
         tasks = list(ic['chance'])
-        lines += ['', f'## foundry ICL accuracy (first {ic["limit"]} examples per task; '
-                  '± binomial standard error)', '',
-                  '| model | ' + ' | '.join(tasks) + ' | mean |', '|---|' + '---|' * (len(tasks) + 1),
+        examples = ic.get('examples') or {k: ic['limit'] for k in tasks}
+        source = ic.get('source', 'embedded')
+        lines += ['', f'## foundry ICL accuracy ({", ".join(f"{k} {n}" for k, n in examples.items())} examples, the '
+                  f'first of each {"embedded task file" if source == "embedded" else "task file of " + source}; '
+                  '± binomial standard error; the difference to uniform level 5 with the unpaired standard error '
+                  'of the difference)', '',
+                  '| model | ' + ' | '.join(tasks) + ' | mean | mean - uniform5 |', '|---|' + '---|' * (len(tasks) + 2),
                   '| chance | ' + ' | '.join(f'{ic["chance"][k]:.2f}' for k in tasks) + ' | '
-                  + f'{sum(ic["chance"].values()) / len(tasks):.3f} |']
+                  + f'{sum(ic["chance"].values()) / len(tasks):.3f} | |']
+        uniform = ic['models'].get('uniform5')
         for name, row in ic['models'].items():
             cells = [f'{row["tasks"][k]["acc"]:.3f} ± {row["tasks"][k]["se"]:.3f}' if k in row['tasks'] else ''
                      for k in tasks]
-            lines.append(f'| {name} | ' + ' | '.join(cells) + f' | {row["mean"]:.3f} ± {row["mean_se"]:.3f} |')
+            diff = '' if uniform is None or name == 'uniform5' else \
+                f'{row["mean"] - uniform["mean"]:+.3f} ± {math.hypot(row["mean_se"], uniform["mean_se"]):.3f}'
+            lines.append(f'| {name} | ' + ' | '.join(cells) + f' | {row["mean"]:.3f} ± {row["mean_se"]:.3f} | '
+                         f'{diff} |')
     lines += ['', '## Time per part (ledger steps of this output directory, any invocation)', '',
               'CPU minutes count every thread; with OMP_WAIT_POLICY=PASSIVE (no spinning threads) about 0.65 x CPU '
               'minutes estimates the wall time on 2 idle cores when other jobs share the CPU.', '',
@@ -1225,6 +1273,8 @@ def main(argv=None) -> dict:
     if args.progress:
         print(progress(out))
         return None
+    if budget.icl_dir and budget.icl_tasks and budget.icl_limit:
+        icl_source(budget)  # the full run reads ../shared/data/icl: say so now, not after 15 hours
     out.mkdir(parents=True, exist_ok=True)
 
     from transformers import AutoTokenizer

@@ -253,6 +253,27 @@ def test_ledger_refuses_other_settings_unless_restarted(tmp_path):
     assert not (tmp_path / 'models').exists()
 
 
+def test_icl_settings_are_outside_the_fingerprint_and_key_their_steps(tmp_path):
+    """A run may change its ICL settings before it gets there (the full run did, 6 x 100 examples -> every
+    example of 2 tasks): ledgers that stored them stay valid, and the ICL steps of other settings get other keys."""
+    reproduce = _load_reproduce()
+    full = reproduce.FULL
+    assert not {'icl_tasks', 'icl_limit', 'icl_dir', 'icl_models'} & set(full.fingerprint())
+    stored = {**full.fingerprint(), 'icl_tasks': ['arc_easy', 'boolq'], 'icl_limit': 100}  # as the full run began
+    key = {'budget': full.fingerprint(), 'data': 'd', 'model': {'sha256': 's', 'layers': 0}}
+    (tmp_path / 'ledger.json').write_text(json.dumps({**key, 'budget': stored, 'steps': {'a': 1}}))
+    assert reproduce.Ledger(tmp_path / 'ledger.json', key).data == {'a': 1}
+    with pytest.raises(SystemExit, match=r'generations: 24 -> 25'):  # a fingerprinted field still counts
+        reproduce.Ledger(tmp_path / 'ledger.json', {**key, 'budget': {**key['budget'], 'generations': 25}})
+    quick = reproduce.QUICK
+    assert quick.icl_tag() == ''  # the quick runs' ledgers keep their 'icl/...' steps
+    tags = {reproduce._override(quick, [s]).icl_tag() for s in ('icl_limit=50', 'icl_tasks=piqa', 'icl_dir=x')}
+    assert len(tags) == 3 and '' not in tags and full.icl_tag() not in tags
+    with pytest.raises(SystemExit, match=r"no task file for \['arc_easy', 'piqa'\]; point --set icl_dir="):
+        reproduce.icl_source(reproduce._override(full, [f'icl_dir={tmp_path}']))
+    assert reproduce.icl_source(full) == (reproduce.REPO.parent / 'shared' / 'data' / 'icl').resolve()
+
+
 def test_find_run_takes_the_dense_model_from_a_ledger_part_way(tmp_path):
     """A run still going has no results.json: the studies that reuse it find its dense model in its ledger."""
     reproduce = _load_reproduce()
