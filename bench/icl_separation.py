@@ -55,7 +55,7 @@ def main(argv=None) -> dict:
     tasks = available_tasks(icl_dir, [t for t in LOCAL_TASKS if t.label in args.tasks.split(',')])
     if not tasks:
         p.error(f'none of the tasks {args.tasks} has a file in {icl_dir}')
-    counts = {t.key: min(args.limit, sum(1 for line in open(icl_dir / t.file_name) if line.strip())) for t in tasks}
+    counts = reproduce.icl_counts(icl_dir, tasks, args.limit)
     out = Path(args.out or run / 'icl_separation')
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(paths['dense'])

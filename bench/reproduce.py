@@ -867,9 +867,9 @@ def icl(ctx: Context, draws: dict, seeds: dict) -> dict:
     b = ctx.budget
     source = icl_source(b)
     tasks = available_tasks(source, [t for t in LOCAL_TASKS if t.label in b.icl_tasks])
-    counts = {t.key: min(b.icl_limit, sum(1 for line in open(source / t.file_name) if line.strip()))
-              for t in tasks}
-    step = 'icl' + (f'@{b.icl_tag()}' if b.icl_tag() else '')
+    counts = icl_counts(source, tasks, b.icl_limit)
+    tag = b.icl_tag()
+    step = f'icl@{tag}' if tag else 'icl'
 
     def evaluate(path: str) -> dict:
         with quiet('composer', 'llmfoundry', 'streaming', 'transformers'):
@@ -908,6 +908,11 @@ def icl_source(b: Budget) -> Path:
         raise SystemExit(f'icl_dir {path}: no task file for {missing}; point --set icl_dir= at a folder of foundry '
                          "ICL task files (<task>.jsonl), or --set icl_dir= (empty) for the embedded 100 per task")
     return path
+
+
+def icl_counts(source: Path, tasks: list, limit: int) -> dict:
+    """Examples scored per task: the first ``limit`` of each task file in ``source`` (fewer if it has fewer)."""
+    return {t.key: min(limit, sum(1 for line in open(source / t.file_name) if line.strip())) for t in tasks}
 
 
 def _icl_row(accs: dict, counts: dict) -> dict:
@@ -1273,7 +1278,7 @@ def main(argv=None) -> dict:
     if args.progress:
         print(progress(out))
         return None
-    if budget.icl_dir and budget.icl_tasks and budget.icl_limit:
+    if budget.icl_dir:
         icl_source(budget)  # the full run reads ../shared/data/icl: say so now, not after 15 hours
     out.mkdir(parents=True, exist_ok=True)
 
