@@ -14,7 +14,6 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 import time
 from typing import Optional, Sequence
 
@@ -24,6 +23,7 @@ from darwinlm_foundry.search.fitness import DenseLogitCache, score_tokens
 from darwinlm_foundry.search.space import GROUPS, LevelConfig
 from darwinlm_foundry.search.tokens import derive_seed
 from darwinlm_foundry.utils.dist import composer_rank_local, sum_over_ranks
+from darwinlm_foundry.utils.io import process_scratch_dir
 from darwinlm_foundry.utils.logging import quiet
 from darwinlm_foundry.utils.memory import trim_heap
 from darwinlm_foundry.utils.params import count_parameters
@@ -520,9 +520,9 @@ class CandidateScoring:
         from darwinlm_foundry.search.fitness import SpilledTargets
 
         if self._scratch is None:
-            out = self.settings.dense_cache_dir or self.settings.output_dir
-            os.makedirs(out, exist_ok=True)
-            self._scratch = tempfile.mkdtemp(prefix='.darwinlm_targets_', dir=out)
+            # (a killed search's scratch, 0.8 GB and more for SmolLM2, is removed by the next one here)
+            self._scratch = process_scratch_dir(self.settings.dense_cache_dir or self.settings.output_dir,
+                                                '.darwinlm_targets_')
         mb = self.settings.micro_batch_size
         converter = DenseLogitCache(topk=self.cache.topk, prepared=True)  # converts, stores nothing
         blocks = (converter.convert(self._logits(self._dense(), tokens[i:i + mb])) for i in range(0, len(tokens), mb))

@@ -7,9 +7,13 @@ allows it. A reader therefore sees the old file or the new one, never a mix.
 
 import json
 import os
+import re
+import shutil
+import socket
+import tempfile
 from typing import Any, BinaryIO, Callable, Union
 
-__all__ = ['atomic_write_bytes', 'atomic_write_text', 'atomic_write_json', 'fsync_dir']
+__all__ = ['atomic_write_bytes', 'atomic_write_text', 'atomic_write_json', 'fsync_dir', 'process_scratch_dir']
 
 PathLike = Union[str, 'os.PathLike[str]']
 
@@ -58,3 +62,28 @@ def atomic_write_text(path: PathLike, text: str) -> None:
 def atomic_write_json(path: PathLike, obj: Any, *, newline: bool = False, **dumps_kwargs) -> None:
     """Write ``json.dumps(obj, **dumps_kwargs)`` (plus a final newline when asked) to ``path`` atomically."""
     atomic_write_text(path, json.dumps(obj, **dumps_kwargs) + ('\n' if newline else ''))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. PermissionError: it exists, as another user's process
+        return True
+    return True
+
+
+def process_scratch_dir(parent: PathLike, prefix: str) -> str:
+    """A new private directory ``<parent>/<prefix><host>-<pid>-<random>`` for this process's scratch files, after
+    removing the ones that dead processes of this host left in ``parent`` (a run killed while it held scratch
+    files would otherwise leave them there for good, one set per kill). Directories of other hosts (a shared
+    file system) and of live processes are left alone."""
+    host = re.sub(r'[^A-Za-z0-9.]', '_', socket.gethostname()) or 'host'
+    os.makedirs(parent, exist_ok=True)
+    stale = re.compile(re.escape(f'{prefix}{host}-') + r'(\d+)-')
+    for name in os.listdir(parent):
+        match = stale.match(name)
+        if match and int(match.group(1)) != os.getpid() and not _pid_alive(int(match.group(1))):
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+    return tempfile.mkdtemp(prefix=f'{prefix}{host}-{os.getpid()}-', dir=parent)
