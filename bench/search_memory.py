@@ -8,6 +8,10 @@ parent reads the child's peak resident set size (``getrusage(RUSAGE_CHILDREN).ru
 ``/usr/bin/time -v`` prints as "Maximum resident set size"). The child prints the winner, its fitness and the
 per-generation history, so two runs (e.g. before / after a change) can be compared for identical results.
 
+``--precondition-steps N`` first post-trains the model N steps (4 x 512 tokens, Composer) in the same process and
+releases it, as a chain does before its gradual search; the peak reported is then the search's own from there (the
+kernel's ``VmHWM``, reset after the fit).
+
 ``--before-pythonpath DIR`` also runs the same search with ``PYTHONPATH=DIR`` (a copy of an older
 ``darwinlm_foundry`` package, e.g. extracted with ``git show``) first and reports its peak as ``before_gb`` and
 whether both runs chose the same winners with the same fitness; ``--before-gb X`` just records a number
@@ -51,6 +55,7 @@ def child(args) -> None:
     from darwinlm_foundry.search.engine import EvolutionarySearch
     from darwinlm_foundry.search.settings import SearchSettings
     from darwinlm_foundry.search.tokens import ShardTokens
+    from darwinlm_foundry.utils.memory import peak_rss_gb, reset_peak_rss
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -58,20 +63,26 @@ def child(args) -> None:
                     train_tokens=[int(t) for t in args.train_tokens.split(',')], **_overrides(args.set))
     if args.activation_checkpointing:
         settings['activation_checkpointing'] = True
-    rss = {'import': _rss_gb(), 'max': 0.0}
+    rss = {'import': _rss_gb(), 'max': 0.0, 'shown': 0.0}
 
     t_start = time.perf_counter()
 
     def sample():  # the RSS over time, for the log (the peak reported is the kernel's, not this)
-        shown = 0.0
         while True:
             rss['max'] = max(rss['max'], _rss_gb())
-            if args.trace and rss['max'] >= shown + args.trace:  # each new high by `trace` GB, between the
-                shown = rss['max']                                # engine's lines: which phase sets the peak
-                print(f'  [rss {time.perf_counter() - t_start:7.1f} s] new high {shown:.2f} GB', flush=True)
+            # each new high by `trace` GB, between the engine's lines: which phase sets the peak
+            if args.trace and rss['max'] >= rss['shown'] + args.trace:
+                rss['shown'] = rss['max']
+                print(f'  [rss {time.perf_counter() - t_start:7.1f} s] new high {rss["shown"]:.2f} GB', flush=True)
             time.sleep(0.05)
 
     threading.Thread(target=sample, daemon=True).start()
+    if args.precondition_steps:
+        _precondition(args)
+        # the search's own peak from here (VmHWM; the parent's RUSAGE_CHILDREN would keep the fit's)
+        if not reset_peak_rss():
+            raise SystemExit('--precondition-steps needs /proc/self/clear_refs (Linux) to reset the peak')
+        rss['max'] = rss['shown'] = 0.0
     db = SparsityDatabase.open(args.db, args.model, verify='size')
     getter = dense_tensor_getter(args.model)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
@@ -90,7 +101,24 @@ def child(args) -> None:
                for h in result.history]
     print('RESULT ' + json.dumps({'levels': result.winner.to_dict(), 'fitness': result.fitness, 'history': history,
                                   'seconds': seconds, 'import_rss_gb': rss['import'], 'sampled_max_rss_gb': rss['max'],
-                                  'stats': engine.stats}), flush=True)
+                                  'stats': engine.stats, 'vmhwm_gb': peak_rss_gb()}), flush=True)
+
+
+def _precondition(args) -> None:
+    """What a chain process has done before its search: a short Composer fit of the model (4 x 512-token
+    batches, fp32, AdamW, as a post-training), everything of it then released, as the chain releases it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from darwinlm_foundry.data.demo_pretrain import fit_causal_lm
+    from darwinlm_foundry.utils.memory import release_memory
+
+    model = AutoModelForCausalLM.from_pretrained(args.model)
+    fit_causal_lm(model, args.shards, tokenizer=AutoTokenizer.from_pretrained(args.model),
+                  steps=args.precondition_steps, batch_size=4, seq_len=SETTINGS['seq_len'], lr=1e-5)
+    del model
+    release_memory()
+    print(f'  precondition: {args.precondition_steps} training steps, then released: rss {_rss_gb():.2f} GB',
+          flush=True)
 
 
 def _overrides(pairs) -> dict:
@@ -113,7 +141,7 @@ def _run_child(args, out_dir: str, pythonpath=None, extra=()) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), '--child', '--child-out', out_dir, '--db', args.db,
            '--model', args.model, '--shards', args.shards, '--generations', str(args.generations),
            '--train-tokens', args.train_tokens, '--threads', str(args.threads), '--trace', str(args.trace),
-           *[f'--set={kv}' for kv in args.set], *extra]
+           '--precondition-steps', str(args.precondition_steps), *[f'--set={kv}' for kv in args.set], *extra]
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     result = None
@@ -128,7 +156,8 @@ def _run_child(args, out_dir: str, pythonpath=None, extra=()) -> dict:
     if peak_kb < before:
         raise RuntimeError('RUSAGE_CHILDREN went down')
     # ru_maxrss of RUSAGE_CHILDREN is the largest child so far: run the smaller (new) one last or alone
-    result['peak_rss_gb'] = peak_kb / 2**20
+    # with a precondition the child's own peak since it (VmHWM after a reset), else the kernel's for the child
+    result['peak_rss_gb'] = result['vmhwm_gb'] if args.precondition_steps else peak_kb / 2**20
     return result
 
 
@@ -160,6 +189,9 @@ def main(argv=None) -> None:
                         '--set extra_levels=1 --set balance_kinds=true --set protect_units=1')
     p.add_argument('--trace', type=float, default=0.0,
                    help='print the RSS each time it passes its last high by this many GB (0: off)')
+    p.add_argument('--precondition-steps', type=int, default=0,
+                   help='first train the model this many steps in the same process and release it (what a '
+                        'chain does before a gradual search), to measure what that leaves to the search (0: off)')
     p.add_argument('--child', action='store_true', help=argparse.SUPPRESS)
     p.add_argument('--child-out', default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -180,7 +212,8 @@ def main(argv=None) -> None:
         cmd = [sys.executable, os.path.abspath(__file__), '--db', args.db, '--model', args.model, '--shards',
                args.shards, '--out', out, '--generations', str(args.generations), '--train-tokens',
                args.train_tokens, '--threads', str(args.threads), '--before-gb', str(before_gb),
-               '--trace', str(args.trace), *[f'--set={kv}' for kv in args.set],
+               '--trace', str(args.trace), '--precondition-steps', str(args.precondition_steps),
+               *[f'--set={kv}' for kv in args.set],
                *(['--activation-checkpointing'] if args.activation_checkpointing else [])]
         lines = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()
         print('\n'.join(lines[:-1]), flush=True)

@@ -7,7 +7,10 @@ offspring; the reproduction post-trains dozens of models; the chain post-trains 
 stages) then keeps every model and optimizer it ever trained: ~0.3 GB per level-5 offspring of a 18M-parameter
 model, ~1.3 GB (weights + AdamW moments) per SmolLM2 train stage. Saving a checkpoint adds a second holder:
 torch's distributed-checkpoint helper ``_get_fqns`` is an unbounded ``functools.cache`` keyed on the model
-(torch 2.7), which :func:`close_trainer` empties.
+(torch 2.7), which :func:`close_trainer` empties. A third one comes with the first import of Composer when it
+happens inside a function (a lazy import): paramiko, which Composer imports, keeps the error of an optional import
+with its traceback, whose frames reach back to that function with its locals (the model, the optimizer); see
+:func:`~darwinlm_foundry.utils.memory.drop_module_exception_tracebacks`, which :func:`close_trainer` calls.
 """
 
 from __future__ import annotations
@@ -55,6 +58,8 @@ def close_trainer(trainer) -> None:
     fqns = getattr(state_dict, '_get_fqns', None)
     if hasattr(fqns, 'cache_clear'):  # the cache only saves recomputing names; cleared, it fills again on use
         fqns.cache_clear()
+    from darwinlm_foundry.utils.memory import drop_module_exception_tracebacks
+    drop_module_exception_tracebacks()
 
 
 @contextlib.contextmanager

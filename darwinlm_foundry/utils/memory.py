@@ -8,13 +8,15 @@ Elsewhere the reset is a no-op and the peak is ``ru_maxrss`` (then it includes e
 Freed memory: many mid-sized tensors of a forward or fine-tuning pass come from glibc's heap (below its mmap
 threshold, which rises to 32 MB after large frees); freed, they stay in the process, fragmented.
 :func:`trim_heap` gives them back; :func:`release_memory` also collects reference cycles first (a Composer
-Trainer is one), which the chain does after every stage.
+Trainer is one), which the chain does after every stage, and before that frees the frames that libraries' stored
+import errors pin (:func:`drop_module_exception_tracebacks`).
 """
 
 import gc
 import resource
+import sys
 
-__all__ = ['reset_peak_rss', 'peak_rss_gb', 'rss_gb', 'trim_heap', 'release_memory']
+__all__ = ['reset_peak_rss', 'peak_rss_gb', 'rss_gb', 'trim_heap', 'release_memory', 'drop_module_exception_tracebacks']
 
 _LIBC = None
 
@@ -33,8 +35,32 @@ def trim_heap() -> None:
         _LIBC.malloc_trim(0)
 
 
+def drop_module_exception_tracebacks() -> int:
+    """Drop the tracebacks of exceptions that imported modules keep at module level; returns how many.
+
+    A library that keeps the error of an optional import (paramiko, imported by Composer, keeps
+    ``invoke_import_error``) keeps its traceback, whose frames reach, through ``f_back``, every frame that was on
+    the stack at the import, locals included, for the rest of the process. A lazy ``from composer ...`` inside a
+    function that trains a model thereby kept that model and its AdamW moments alive (2 GB for SmolLM2). The
+    exceptions themselves (their type and message) stay."""
+    dropped = 0
+    for module in list(sys.modules.values()):
+        for value in list(getattr(module, '__dict__', {}).values()):
+            seen = set()
+            # type(), not isinstance(): some module attributes warn when their __class__ is read
+            while issubclass(type(value), BaseException) and id(value) not in seen:  # and what it was raised from
+                seen.add(id(value))
+                if value.__traceback__ is not None:
+                    value.__traceback__ = None
+                    dropped += 1
+                value = value.__cause__ or value.__context__
+    return dropped
+
+
 def release_memory() -> None:
-    """Collect unreachable cycles, then give the freed heap back to the OS."""
+    """Free what only module-level exceptions' tracebacks hold (:func:`drop_module_exception_tracebacks`),
+    collect unreachable cycles, then give the freed heap back to the OS."""
+    drop_module_exception_tracebacks()
     gc.collect()
     trim_heap()
 

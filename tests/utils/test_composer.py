@@ -34,7 +34,7 @@ def test_transient_trainer_frees_model_and_optimizer():
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=4)
-    _fit_once(LlamaForCausalLM(config))  # the first Trainer's lazy imports may pin their caller's frame, once
+    # the first fit included: its lazy import of Composer no longer pins its frame (test_memory.py)
     refs = [_fit_once(LlamaForCausalLM(config)) for _ in range(3)]
     gc.collect()
     # Composer's Engine would otherwise hold every State (model + optimizer) in an atexit registration
