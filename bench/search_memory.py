@@ -38,14 +38,6 @@ SETTINGS = dict(target_level=5, offspring=8, survivors=[2, 1], fitness_tokens=[2
                 lr=1e-5, seq_len=512, train_batch_size=4, micro_batch_size=4, seed=0, progress_bar=False)
 
 
-def _rss_gb() -> float:
-    with open('/proc/self/status') as f:
-        for line in f:
-            if line.startswith('VmRSS:'):
-                return int(line.split()[1]) / 2**20
-    return float('nan')
-
-
 def child(args) -> None:
     """The search itself (in its own process, so that its peak RSS is its own)."""
     import torch
@@ -55,7 +47,7 @@ def child(args) -> None:
     from darwinlm_foundry.search.engine import EvolutionarySearch
     from darwinlm_foundry.search.settings import SearchSettings
     from darwinlm_foundry.search.tokens import ShardTokens
-    from darwinlm_foundry.utils.memory import peak_rss_gb, reset_peak_rss
+    from darwinlm_foundry.utils.memory import peak_rss_gb, reset_peak_rss, rss_gb
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -63,13 +55,13 @@ def child(args) -> None:
                     train_tokens=[int(t) for t in args.train_tokens.split(',')], **_overrides(args.set))
     if args.activation_checkpointing:
         settings['activation_checkpointing'] = True
-    rss = {'import': _rss_gb(), 'max': 0.0, 'shown': 0.0}
+    rss = {'import': rss_gb(), 'max': 0.0, 'shown': 0.0}
 
     t_start = time.perf_counter()
 
     def sample():  # the RSS over time, for the log (the peak reported is the kernel's, not this)
         while True:
-            rss['max'] = max(rss['max'], _rss_gb())
+            rss['max'] = max(rss['max'], rss_gb())
             # each new high by `trace` GB, between the engine's lines: which phase sets the peak
             if args.trace and rss['max'] >= rss['shown'] + args.trace:
                 rss['shown'] = rss['max']
@@ -91,7 +83,7 @@ def child(args) -> None:
                                 log_fn=lambda m, step: print('  ' + ' '.join(
                                     f'{k.split("/")[-1]}={v:.6g}' if isinstance(v, float) else
                                     f'{k.split("/")[-1]}={v}' for k, v in m.items())
-                                    + f' rss_gb={_rss_gb():.2f}', flush=True))
+                                    + f' rss_gb={rss_gb():.2f}', flush=True))
     t0 = time.perf_counter()
     result = engine.run()
     seconds = time.perf_counter() - t0
@@ -110,14 +102,14 @@ def _precondition(args) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from darwinlm_foundry.data.demo_pretrain import fit_causal_lm
-    from darwinlm_foundry.utils.memory import release_memory
+    from darwinlm_foundry.utils.memory import release_memory, rss_gb
 
     model = AutoModelForCausalLM.from_pretrained(args.model)
     fit_causal_lm(model, args.shards, tokenizer=AutoTokenizer.from_pretrained(args.model),
                   steps=args.precondition_steps, batch_size=4, seq_len=SETTINGS['seq_len'], lr=1e-5)
     del model
     release_memory()
-    print(f'  precondition: {args.precondition_steps} training steps, then released: rss {_rss_gb():.2f} GB',
+    print(f'  precondition: {args.precondition_steps} training steps, then released: rss {rss_gb():.2f} GB',
           flush=True)
 
 
