@@ -306,7 +306,6 @@ class Ledger:
         print(f'[reproduce] {key}: done in {time.time() - t0:.0f} s', flush=True)
         return value
 
-
     def _credit_peak(self) -> None:
         now = peak_rss_gb()
         self._peaks = [max(p, now) for p in self._peaks]
