@@ -290,7 +290,7 @@ class Ledger:
             return self.data[key]
         t0, c0 = time.time(), time.process_time()
         self._credit_peak()  # the enclosing steps keep what they reached before this one resets the counter
-        reset_peak_rss()
+        per_step = reset_peak_rss()  # False where the platform cannot: then no peak is recorded (as the chain)
         self._peaks.append(0.0)
         try:
             value = fn()
@@ -299,7 +299,7 @@ class Ledger:
             peak = self._peaks.pop()
         self.data[key] = value
         self.seconds[key] = {'wall': round(time.time() - t0, 1), 'cpu': round(time.process_time() - c0, 1),
-                             'peak_gb': round(peak, 2)}
+                             'peak_gb': round(peak, 2) if per_step else None}
         tmp = self.path.with_suffix('.tmp')
         tmp.write_text(json.dumps({**self.key, 'steps': self.data, 'seconds': self.seconds}, indent=1))
         os.replace(tmp, self.path)
