@@ -307,7 +307,8 @@ def test_ledger_gives_a_steps_freed_heap_back(tmp_path):
     trim_heap()
     base = rss_gb()
     held = fragment()
-    assert held >= base + 0.3  # without a trim the freed blocks stay resident: the test can tell
+    if held < base + 0.3:  # glibc keeps them without a trim (CI's Linux does); another allocator gives no case
+        pytest.skip('this allocator returned the freed blocks by itself')
     trim_heap()
     base = rss_gb()
     ledger.step('fragment', fragment)
