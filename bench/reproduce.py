@@ -449,12 +449,34 @@ class Context:
     heldout: Callable[[], dict]  # domain -> LongTensor of held-out sequences (packed when first needed)
     _scorer: Optional[DomainScorer] = None
     dense: Any = None  # the dense model when already loaded (else loaded for the scorer)
+    # model directory -> how to make it again: models of steps recorded in a ledger carried over without them
+    # (--resume-from), made again only when a later step reads them (see model_dir)
+    rebuild: dict = dataclasses.field(default_factory=dict)
+    rebuilt: dict = dataclasses.field(default_factory=dict)  # directory -> recorded and rebuilt held-out ppl
 
     def score(self, model) -> dict:
         if self._scorer is None:  # the dense pass only when some model still needs scoring
             self._scorer = DomainScorer(self.dense if self.dense is not None else load_dense(self.dense_dir),
                                         self.heldout())
         return self._scorer.score(model)
+
+    def model_dir(self, entry: dict) -> str:
+        """The directory of a scored model (a :func:`_scored` entry), made again first when the run was carried
+        over without it; a remade model is scored again beside its recorded score (``results.json`` ``rebuilt``:
+        post-training on another machine need not repeat to the last bit)."""
+        path = entry['path']
+        if (Path(path) / 'config.json').is_file():
+            return path
+        if path not in self.rebuild:
+            raise FileNotFoundError(f'{path} is missing and no step of this run makes it; start the run over '
+                                    '(another --out)')
+        t0 = time.time()
+        self.rebuild.pop(path)()
+        again = self.score(load_pruned(path))['ppl']
+        self.rebuilt[path] = {'recorded_ppl': entry['ppl'], 'rebuilt_ppl': again, 'seconds': round(time.time() - t0, 1)}
+        log(f'{path}: made again in {time.time() - t0:.0f} s (carried-over run), held-out ppl {again:.4f}, '
+            f'recorded {entry["ppl"]:.4f}')
+        return path
 
 
 def load_dense(path: str):
@@ -483,7 +505,7 @@ def calibration_batches(ctx: Context, n: int, draw: int) -> list:
 
 def database(ctx: Context, key: str, model, db_dir: Path, draw: int, source: str):
     """The sparsity database of ``model`` (a ledger step when built; resumes an interrupted build)."""
-    from darwinlm_foundry.obs.database import SparsityDatabase, build_database
+    from darwinlm_foundry.obs.database import SparsityDatabase, build_database, is_complete
     built = {}
 
     def build():
@@ -493,6 +515,10 @@ def database(ctx: Context, key: str, model, db_dir: Path, draw: int, source: str
                                      model_name=source, **({'mlp_split': split} if split > 1 else {}))
         return {'dir': str(db_dir), 'calibration_draw': draw, 'calibration_sequences': ctx.budget.calibration_sequences}
     ctx.ledger.step(key, build)
+    if not built and not is_complete(db_dir):  # recorded in a ledger carried over without it: made again
+        t0 = time.time()
+        build()
+        log(f'{key}: database made again in {time.time() - t0:.0f} s (carried-over run)')
     return built.get('db') or SparsityDatabase.open(db_dir, model, verify='size')
 
 
@@ -683,6 +709,8 @@ def _scored(ctx: Context, key: str, build: Callable[[], str], info: dict) -> dic
         scores = ctx.score(load_pruned(path))
         return {'path': path, **scores, **info, 'score_seconds': round(time.time() - t0, 1)}
     entry = ctx.ledger.step(key, make)
+    if not Path(entry['path']).exists():  # carried over without its model: made again if a later step reads it
+        ctx.rebuild[entry['path']] = build
     log(f'{key}: ppl {entry["ppl"]:.2f} kl {entry["kl"]:.4f} params {entry["params"]:,}')
     return entry
 
@@ -843,7 +871,7 @@ def run_seed(ctx: Context, seed: int, draw: int, headline: bool = False) -> dict
     # ---- 8: the same post-training (N tokens, same data order) for every level-5 winner
     for name in arms:
         models[f'{name}+train'] = _scored(ctx, f'{key}/{name}+train', lambda: posttrain(
-            ctx, models[name]['path'], mdir / f'{name}+train', seed, b.posttrain_steps, name),
+            ctx, ctx.model_dir(models[name]), mdir / f'{name}+train', seed, b.posttrain_steps, name),
             {'level': 5, 'levels': models[name]['levels'], 'arm': 8, 'train_tokens': n_tokens})
     if tas and models['darwinlm5_kl_matched'] is models['darwinlm5_kl']:
         models['darwinlm5_kl_matched+train'] = models['darwinlm5_kl+train']
@@ -858,22 +886,32 @@ def run_seed(ctx: Context, seed: int, draw: int, headline: bool = False) -> dict
         'darwinlm6', searches['darwinlm6']['levels'], 'DarwinLM level-6 one-shot search'),
         {'level': 6, 'levels': searches['darwinlm6']['levels'], 'arm': 9})
     models['darwinlm6+train2N'] = _scored(ctx, f'{key}/darwinlm6+train2N', lambda: posttrain(
-        ctx, models['darwinlm6']['path'], mdir / 'darwinlm6+train2N', seed, 2 * b.posttrain_steps,
+        ctx, ctx.model_dir(models['darwinlm6']), mdir / 'darwinlm6+train2N', seed, 2 * b.posttrain_steps,
         'DarwinLM level-6 one-shot'), {'level': 6, 'levels': searches['darwinlm6']['levels'], 'arm': 9,
                                        'train_tokens': 2 * n_tokens})
 
-    trained5 = models['darwinlm5_tas+train']['path']
-    trained5_model = load_pruned(trained5)
-    db5 = database(ctx, f'{key}/database_trained5', trained5_model, work / 'db_trained5', seed, trained5)
+    # the trained level-5 model and its database, opened only when a step still needs them (a carried-over run
+    # whose gradual arm is done makes neither again)
+    def trained5() -> str:
+        return ctx.model_dir(models['darwinlm5_tas+train'])
+    db5 = {}
+
+    def get_db5():
+        if 'db' not in db5:
+            db5['db'] = database(ctx, f'{key}/database_trained5', load_pruned(trained5()), work / 'db_trained5',
+                                 seed, trained5())
+        return db5['db']
+    if f'{key}/search/gradual6' not in led.data:
+        get_db5()  # its own ledger step, before the search's
     searches['gradual6'] = led.step(f'{key}/search/gradual6', lambda: search(
-        ctx, db5, trained5, work / 'gradual6', seed, tas=tas6, level=None, generations=b.level6_generations,
+        ctx, get_db5(), trained5(), work / 'gradual6', seed, tas=tas6, level=None, generations=b.level6_generations,
         start=searches['darwinlm5_tas']['winner_json']))
     models['gradual6'] = _scored(ctx, f'{key}/gradual6', lambda: stitched(
-        'gradual6', searches['gradual6']['levels'], 'DarwinLM gradual 5 -> N -> 6 search', database=db5,
-        source=trained5), {'level': 6, 'levels': searches['gradual6']['levels'], 'arm': 9, 'train_tokens': n_tokens})
+        'gradual6', searches['gradual6']['levels'], 'DarwinLM gradual 5 -> N -> 6 search', database=get_db5(),
+        source=trained5()), {'level': 6, 'levels': searches['gradual6']['levels'], 'arm': 9, 'train_tokens': n_tokens})
     # the second N tokens in another data order than the first (seed + 1000)
     models['gradual6+train'] = _scored(ctx, f'{key}/gradual6+train', lambda: posttrain(
-        ctx, models['gradual6']['path'], mdir / 'gradual6+train', seed + 1000, b.posttrain_steps,
+        ctx, ctx.model_dir(models['gradual6']), mdir / 'gradual6+train', seed + 1000, b.posttrain_steps,
         'DarwinLM gradual 5 -> N -> 6'), {'level': 6, 'levels': searches['gradual6']['levels'], 'arm': 9,
                                           'train_tokens': 2 * n_tokens})
     return {'draw': draw, 'models': models, 'searches': searches}
@@ -898,19 +936,19 @@ def icl(ctx: Context, draws: dict, seeds: dict) -> dict:
         return r.tasks
 
     first = b.seeds[0]
-    wanted = {'dense': ctx.dense_dir}
+    wanted = {'dense': {'path': ctx.dense_dir}}  # name -> scored entry (its model made again if carried without)
     for name in b.icl_models:
         if name in draws[seeds[first]['draw']]['models']:
-            wanted[name] = draws[seeds[first]['draw']]['models'][name]['path']
+            wanted[name] = draws[seeds[first]['draw']]['models'][name]
     for seed in b.seeds[:b.icl_seeds]:
         for name in b.icl_models:
             if name in seeds[seed]['models']:
-                wanted[f'seed{seed}/{name}'] = seeds[seed]['models'][name]['path']
+                wanted[f'seed{seed}/{name}'] = seeds[seed]['models'][name]
     results = {}
-    for name, path in wanted.items():
+    for name, entry in wanted.items():
         shared = name != 'dense' and not name.startswith('seed')  # a baseline: one per calibration draw
         accs = ctx.ledger.step(f'{step}/draw{seeds[first]["draw"]}/{name}' if shared else f'{step}/{name}',
-                               lambda: evaluate(path))
+                               lambda: evaluate(ctx.model_dir(entry)))
         results[name] = _icl_row(accs, counts)
         log(f'ICL {name}: ' + ', '.join(f'{t} {a:.3f}' for t, a in accs.items()))
     return {'limit': b.icl_limit, 'examples': counts, 'chance': {t.key: t.random_baseline for t in tasks},
@@ -1284,6 +1322,13 @@ def main(argv=None) -> dict:
     p.add_argument('--threads', type=int, default=0, help='torch CPU threads (0: torch default)')
     p.add_argument('--progress', action='store_true',
                    help='print what the run in --out (or the mode\'s default) has so far, from its ledger; run nothing')
+    p.add_argument('--save-state', default=None, metavar='DIR',
+                   help='copy what the run in --out cannot remake cheaply (its ledger, search states and winners; '
+                        'a few MB) to DIR, to carry a long run to another machine; run nothing')
+    p.add_argument('--resume-from', default=None, metavar='DIR',
+                   help='start a new --out from a --save-state copy: its recorded steps are skipped, databases and '
+                        'the models later steps read are made again when needed, a search resumes at its last '
+                        'generation')
     p.add_argument('--restart', action='store_true',
                    help='discard an output directory made with other settings (default: refuse and say what differs)')
     args = p.parse_args(argv)
@@ -1304,6 +1349,13 @@ def main(argv=None) -> dict:
     if args.progress:
         print(progress(out))
         return None
+    if args.save_state:
+        copied = save_state(out, Path(args.save_state))
+        print(f'{len(copied)} files of {out} saved in {args.save_state}; carry on elsewhere with the same command '
+              f'and --resume-from {args.save_state}')
+        return None
+    if args.resume_from:
+        restore_state(Path(args.resume_from), out)
     if budget.icl_dir:
         icl_source(budget)  # the full run reads ../shared/data/icl: say so now, not after 15 hours
     out.mkdir(parents=True, exist_ok=True)
@@ -1372,6 +1424,7 @@ def main(argv=None) -> dict:
                         f'tas_gain={hl["tas_gain"]["mean"]:.3f} gradual_gain={hl["gradual_gain"]["mean"]:.3f} '
                         f'dense_ppl={doc["dense"]["ppl"]:.2f}')
     doc['timing'] = timing(ledger.seconds)
+    doc['rebuilt'] = ctx.rebuilt  # models of a carried-over run made again: recorded and rebuilt held-out ppl
     doc['seconds'] = time.time() - t0  # this invocation (a resumed run counts only what it ran)
     doc['plots'] = plot(doc, out / 'plots')
     (out / 'results.json').write_text(json.dumps(doc, indent=1))
@@ -1380,6 +1433,71 @@ def main(argv=None) -> dict:
     print(f'results: {out / "results.json"}, {out / "results.md"}, plots in {out / "plots"}')
     print(doc['last_line'], flush=True)
     return doc
+
+
+# ----------------------------------------------------------------------------------------------- carrying a run
+STATE_INFO = 'saved_from.json'
+
+
+def _state_files(out: Path) -> list[Path]:
+    """The files of ``out`` that :func:`save_state` carries: the ledger and everything under ``work/`` but the
+    databases (directories with a manifest: remade from the calibration draw in minutes)."""
+    work = out / 'work'
+    dbs = {m.parent for m in work.rglob('manifest.json')}
+    files = [f for f in sorted(work.rglob('*')) if f.is_file() and not any(d in f.parents for d in dbs)]
+    return [out / 'ledger.json'] + files
+
+
+def save_state(out: Path, dest: Path) -> list[str]:
+    """Copy the ledger, search states and winners of the run in ``out`` to ``dest`` (replacing what was there),
+    with the ``out`` they refer to: what hours of search found, in a few MB. The rest (converted model, shards,
+    databases, models) is remade from the same inputs by a run started with :func:`restore_state`."""
+    if not (out / 'ledger.json').is_file():
+        raise SystemExit(f'{out / "ledger.json"} does not exist: nothing to save (same --out as the run)')
+    tmp = dest.with_name(dest.name + '.tmp')
+    shutil.rmtree(tmp, ignore_errors=True)
+    copied = []
+    for f in _state_files(out):
+        rel = f.relative_to(out)
+        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(f, tmp / rel)
+        copied.append(str(rel))
+    (tmp / STATE_INFO).write_text(json.dumps({'out': str(out), 'files': copied,
+                                              'saved_at': time.strftime('%Y-%m-%dT%H:%M:%S%z')}, indent=1))
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(tmp, dest)
+    return copied
+
+
+def restore_state(src: Path, out: Path) -> None:
+    """Seed a new ``out`` with a :func:`save_state` copy (paths rewritten from the saved run's ``out``)."""
+    info_file = src / STATE_INFO
+    if not info_file.is_file():
+        raise SystemExit(f'--resume-from {src}: no {STATE_INFO} there; make it with --save-state')
+    if (out / 'ledger.json').is_file():
+        raise SystemExit(f'--resume-from: {out} has a ledger already (the run resumes from it without '
+                         '--resume-from); drop --resume-from, or pass another --out')
+    info = json.loads(info_file.read_text())
+    old = info['out']
+    files = info['files']
+    if old != str(out):
+        # a search part-way resumes only under its own paths (a start file is fingerprinted by its path):
+        # elsewhere it starts over; finished ones (with their winner.json) are recorded in the ledger
+        unfinished = [f for f in files if f.endswith('search_state.json')
+                      and str(Path(f).parent / 'winner.json') not in files]
+        files = [f for f in files if f not in unfinished]
+        if unfinished:
+            log(f'--resume-from: {len(unfinished)} searches part-way start over ({old} -> {out}; the same --out '
+                f'as the saved run resumes them)')
+    for rel in files:
+        text = (src / rel).read_text()
+        if old != str(out):  # a search resumed under another path may start over: its settings name its files
+            text = text.replace(json.dumps(old)[1:-1], json.dumps(str(out))[1:-1])
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        tmp = (out / rel).with_name((out / rel).name + '.tmp')
+        tmp.write_text(text)
+        os.replace(tmp, out / rel)
+    log(f'{out}: {len(files)} files carried from {src} (saved {info.get("saved_at")} from {old})')
 
 
 def _override(budget: Budget, items: list) -> Budget:

@@ -27,9 +27,9 @@ def _load_reproduce():
     return module
 
 
-def _run(out: Path, wheel: Path) -> str:
+def _run(out: Path, wheel: Path, *extra: str) -> str:
     proc = subprocess.run([sys.executable, str(REPO / 'bench' / 'reproduce.py'), '--smoke', '--out', str(out),
-                           '--model', str(wheel)], capture_output=True, text=True, timeout=1500)
+                           '--model', str(wheel), *extra], capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
 
@@ -126,6 +126,38 @@ def test_reproduce_smoke_and_resume(smollm2_wheel, tmp_path):
     again = _run(out, smollm2_wheel)
     assert again.strip().splitlines()[-1] == last
     assert 'done in' not in again
+
+    # carried to another machine: the saved state holds the ledger and search states, no model or database
+    state = tmp_path / 'state'
+    _run(out, smollm2_wheel, '--save-state', str(state))
+    saved = [f for f in state.rglob('*') if f.is_file()]
+    assert (state / 'ledger.json').is_file() and any(f.name == 'search_state.json' for f in saved)
+    assert not any(f.suffix == '.safetensors' or f.name == 'manifest.json' for f in saved)
+    assert sum(f.stat().st_size for f in saved) < 2_000_000
+    # ... taken before the last post-training and the ICL steps: those run again in a new directory, remaking
+    # the databases and, from them, only the models they read (the trained level-5 model through its own recipe)
+    ledger = json.loads((state / 'ledger.json').read_text())
+    dropped = [k for k in ledger['steps'] if k.startswith('icl') or k == 'seed0/gradual6+train']
+    for k in dropped:
+        del ledger['steps'][k]
+        ledger['seconds'].pop(k, None)
+    (state / 'ledger.json').write_text(json.dumps(ledger))
+    moved = tmp_path / 'moved'
+    carried = _run(moved, smollm2_wheel, '--resume-from', str(state))
+    assert carried.strip().splitlines()[-1] == last
+    assert sorted(re.findall(r'\[reproduce\] (\S+): done in', carried)) == sorted(dropped)
+    doc2 = json.loads((moved / 'results.json').read_text())
+    remade = {str(Path(p).relative_to(moved)): r for p, r in doc2['rebuilt'].items()}
+    assert set(remade) == {'models/draw0/uniform5', 'models/seed0/darwinlm5_tas', 'models/seed0/darwinlm5_tas+train',
+                           'models/seed0/gradual6'}
+    for r in remade.values():  # the same recipe on the same machine makes the same model
+        assert r['rebuilt_ppl'] == pytest.approx(r['recorded_ppl'], rel=1e-5)
+    again_models = {**doc2['draws']['0']['models'], **doc2['seeds']['0']['models']}
+    assert again_models['gradual6+train']['ppl'] == pytest.approx(models['gradual6+train']['ppl'], rel=1e-5)
+    accs = [{m: {t: r['acc'] for t, r in row['tasks'].items()} for m, row in d['models'].items()}
+            for d in (doc2['icl'], icl)]
+    assert accs[0] == accs[1]
+    assert not (moved / 'models' / 'seed0' / 'darwinlm5_kl+train').exists()  # read by no step left: not remade
 
 
 def test_study_split_gives_every_source_calibration_search_and_heldout_text(tmp_path, llama2_tokenizer):
