@@ -453,6 +453,7 @@ class Context:
     # (--resume-from), made again only when a later step reads them (see model_dir)
     rebuild: dict = dataclasses.field(default_factory=dict)
     rebuilt: dict = dataclasses.field(default_factory=dict)  # directory -> recorded and rebuilt held-out ppl
+    databases: dict = dataclasses.field(default_factory=dict)  # calibration draw -> its dense model's database
 
     def score(self, model) -> dict:
         if self._scorer is None:  # the dense pass only when some model still needs scoring
@@ -503,23 +504,45 @@ def calibration_batches(ctx: Context, n: int, draw: int) -> list:
     return [tokens[i:i + 8] for i in range(0, len(tokens), 8)]
 
 
+class LazyDatabase:
+    """A database recorded in a carried-over ledger but not on this machine: made again on first use (its level
+    spec, which the run reads first, comes from the model's config as the build would take it)."""
+
+    def __init__(self, make: Callable[[], Any], level_spec):
+        self._make, self._db, self.level_spec = make, None, level_spec
+
+    def __getattr__(self, name):  # only for attributes not set above
+        if self._db is None:
+            self._db = self._make()
+        return getattr(self._db, name)
+
+
 def database(ctx: Context, key: str, model, db_dir: Path, draw: int, source: str):
-    """The sparsity database of ``model`` (a ledger step when built; resumes an interrupted build)."""
+    """The sparsity database of ``model`` (a ledger step when built; resumes an interrupted build; recorded in a
+    carried-over ledger but missing here: a :class:`LazyDatabase`, made again only if a later step uses it)."""
     from darwinlm_foundry.obs.database import SparsityDatabase, build_database, is_complete
+    from darwinlm_foundry.structure.levels import LevelSpec
     built = {}
+    split = ctx.budget.mlp_level_split  # a pruned model's database keeps the split it records
+    spec_kwargs = {'mlp_split': split} if split > 1 else {}
 
     def build():
-        split = ctx.budget.mlp_level_split  # a pruned model's database keeps the split it records
         built['db'] = build_database(model, calibration_batches(ctx, ctx.budget.calibration_sequences, draw),
                                      db_dir, calibration_source=f'{ctx.shards}/calibration draw {draw}',
-                                     model_name=source, **({'mlp_split': split} if split > 1 else {}))
+                                     model_name=source, **spec_kwargs)
         return {'dir': str(db_dir), 'calibration_draw': draw, 'calibration_sequences': ctx.budget.calibration_sequences}
     ctx.ledger.step(key, build)
-    if not built and not is_complete(db_dir):  # recorded in a ledger carried over without it: made again
+    if built:
+        return built['db']
+    if is_complete(db_dir):
+        return SparsityDatabase.open(db_dir, model, verify='size')
+
+    def remake():
         t0 = time.time()
         build()
         log(f'{key}: database made again in {time.time() - t0:.0f} s (carried-over run)')
-    return built.get('db') or SparsityDatabase.open(db_dir, model, verify='size')
+        return built['db']
+    return LazyDatabase(remake, LevelSpec.from_config(model.config, **spec_kwargs))
 
 
 def search_precision(b: Budget) -> str:
@@ -734,7 +757,7 @@ def run_draw(ctx: Context, draw: int, headline: bool = False) -> dict:
     mdir = ctx.out / 'models' / key
     dense = load_dense(ctx.dense_dir)
     n_layers = dense.config.num_hidden_layers
-    db = database(ctx, f'{key}/database', dense, work / 'db_dense', draw, ctx.dense_dir)
+    db = ctx.databases[draw] = database(ctx, f'{key}/database', dense, work / 'db_dense', draw, ctx.dense_dir)
     spec = db.level_spec
     max_level = {kind: spec.max_exact_level(kind) for kind in ('attn', 'mlp')}
 
@@ -793,13 +816,13 @@ def run_seed(ctx: Context, seed: int, draw: int, headline: bool = False) -> dict
 
     ``headline``: only the KL-only level-5 search and its start (what the headline ratio needs; see :func:`main`).
     """
-    from darwinlm_foundry.obs.database import SparsityDatabase, dense_tensor_getter
+    from darwinlm_foundry.obs.database import dense_tensor_getter
     b, led = ctx.budget, ctx.ledger
     key = f'seed{seed}'
     work = ctx.out / 'work' / key
     mdir = ctx.out / 'models' / key
     n_tokens = b.posttrain_steps * b.posttrain_batch * b.seq_len
-    db = SparsityDatabase.open(ctx.out / 'work' / f'draw{draw}' / 'db_dense', load_dense(ctx.dense_dir), verify='size')
+    db = ctx.databases[draw]  # run_draw(draw) ran first
     searches, models = {}, {}
 
     def stitched(name: str, levels: dict, note: str, database=None, source=None) -> str:

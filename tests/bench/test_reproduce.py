@@ -134,6 +134,13 @@ def test_reproduce_smoke_and_resume(smollm2_wheel, tmp_path):
     assert (state / 'ledger.json').is_file() and any(f.name == 'search_state.json' for f in saved)
     assert not any(f.suffix == '.safetensors' or f.name == 'manifest.json' for f in saved)
     assert sum(f.stat().st_size for f in saved) < 2_000_000
+    # resumed elsewhere with every step recorded: nothing runs, no database or model is made again
+    whole = tmp_path / 'whole'
+    rerun = _run(whole, smollm2_wheel, '--resume-from', str(state))
+    assert rerun.strip().splitlines()[-1] == last
+    assert 'done in' not in rerun and 'made again' not in rerun
+    assert json.loads((whole / 'results.json').read_text())['rebuilt'] == {}
+    assert not (whole / 'models').exists() and not list((whole / 'work').rglob('manifest.json'))
     # ... taken before the last post-training and the ICL steps: those run again in a new directory, remaking
     # the databases and, from them, only the models they read (the trained level-5 model through its own recipe)
     ledger = json.loads((state / 'ledger.json').read_text())
