@@ -700,6 +700,8 @@ def search(ctx: Context, db, source_dir: str, out_dir: Path, seed: int, *, tas: 
             'winner_generation': result.winner_generation, 'winner_rule': result.winner_rule,
             'probe_fitness': result.probe_fitness,
             'seconds': round(time.time() - t0, 1), 'tas': tas, 'generations': engine.settings.generations,
+            # 'auto' picks per machine, and a carried-over search may have run its generations on several
+            'precision': engine.settings.precision,
             'train_tokens': list(engine.settings.train_tokens)}
 
 
