@@ -8,6 +8,7 @@ import importlib.util
 import json
 import math
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -141,30 +142,41 @@ def test_reproduce_smoke_and_resume(smollm2_wheel, tmp_path):
     assert 'done in' not in rerun and 'made again' not in rerun
     assert json.loads((whole / 'results.json').read_text())['rebuilt'] == {}
     assert not (whole / 'models').exists() and not list((whole / 'work').rglob('manifest.json'))
-    # ... taken before the last post-training and the ICL steps: those run again in a new directory, remaking
-    # the databases and, from them, only the models they read (the trained level-5 model through its own recipe)
+    assert all(m['path'].startswith(str(whole)) for m in json.loads((whole / 'results.json').read_text())['seeds']
+               ['0']['models'].values())  # the carried paths now name the new directory
+    # the machine replaced while the gradual search was part-way (its state saved, no winner yet), the steps
+    # after it not done: they run again under the same --out, the search from its state (not started over), the
+    # databases and only the models they read remade (the trained level-5 model through its own recipe)
     ledger = json.loads((state / 'ledger.json').read_text())
-    dropped = [k for k in ledger['steps'] if k.startswith('icl') or k == 'seed0/gradual6+train']
+    dropped = [k for k in ledger['steps'] if k.startswith('icl') or k.startswith('seed0/gradual6')
+               or k == 'seed0/search/gradual6']
     for k in dropped:
         del ledger['steps'][k]
         ledger['seconds'].pop(k, None)
     (state / 'ledger.json').write_text(json.dumps(ledger))
-    moved = tmp_path / 'moved'
-    carried = _run(moved, smollm2_wheel, '--resume-from', str(state))
+    info = json.loads((state / 'saved_from.json').read_text())
+    for name in ('winner.json', 'winner.txt'):
+        (state / 'work' / 'seed0' / 'gradual6' / name).unlink()
+        info['files'].remove(f'work/seed0/gradual6/{name}')
+    (state / 'saved_from.json').write_text(json.dumps(info))
+    shutil.rmtree(out)
+    carried = _run(out, smollm2_wheel, '--resume-from', str(state))
     assert carried.strip().splitlines()[-1] == last
     assert sorted(re.findall(r'\[reproduce\] (\S+): done in', carried)) == sorted(dropped)
-    doc2 = json.loads((moved / 'results.json').read_text())
-    remade = {str(Path(p).relative_to(moved)): r for p, r in doc2['rebuilt'].items()}
-    assert set(remade) == {'models/draw0/uniform5', 'models/seed0/darwinlm5_tas', 'models/seed0/darwinlm5_tas+train',
-                           'models/seed0/gradual6'}
+    assert 'work/seed0/gradual6 generation' not in carried  # started over, it would run its generation again
+    doc2 = json.loads((out / 'results.json').read_text())
+    assert doc2['seeds']['0']['searches']['gradual6']['levels'] == seed['searches']['gradual6']['levels']
+    remade = {str(Path(p).relative_to(out)): r for p, r in doc2['rebuilt'].items()}
+    assert set(remade) == {'models/draw0/uniform5', 'models/seed0/darwinlm5_tas', 'models/seed0/darwinlm5_tas+train'}
     for r in remade.values():  # the same recipe on the same machine makes the same model
         assert r['rebuilt_ppl'] == pytest.approx(r['recorded_ppl'], rel=1e-5)
     again_models = {**doc2['draws']['0']['models'], **doc2['seeds']['0']['models']}
-    assert again_models['gradual6+train']['ppl'] == pytest.approx(models['gradual6+train']['ppl'], rel=1e-5)
+    for k in ('gradual6', 'gradual6+train'):
+        assert again_models[k]['ppl'] == pytest.approx(models[k]['ppl'], rel=1e-5)
     accs = [{m: {t: r['acc'] for t, r in row['tasks'].items()} for m, row in d['models'].items()}
             for d in (doc2['icl'], icl)]
     assert accs[0] == accs[1]
-    assert not (moved / 'models' / 'seed0' / 'darwinlm5_kl+train').exists()  # read by no step left: not remade
+    assert not (out / 'models' / 'seed0' / 'darwinlm5_kl+train').exists()  # read by no step left: not remade
 
 
 def test_study_split_gives_every_source_calibration_search_and_heldout_text(tmp_path, llama2_tokenizer):
