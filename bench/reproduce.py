@@ -1465,11 +1465,14 @@ STATE_INFO = 'saved_from.json'
 
 
 def _state_files(out: Path) -> list[Path]:
-    """The files of ``out`` that :func:`save_state` carries: the ledger and everything under ``work/`` but the
-    databases (directories with a manifest: remade from the calibration draw in minutes)."""
+    """The files of ``out`` that :func:`save_state` carries: the ledger and the JSON / text files under ``work/``
+    (search states, winners, start files), not the databases (directories with a manifest: remade from the
+    calibration draw in minutes) nor a search's scratch (hidden directories: its spilled dense targets, ~800 MB)."""
     work = out / 'work'
     dbs = {m.parent for m in work.rglob('manifest.json')}
-    files = [f for f in sorted(work.rglob('*')) if f.is_file() and not any(d in f.parents for d in dbs)]
+    files = [f for f in sorted(work.rglob('*')) if f.is_file() and f.suffix in ('.json', '.txt')
+             and not any(d in f.parents for d in dbs)
+             and not any(part.startswith('.') for part in f.relative_to(work).parts)]
     return [out / 'ledger.json'] + files
 
 
