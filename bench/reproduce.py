@@ -1517,14 +1517,14 @@ def restore_state(src: Path, out: Path) -> None:
         if unfinished:
             log(f'--resume-from: {len(unfinished)} searches part-way start over ({old} -> {out}; the same --out '
                 f'as the saved run resumes them)')
-    for rel in files:
+    from darwinlm_foundry.utils.io import atomic_write_text
+    # the ledger last: a copy cut short leaves no ledger, so the same command copies again
+    for rel in sorted(files, key=lambda f: f == 'ledger.json'):
         text = (src / rel).read_text()
         if old != str(out):  # a search resumed under another path may start over: its settings name its files
             text = text.replace(json.dumps(old)[1:-1], json.dumps(str(out))[1:-1])
         (out / rel).parent.mkdir(parents=True, exist_ok=True)
-        tmp = (out / rel).with_name((out / rel).name + '.tmp')
-        tmp.write_text(text)
-        os.replace(tmp, out / rel)
+        atomic_write_text(out / rel, text)
     log(f'{out}: {len(files)} files carried from {src} (saved {info.get("saved_at")} from {old})')
 
 
