@@ -7,11 +7,15 @@
 
 from __future__ import annotations
 
-from typing import Mapping
+import os
+import shutil
+import weakref
+from typing import Mapping, Optional
 
 import torch
 
-from darwinlm_foundry.search.fitness import DenseTargets, TokenScores, score_tokens
+from darwinlm_foundry.search.fitness import DenseTargets, SpilledTargets, TokenScores, score_tokens
+from darwinlm_foundry.utils.io import process_scratch_dir
 from darwinlm_foundry.utils.params import count_parameters
 
 __all__ = ['heldout_metrics', 'HeldoutReference']
@@ -59,24 +63,39 @@ class HeldoutReference:
     """:func:`heldout_metrics` for many models scored one after another: the dense side is computed once.
 
     Keeps the dense next-token probabilities of every held-out position (fp32, ``n x (L-1) x vocab x 4`` bytes:
-    2.8 GB for 22K tokens at Llama-2's 32K vocabulary), so each model then costs one forward pass and no
-    second dense pass. Same definitions and numbers as :func:`heldout_metrics`; use that one when the
-    probabilities do not fit in memory.
+    2.8 GB for 22K tokens at Llama-2's 32K vocabulary; 5.2 GB for SmolLM2's 49K vocabulary on 52 x 512 tokens),
+    so each model then costs one forward pass and no second dense pass. In memory by default; with
+    ``spill_dir`` in files of a private directory made there (removed with this object, or by the next
+    reference made in ``spill_dir`` when a killed process left it), read back a batch at a time, bit-identical:
+    then a process that keeps the reference through other work (a study scoring models between searches and
+    post-trainings) does not hold them. Same definitions and numbers as :func:`heldout_metrics`, which needs
+    neither memory nor files for them but repeats the dense pass.
     """
 
-    def __init__(self, dense: torch.nn.Module, tokens: torch.Tensor, batch_size: int = 8):
+    def __init__(self, dense: torch.nn.Module, tokens: torch.Tensor, batch_size: int = 8,
+                 spill_dir: Optional[str] = None):
         _check_heldout_tokens(tokens)
         self.tokens, self.batch_size = tokens, batch_size
-        self._targets = []
+        self.scratch: Optional[str] = None
         with torch.no_grad():
-            for start in range(0, len(tokens), batch_size):
-                logits = _logits(dense, tokens[start:start + batch_size])[:, :-1]
-                self._targets.append(DenseTargets(logits=logits).prepare(release_logits=True))
+            blocks = (DenseTargets(logits=_logits(dense, tokens[start:start + batch_size])[:, :-1]).prepare(
+                release_logits=True) for start in range(0, len(tokens), batch_size))
+            if spill_dir is None:
+                self._targets = list(blocks)
+            else:
+                self.scratch = process_scratch_dir(spill_dir, '.darwinlm_heldout_')
+                weakref.finalize(self, shutil.rmtree, self.scratch, True)
+                self._targets = SpilledTargets.write_blocks(blocks, os.path.join(self.scratch, 'targets'))
+
+    def _batch_targets(self, start: int, stop: int) -> DenseTargets:
+        if isinstance(self._targets, SpilledTargets):
+            return self._targets.rows(start, stop)
+        return self._targets[start // self.batch_size]
 
     @torch.no_grad()
     def score(self, model: torch.nn.Module) -> dict[str, float]:
         """``{'ppl', 'nll', 'kl', 'params'}`` of ``model`` on the held-out tokens."""
         model.eval()
         scores = score_tokens(lambda ids: _logits(model, ids), self.tokens, self.batch_size,
-                              targets=lambda start, stop: self._targets[start // self.batch_size], last=False)
+                              targets=self._batch_targets, last=False)
         return {**scores.means(), 'params': count_parameters(model)}

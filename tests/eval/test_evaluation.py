@@ -3,6 +3,7 @@
 import json
 import logging
 import math
+import os
 
 import pytest
 import torch
@@ -192,7 +193,7 @@ def test_lm_eval_task_yamls(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ held-out ppl / KL
-def test_heldout_metrics_brute_force():
+def test_heldout_metrics_brute_force(tmp_path):
     dense = _tiny_dense(vocab=64)
     models = {'dense': dense, 'pruned': shrink_model(dense, {Unit(0, 'attn'): [1], Unit(1, 'mlp'): [3, 7]}),
               'other': _tiny_dense(seed=1, vocab=64)}
@@ -214,10 +215,16 @@ def test_heldout_metrics_brute_force():
     assert got['pruned']['kl'] > 0 and got['other']['kl'] > got['pruned']['kl']
     with pytest.raises(ValueError, match='not among'):
         heldout.heldout_metrics(models, 'missing', tokens)
-    # the cached-dense form gives the same numbers, one model at a time
+    # the cached-dense form gives the same numbers, one model at a time; its targets kept in files, the very same
     reference = heldout.HeldoutReference(dense, tokens, batch_size=2)
+    spilled = heldout.HeldoutReference(dense, tokens, batch_size=2, spill_dir=str(tmp_path))
+    assert spilled.scratch and os.path.getsize(f'{spilled.scratch}/targets.probs.bin') == 5 * 8 * 64 * 4
     for name, model in models.items():
         one = reference.score(model)
         assert one['params'] == sum(p.numel() for p in model.parameters())
         for key in ('ppl', 'nll', 'kl'):
             assert one[key] == pytest.approx(got[name][key], rel=1e-5, abs=1e-7), (name, key)
+        assert spilled.score(model) == one
+    scratch = spilled.scratch
+    del spilled
+    assert not os.path.exists(scratch) and os.listdir(tmp_path) == []
