@@ -223,7 +223,8 @@ def test_heldout_metrics_brute_force(tmp_path):
         one = reference.score(model)
         assert one['params'] == sum(p.numel() for p in model.parameters())
         for key in ('ppl', 'nll', 'kl'):
-            assert one[key] == pytest.approx(got[name][key], rel=1e-5, abs=1e-7), (name, key)
+            # (the reference's KL is neg. entropy minus cross term, both ~log(64): the same ~1e-6 absolute)
+            assert one[key] == pytest.approx(got[name][key], rel=1e-5, abs=1e-6), (name, key)
         assert spilled.score(model) == one
     scratch = spilled.scratch
     del spilled
