@@ -158,7 +158,6 @@ class CandidateScoring:
         """The database's source model (stitched at its current levels = the model itself), on the device."""
         if self._dense_model is None:
             self._dense_model = self.db.stitch(self._current_levels(), self.get_tensor).to(self.device).eval()
-            self._release_file_maps()
         return self._dense_model
 
     def _release_dense(self) -> None:
@@ -172,15 +171,11 @@ class CandidateScoring:
     def _release_file_maps(self) -> None:
         """Close the memory-mapped safetensors files of the dense checkpoint and of the database.
 
-        The tensor getter and the database keep their files open (mapped) after the first read; every page a
-        stitch ever touched then stays in this process's resident set (the whole checkpoint, and every level
-        of the database a candidate ever used: up to 0.54 + 0.59 GB for SmolLM2-135M). Reopening costs a file
-        open per stitch. (Private attributes of the getter / database, read defensively: a getter without them is an
-        in-memory one.)"""
+        A stitch closes what it mapped; the masked candidates' direct reads of the database do not: every page
+        they touched would stay in this process's resident set (up to 0.54 + 0.59 GB for SmolLM2-135M's
+        checkpoint and database). (A getter that is a plain function maps nothing.)"""
         for owner in (self.get_tensor, self.db):
-            handles = getattr(owner, '_handles', None)
-            if isinstance(handles, dict):
-                handles.clear()
+            getattr(owner, 'release_file_maps', lambda: None)()
 
     def build_candidate(self, config: LevelConfig, shared: Optional[dict] = None) -> torch.nn.Module:
         """The candidate as a model on the CPU: stitched and shrunk (or, for benchmarks, masked).
@@ -189,8 +184,7 @@ class CandidateScoring:
         candidates that are only scored, never trained."""
         t0 = time.perf_counter()
         if self.offspring_format == 'shrunk':
-            model = self.db.stitch(config, self.get_tensor, shared=shared)
-            self._release_file_maps()
+            model = self.db.stitch(config, self.get_tensor, shared=shared)  # (closes the files it mapped)
             count = count_parameters(model)
             expected = self.spec.parameter_count(config)
             if count != expected:

@@ -64,7 +64,12 @@ def test_stitch_from_checkpoint_directory_is_lazy_and_identical(built, tmp_path)
     model, db = built
     model.save_pretrained(tmp_path / 'dense', safe_serialization=True)
     levels = _levels(7)
-    from_dir = db.stitch(levels, dense_tensor_getter(tmp_path / 'dense'))
+    getter = dense_tensor_getter(tmp_path / 'dense')
+    from_dir = db.stitch(levels, getter)
+    if os.path.exists('/proc/self/maps'):  # the files it read are closed again: nothing of them stays resident
+        with open('/proc/self/maps') as f:
+            mapped = [line.split()[-1] for line in f if line.rstrip().endswith('.safetensors')]
+        assert not [m for m in mapped if m.startswith((str(tmp_path), str(db.db_dir)))], mapped
     from_mem = db.stitch(levels, dense_tensor_getter(model))
     for (n1, p1), (n2, p2) in zip(from_dir.state_dict().items(), from_mem.state_dict().items()):
         assert n1 == n2 and torch.equal(p1, p2)

@@ -250,15 +250,12 @@ def test_probe_fitness_is_the_parent_rescored_on_fixed_tokens(runs, pretrained, 
 class _ReferenceSearch(EvolutionarySearch):
     """The engine's fitness path as it was before the memory work: the dense logits of a whole sample kept,
     all steps' targets prefilled at the start of a generation, prepared in one piece (log_softmax, exp, p log p
-    over the whole tensor), file maps kept open."""
+    over the whole tensor)."""
 
     def __init__(self, *args, **kw):
         super().__init__(*args, **kw)
         self.cache = DenseLogitCache()  # full logits, computed in one call
         self.share_units = False  # every candidate stitched whole
-
-    def _release_file_maps(self):
-        pass
 
     def dense_targets(self, key, tokens):
         targets = self.cache.get_or_compute(key, tokens, lambda t: self._logits(self._dense(), t))
