@@ -321,7 +321,6 @@ class EvolutionarySearch(CandidateScoring):
                 start, extra['unit_protection'] = self._protect_top_splits(extra['kind_balance'], tokens)
             elif s.protect_units:
                 start, extra['unit_protection'] = self.protect_units(start, tokens, fitness)
-            self.cache.forget(('balance',))
         return SearchState.new(start, derive_seed(self.settings.seed, 'mutation'), fp,
                                extra={'start': start.to_dict(), 'start_parameters': self.start_parameters, **extra})
 
@@ -351,7 +350,7 @@ class EvolutionarySearch(CandidateScoring):
         The final comparison is on the whole sample, against the start."""
         size = self.spec.parameter_count(config)
         if fitness is None:
-            fitness = self.config_fitness(config, tokens, key=('balance',))
+            fitness = self.configs_fitness([config], tokens, 'balance')[0]
         rows = tokens.shape[0] if tokens.dim() > 1 else 1
         screens = [(n, k) for n, k in zip((self._n_seqs(t) for t in self.settings.fitness_tokens),
                                           self.settings.survivors) if tokens.dim() > 1 and n < rows]
@@ -367,10 +366,12 @@ class EvolutionarySearch(CandidateScoring):
             for step, (n, keep) in enumerate(screens):
                 if len(pool) <= keep:
                     continue
-                part = tokens[:n]
-                screened = [self.config_fitness(c, part, key=('balance_screen', step)) for _, _, c in pool]
+                # every candidate on one sample at once: its dense targets are computed once and never kept
+                # in the cache between the splits and rounds (for SmolLM2 a 4,096-token sample's are 0.8 GB)
+                screened = self.configs_fitness([c for _, _, c in pool], tokens[:n], f'balance_screen{step}')
                 pool = [pool[i] for i in sorted(range(len(pool)), key=screened.__getitem__)[:keep]]
-            scored = [(self.config_fitness(c, tokens, key=('balance',)), kind, unit, c) for kind, unit, c in pool]
+            scored = [(f, kind, unit, c) for f, (kind, unit, c) in
+                      zip(self.configs_fitness([c for _, _, c in pool], tokens, 'balance'), pool)]
             best = min(scored, key=lambda row: row[0])
             if best[0] >= fitness:
                 break
@@ -382,8 +383,6 @@ class EvolutionarySearch(CandidateScoring):
                   f'level {moves[-1]["level"]["from"]} to {moves[-1]["level"]["to"]} (the others take its levels), '
                   f'fitness {best[0]:.4f} on {tokens.numel()} tokens, the best of {n_all}'
                   + (f' ({len(scored)} after screening)' if len(scored) < n_all else ''), flush=True)
-        for step in range(len(screens)):
-            self.cache.forget(('balance_screen', step))
         if not moves:
             print(f'DarwinLM search: unit protection: no one-unit move beats the start ({first:.4f})', flush=True)
         return config, {'tokens': int(tokens.numel()), 'start_fitness': first, 'fitness': fitness, 'moves': moves,
@@ -444,16 +443,13 @@ class EvolutionarySearch(CandidateScoring):
         """
         exchange, candidates = self.kind_splits(config)
         size = self.spec.parameter_count(config)
-        own = tokens is None
-        if own:
+        if tokens is None:
             tokens = self.balance_sample()
-        rows = []
         for shift, candidate in candidates:
             self._check_size(candidate, size, f'kind-balance shift {shift}')
-            rows.append({'shift': shift, 'attn_levels': sum(candidate.attn), 'mlp_levels': sum(candidate.mlp),
-                         'fitness': self.config_fitness(candidate, tokens, key=('balance',))})
-        if own:
-            self.cache.forget(('balance',))
+        scores = self.configs_fitness([candidate for _, candidate in candidates], tokens, 'balance')
+        rows = [{'shift': shift, 'attn_levels': sum(candidate.attn), 'mlp_levels': sum(candidate.mlp),
+                 'fitness': fitness} for (shift, candidate), fitness in zip(candidates, scores)]
         order = sorted(range(len(rows)), key=lambda i: (rows[i]['fitness'], abs(rows[i]['shift'])))
         best = order[0]
         record = {'exchange': {'attn_levels': exchange[0], 'mlp_levels': exchange[1]}, 'tokens': int(tokens.numel()),

@@ -841,7 +841,12 @@ def test_protect_units_starts_from_the_fittest_protection(pretrained, database, 
         fitness, config = best[0], best[3]
     assert expected  # the tiny model has a unit worth protecting, else this test would check nothing
     assert pools[0] > 2  # and the screening drops some candidates
+    stored, compute = [], engine.cache.get_or_compute
+    engine.cache.get_or_compute = lambda key, *a, **k: stored.append(key) or compute(key, *a, **k)
     result = engine.run()
+    # the start's samples' dense targets go to a scratch file (spill_targets_mib 0), never into the cache, where
+    # they stayed through every split and round (SmolLM2's full run peaked 1.2-1.5 GB above its generations)
+    assert not [key for key in stored if str(key[0]).startswith('balance')]
     data = json.loads((tmp_path / 'prot' / WINNER_JSON).read_text())
     moves = data['unit_protection']['moves']
     assert [(m['kind'], m['layer']) for m in moves] == [(k, u) for k, u, _ in expected]
