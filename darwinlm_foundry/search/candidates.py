@@ -453,12 +453,11 @@ class CandidateScoring:
         sums, counts = both[:n], both[n:]
         return [self._finish(float(sums[i]), int(counts[i]), s.fitness) for i in range(n)]
 
-    def config_fitness(self, config: LevelConfig, tokens: torch.Tensor, key=None, train_tokens=None,
-                       seed: int = 0) -> float:
+    def config_fitness(self, config: LevelConfig, tokens: torch.Tensor, train_tokens=None, seed: int = 0) -> float:
         """Fitness of one configuration on ``tokens`` (optionally after a fit on ``train_tokens``); one rank."""
         targets = None
         if self.settings.fitness != 'ppl':
-            targets = self.dense_targets(key or ('eval', _digest(tokens)), tokens)
+            targets = self.dense_targets(('eval', _digest(tokens)), tokens)
             self._release_dense()
         model = self.build_candidate(config).to(self.device)
         if train_tokens is not None:
