@@ -95,6 +95,7 @@ import re
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -264,18 +265,29 @@ class Ledger:
     machine when other jobs share the CPU), and its peak resident memory (``peak_gb``: the step's own, not the
     process's lifetime peak, which one long run's many steps would all report; a step inside another counts for
     both). After each step the memory it freed is given back to the OS (``utils.memory.release_memory``).
+
+    A step cut short (the process killed, the run carried to another machine) loses nothing of its cost: every
+    ``heartbeat_s`` the ledger records each running step's time and peak so far under ``partial``, and the
+    step's next run adds them (wall and CPU summed, the larger peak, ``segments`` counting the runs).
     """
 
-    def __init__(self, path: Path, key: dict, restart: bool = False):
+    def __init__(self, path: Path, key: dict, restart: bool = False, heartbeat_s: float = 60.0):
         self.path = path
         self.key = key
         self.data: dict[str, Any] = {}
         self.seconds: dict[str, dict] = {}
+        self.partial: dict[str, dict] = {}  # the earlier runs of steps not finished yet (see the class doc)
         self._peaks: list[float] = []  # the peak so far of each step running now, outermost first
+        self._running: list[tuple[str, float, float]] = []  # (key, wall start, CPU start), outermost first
+        self._lock = threading.Lock()  # the heartbeat thread writes the file too
+        self._heartbeat_s = heartbeat_s
+        self._heartbeat: Optional[threading.Thread] = None
+        self._per_step = False  # whether the peak counter could be reset (set by each step)
         if path.is_file():
             data = json.loads(path.read_text())
             if {k: _without_unfingerprinted(data.get(k), k) for k in self.key} == self.key:
                 self.data, self.seconds = data['steps'], data.get('seconds', {})
+                self.partial = data.get('partial', {})
             elif not restart:  # hours of work: never dropped without being asked to
                 raise SystemExit(f'{path} was written with other settings ({ledger_difference(data, key)}); use '
                                  'another --out, or pass --restart to discard its steps and models')
@@ -289,29 +301,76 @@ class Ledger:
         if key in self.data:
             return self.data[key]
         t0, c0 = time.time(), time.process_time()
-        self._credit_peak()  # the enclosing steps keep what they reached before this one resets the counter
-        per_step = reset_peak_rss()  # False where the platform cannot: then no peak is recorded (as the chain)
-        self._peaks.append(0.0)
+        with self._lock:
+            self._credit_peak()  # the enclosing steps keep what they reached before this one resets the counter
+            self._per_step = reset_peak_rss()  # False where the platform cannot: then no peak is recorded
+            self._peaks.append(0.0)
+            self._running.append((key, t0, c0))
+        self._start_heartbeat()
         try:
             value = fn()
+        except BaseException:
+            with self._lock:  # what this run of the step cost, for its next run to add
+                self.partial[key] = self._so_far()[key]
+                self._write(self._so_far())
+                self._peaks.pop()
+                self._running.pop()
+            raise
         finally:
-            self._credit_peak()
-            peak = self._peaks.pop()
             # as the chain after each stage: what the step freed goes back to the OS, or the process keeps
             # glibc's fragmented heap (5 GB after a post-training) and every later step's peak starts from it
             release_memory()
-        self.data[key] = value
-        self.seconds[key] = {'wall': round(time.time() - t0, 1), 'cpu': round(time.process_time() - c0, 1),
-                             'peak_gb': round(peak, 2) if per_step else None}
-        tmp = self.path.with_suffix('.tmp')
-        tmp.write_text(json.dumps({**self.key, 'steps': self.data, 'seconds': self.seconds}, indent=1))
-        os.replace(tmp, self.path)
-        print(f'[reproduce] {key}: done in {time.time() - t0:.0f} s', flush=True)
+        with self._lock:
+            own = self._so_far()[key]
+            self._peaks.pop()
+            self._running.pop()
+            self.data[key] = value
+            self.seconds[key] = own
+            self.partial.pop(key, None)
+            self._write(self._so_far())  # the enclosing steps' cost so far stays recorded
+        print(f'[reproduce] {key}: done in {time.time() - t0:.0f} s'
+              + (f' (this run; {own["wall"]:.0f} s over {own["segments"]} runs)' if own.get('segments', 1) > 1
+                 else ''), flush=True)
         return value
 
     def _credit_peak(self) -> None:
         now = peak_rss_gb()
         self._peaks = [max(p, now) for p in self._peaks]
+
+    def _so_far(self) -> dict:
+        """The partial records with each running step's cost so far added to its earlier runs' (under the lock)."""
+        self._credit_peak()
+        now, cpu = time.time(), time.process_time()
+        out = dict(self.partial)
+        for (key, t0, c0), peak in zip(self._running, self._peaks):
+            was = self.partial.get(key, {'wall': 0.0, 'cpu': 0.0, 'peak_gb': None, 'segments': 0})
+            peaks = [p for p in (was['peak_gb'], round(peak, 2) if self._per_step else None) if p is not None]
+            out[key] = {'wall': round(was['wall'] + now - t0, 1), 'cpu': round(was['cpu'] + cpu - c0, 1),
+                        'peak_gb': max(peaks) if peaks else None, 'segments': was['segments'] + 1}
+        return out
+
+    def _write(self, partial: dict) -> None:
+        doc = {**self.key, 'steps': self.data, 'seconds': self.seconds}
+        if partial:
+            doc['partial'] = partial
+        tmp = self.path.with_suffix('.tmp')
+        tmp.write_text(json.dumps(doc, indent=1))
+        os.replace(tmp, self.path)
+
+    def _start_heartbeat(self) -> None:
+        if self._heartbeat is not None or not self._heartbeat_s:
+            return
+
+        def beat():
+            while True:
+                time.sleep(self._heartbeat_s)
+                with self._lock:
+                    if self._running:
+                        self._write(self._so_far())
+
+        # a daemon: it dies with the process, which is what it records against
+        self._heartbeat = threading.Thread(target=beat, name='ledger-heartbeat', daemon=True)
+        self._heartbeat.start()
 
 
 def _without_unfingerprinted(value, part: str):
@@ -1108,25 +1167,48 @@ def timing(seconds: dict) -> dict:
               r'^seed\d+/(darwinlm5_kl|darwinlm5_kl_matched|darwinlm5_kl_uniform|balanced5|darwinlm5_tas|darwinlm6|'
               r'gradual6)$'),
              ('setup (held-out, dense score)', r'^(heldout|dense)')]
-    out = {name: {'wall_min': 0.0, 'cpu_min': 0.0, 'steps': 0, 'peak_gb': None} for name, _ in parts}
+    out = {name: {'wall_min': 0.0, 'cpu_min': 0.0, 'steps': 0, 'peak_gb': None, 'from_history': 0}
+           for name, _ in parts}
     for key, sec in seconds.items():
         for name, pattern in parts:
             if re.search(pattern, key):
                 out[name]['wall_min'] += sec['wall'] / 60
                 out[name]['cpu_min'] += sec['cpu'] / 60
                 out[name]['steps'] += 1
+                out[name]['from_history'] += bool(sec.get('from_history'))
                 if sec.get('peak_gb') is not None:  # ledgers written before it was recorded lack it
                     out[name]['peak_gb'] = max(out[name]['peak_gb'] or 0.0, sec['peak_gb'])
                 break
     return {k: {**v, 'wall_min': round(v['wall_min'], 2), 'cpu_min': round(v['cpu_min'], 2)} for k, v in out.items()}
 
 
+def with_search_history(out: Path, seconds: dict) -> dict:
+    """``seconds`` with each search step given at least the sum of its generations' seconds (from its
+    ``search_state.json``): a search cut short by a process that predates the ledger's ``partial`` records kept
+    only its last run (seed 1's TAS search: 1,631 s recorded, 5,715 s of generations). Such a record's CPU time
+    is scaled alike and it is marked ``from_history``; the time of its start stays uncounted, and its peak is its
+    last run's."""
+    out_seconds = dict(seconds)
+    for key, sec in seconds.items():
+        m = re.fullmatch(r'(seed\d+)/search/(\w+)', key)
+        state = out / 'work' / m.group(1) / m.group(2) / 'search_state.json' if m else None
+        if state is None or not state.is_file():
+            continue
+        gens = sum(h.get('seconds', 0.0) for h in json.loads(state.read_text()).get('history', []))
+        if gens > sec['wall']:
+            out_seconds[key] = {**sec, 'wall': round(gens, 1), 'cpu': round(sec['cpu'] * gens / sec['wall'], 1),
+                                'from_history': True}
+    return out_seconds
+
+
 def timing_rows(parts: dict) -> list[str]:
-    """The markdown table of :func:`timing` (the peak is the largest step's, over the steps that recorded one)."""
+    """The markdown table of :func:`timing` (the peak is the largest step's, over the steps that recorded one;
+    '>=' where a step's time comes from its generations (:func:`with_search_history`) and its peak from its last
+    run only)."""
     rows = ['| part | steps | wall min | CPU min | peak GB |', '|---|---|---|---|---|']
-    return rows + [f'| {k} | {v["steps"]} | {v["wall_min"]:.1f} | {v["cpu_min"]:.1f} | '
-                   f'{"-" if v.get("peak_gb") is None else format(v["peak_gb"], ".2f")} |'
-                   for k, v in parts.items() if v['steps']]
+    return rows + [f'| {k} | {v["steps"]} | {ge}{v["wall_min"]:.1f} | {ge}{v["cpu_min"]:.1f} | '
+                   f'{"-" if v.get("peak_gb") is None else ge + format(v["peak_gb"], ".2f")} |'
+                   for k, v in parts.items() if v['steps'] for ge in ['>=' if v.get('from_history') else '']]
 
 
 # The budget field that sets each search's length (by its directory under work/seed<n>/).
@@ -1141,8 +1223,16 @@ def progress(out: Path) -> str:
         raise SystemExit(f'{out / "ledger.json"} does not exist: start the run first (same --out)')
     data = json.loads((out / 'ledger.json').read_text())
     steps, shared = data['steps'], data['budget']['shared_database']
-    lines = [f'{out}: {len(steps)} steps finished, {sum(v["wall"] for v in data["seconds"].values()) / 3600:.2f} h '
-             'of wall time'] + timing_rows(timing(data['seconds']))
+    seconds = with_search_history(out, data['seconds'])
+    lines = [f'{out}: {len(steps)} steps finished, {sum(v["wall"] for v in seconds.values()) / 3600:.2f} h '
+             'of wall time'] + timing_rows(timing(seconds))
+    rebuilt = sorted(k for k, v in seconds.items() if v.get('from_history'))
+    if rebuilt:
+        lines.append(f'(searches cut short before their ledger kept every run, timed by the sum of their generations: '
+                     f'{", ".join(rebuilt)})')
+    for key, sec in data.get('partial', {}).items():  # steps cut short or running: their cost so far
+        lines.append(f'{key}: not finished, {sec["wall"] / 60:.1f} min over {sec["segments"]} run(s) so far'
+                     + (f', peak {sec["peak_gb"]:.2f} GB' if sec.get('peak_gb') is not None else ''))
     if 'dense/score' in steps:
         lines.append(f'dense: held-out ppl {steps["dense/score"]["ppl"]:.2f}')
     for state in sorted(out.glob('work/seed*/*/search_state.json')):  # searches part-way (none once finished)
@@ -1269,7 +1359,9 @@ def render_markdown(doc: dict) -> str:
     lines += ['', '## Time per part (ledger steps of this output directory, any invocation)', '',
               'CPU minutes count every thread; with OMP_WAIT_POLICY=PASSIVE (no spinning threads) about 0.65 x CPU '
               'minutes estimates the wall time on 2 idle cores when other jobs share the CPU. Peak GB: the largest '
-              'resident memory of one step of the part ("-": its steps ran before steps recorded it).', '']
+              'resident memory of one step of the part ("-": its steps ran before steps recorded it; ">=": a search cut '
+              'short before the ledger kept every run of a step, timed by the sum of its generations, its peak '
+              'that of its last run).', '']
     lines += timing_rows(doc['timing'])
     lines += ['', doc['last_line']]
     return '\n'.join(lines) + '\n'
@@ -1451,7 +1543,7 @@ def main(argv=None) -> dict:
     doc['last_line'] = (f'searched_vs_uniform_ppl_ratio={hl["searched_vs_uniform_ppl_ratio"]["mean"]:.3f} '
                         f'tas_gain={hl["tas_gain"]["mean"]:.3f} gradual_gain={hl["gradual_gain"]["mean"]:.3f} '
                         f'dense_ppl={doc["dense"]["ppl"]:.2f}')
-    doc['timing'] = timing(ledger.seconds)
+    doc['timing'] = timing(with_search_history(out, ledger.seconds))
     doc['rebuilt'] = ctx.rebuilt  # models of a carried-over run made again: recorded and rebuilt held-out ppl
     doc['seconds'] = time.time() - t0  # this invocation (a resumed run counts only what it ran)
     doc['plots'] = plot(doc, out / 'plots')

@@ -342,6 +342,67 @@ def test_ledger_records_each_steps_own_peak_memory(tmp_path):
     assert '| baselines: build + score | 1 | 0.5 | 0.5 | - |' in rows
 
 
+def test_ledger_keeps_the_cost_of_a_step_killed_part_way(tmp_path):
+    """A step cut short by a kill (the full run is stopped and carried on every few hours) keeps what it cost:
+    its next run records the sum of both runs' wall time. Before, a search run over three sessions recorded only
+    its last one (seed 1's TAS search: 1,631 s of its 5,715)."""
+    import signal
+    import time
+    key = {'budget': {}, 'data': 'd', 'model': {}}
+    child = (f'import importlib.util, sys, time; spec = importlib.util.spec_from_file_location("reproduce", '
+             f'{str(REPO / "bench" / "reproduce.py")!r}); m = importlib.util.module_from_spec(spec); '
+             f'sys.modules["reproduce"] = m; spec.loader.exec_module(m); '
+             f'led = m.Ledger(__import__("pathlib").Path({str(tmp_path / "ledger.json")!r}), {key!r}, '
+             f'heartbeat_s=0.1); led.step("done", lambda: 1); '
+             f'led.step("outer", lambda: led.step("slow", lambda: (print("started", flush=True), time.sleep(60))))')
+    proc = subprocess.Popen([sys.executable, '-c', child], stdout=subprocess.PIPE, text=True)
+    for line in proc.stdout:  # after the first step's own line
+        if line.strip() == 'started':
+            break
+    else:
+        raise AssertionError(f'the child ended before its step began (exit {proc.wait()})')
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGKILL)  # no handler runs: only the heartbeat's records survive
+    proc.wait()
+    stored = json.loads((tmp_path / 'ledger.json').read_text())
+    assert set(stored['steps']) == {'done'} and set(stored['partial']) == {'outer', 'slow'}
+    assert stored['partial']['slow']['segments'] == 1 and 1.2 <= stored['partial']['slow']['wall'] <= 3.0
+    reproduce = _load_reproduce()
+    ledger = reproduce.Ledger(tmp_path / 'ledger.json', key, heartbeat_s=0.1)
+    assert ledger.step('outer', lambda: ledger.step('slow', lambda: time.sleep(0.3))) is None
+    for name in ('outer', 'slow'):
+        sec = ledger.seconds[name]
+        assert sec['segments'] == 2 and stored['partial'][name]['wall'] + 0.3 <= sec['wall'] <= \
+            stored['partial'][name]['wall'] + 1.0
+    assert ledger.seconds['done']['segments'] == 1
+    again = json.loads((tmp_path / 'ledger.json').read_text())
+    assert 'partial' not in again and again['seconds'] == ledger.seconds
+
+    # a step that raises keeps its run too (without waiting for a heartbeat)
+    def interrupted():
+        time.sleep(0.2)
+        raise KeyboardInterrupt
+
+    quiet = reproduce.Ledger(tmp_path / 'other.json', key, heartbeat_s=0)
+    with pytest.raises(KeyboardInterrupt):
+        quiet.step('interrupted', interrupted)
+    assert json.loads((tmp_path / 'other.json').read_text())['partial']['interrupted']['wall'] >= 0.2
+
+    # a search's record is raised to the sum of its generations' seconds where it holds less
+    state = tmp_path / 'run' / 'work' / 'seed1' / 'darwinlm5_tas' / 'search_state.json'
+    state.parent.mkdir(parents=True)
+    state.write_text(json.dumps({'history': [{'seconds': 200.0}, {'seconds': 400.0}]}))
+    old = {'seed1/search/darwinlm5_tas': {'wall': 300.0, 'cpu': 600.0, 'peak_gb': 3.0},
+           'seed1/search/darwinlm6': {'wall': 300.0, 'cpu': 600.0, 'peak_gb': 3.0}}  # no state: as recorded
+    fixed = reproduce.with_search_history(tmp_path / 'run', old)
+    assert fixed['seed1/search/darwinlm5_tas'] == {'wall': 600.0, 'cpu': 1200.0, 'peak_gb': 3.0, 'from_history': True}
+    assert fixed['seed1/search/darwinlm6'] == old['seed1/search/darwinlm6']
+    whole = {k: {**v, 'wall': 700.0, 'segments': 2} for k, v in old.items()}
+    assert reproduce.with_search_history(tmp_path / 'run', whole) == whole  # kept every run: as recorded
+    rows = reproduce.timing_rows(reproduce.timing(fixed))
+    assert '| search TAS level 5 | 1 | >=10.0 | >=20.0 | >=3.00 |' in rows
+
+
 def test_ledger_gives_a_steps_freed_heap_back(tmp_path):
     """Freed mid-sized blocks stay in glibc's heap while a live block above them pins it (a post-training left
     5 GB so): after a step the ledger gives them back, so the next step's peak starts from what is alive."""
