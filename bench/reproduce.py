@@ -579,21 +579,24 @@ class LazyDatabase:
         return getattr(self._db, name)
 
 
-def database(ctx: Context, key: str, model, db_dir: Path, draw: int, source: str):
+def database(ctx: Context, key: str, model, db_dir: Path, draw: int, source: str,
+             load: Callable[[str], Any] = load_dense):
     """The sparsity database of ``model`` (a ledger step when built; resumes an interrupted build; recorded in a
-    carried-over ledger but missing here: a :class:`LazyDatabase`, made again only if a later step uses it)."""
+    carried-over ledger but missing here: a :class:`LazyDatabase`, made again only if a later step uses it, from
+    ``load(source)``: holding ``model`` itself would keep its weights resident for the rest of the run, 0.8 GB
+    of SmolLM2's memory-mapped checkpoint in every later search's peak once a build had touched them)."""
     from darwinlm_foundry.obs.database import SparsityDatabase, build_database, is_complete
     from darwinlm_foundry.structure.levels import LevelSpec
     built = {}
     split = ctx.budget.mlp_level_split  # a pruned model's database keeps the split it records
     spec_kwargs = {'mlp_split': split} if split > 1 else {}
 
-    def build():
+    def build(model):
         built['db'] = build_database(model, calibration_batches(ctx, ctx.budget.calibration_sequences, draw),
                                      db_dir, calibration_source=f'{ctx.shards}/calibration draw {draw}',
                                      model_name=source, **spec_kwargs)
         return {'dir': str(db_dir), 'calibration_draw': draw, 'calibration_sequences': ctx.budget.calibration_sequences}
-    ctx.ledger.step(key, build)
+    ctx.ledger.step(key, lambda: build(model))
     if built:
         return built['db']
     if is_complete(db_dir):
@@ -601,7 +604,7 @@ def database(ctx: Context, key: str, model, db_dir: Path, draw: int, source: str
 
     def remake():
         t0 = time.time()
-        build()
+        build(load(source))
         log(f'{key}: database made again in {time.time() - t0:.0f} s (carried-over run)')
         return built['db']
     return LazyDatabase(remake, LevelSpec.from_config(model.config, **spec_kwargs))
@@ -986,7 +989,7 @@ def run_seed(ctx: Context, seed: int, draw: int, headline: bool = False) -> dict
     def get_db5():
         if 'db' not in db5:
             db5['db'] = database(ctx, f'{key}/database_trained5', load_pruned(trained5()), work / 'db_trained5',
-                                 seed, trained5())
+                                 seed, trained5(), load=load_pruned)
         return db5['db']
     if f'{key}/search/gradual6' not in led.data:
         get_db5()  # its own ledger step, before the search's
