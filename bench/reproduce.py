@@ -827,6 +827,10 @@ def run_draw(ctx: Context, draw: int, headline: bool = False) -> dict:
     db = ctx.databases[draw] = database(ctx, f'{key}/database', dense, work / 'db_dense', draw, ctx.dense_dir)
     spec = db.level_spec
     max_level = {kind: spec.max_exact_level(kind) for kind in ('attn', 'mlp')}
+    # the steps below load the dense model themselves: a closure over `dense` kept in ctx.rebuild (for a model
+    # carried over without its directory) held it, with the pages the database check had touched, for the rest of
+    # the run (0.44 GB of the seed-2 TAS search's resident set: three draws' mappings of one file)
+    del dense
 
     def stitched(name: str, levels: dict, note: str) -> str:
         return export(ctx, db.stitch(levels, dense_tensor_getter(ctx.dense_dir)), mdir / name, note, levels=levels)
@@ -840,6 +844,7 @@ def run_draw(ctx: Context, draw: int, headline: bool = False) -> dict:
 
     def local_signals():
         batches = calibration_batches(ctx, b.signal_sequences, draw)
+        dense = load_dense(ctx.dense_dir)
         errors = unit_errors(db, collect_hessians(dense, batches), dense_tensor_getter(dense))
         return {'errors': {f'{u.layer}/{u.kind}': {str(l): e for l, e in lv.items()} for u, lv in errors.items()},
                 'block_influence': block_influence(dense, batches)}
@@ -857,6 +862,7 @@ def run_draw(ctx: Context, draw: int, headline: bool = False) -> dict:
                 continue
 
         def magnitude(uni=uni):
+            dense = load_dense(ctx.dense_dir)
             model = shrink_model(dense, magnitude_kept(dense, spec, uni))
             # the steps its levels refer to, as a stitched model records them (finer MLP levels included)
             model.config.level_steps, model.config.num_levels = spec.steps, spec.num_levels

@@ -427,6 +427,9 @@ def test_a_database_made_again_later_does_not_hold_its_model(tmp_path):
     with pytest.raises(Exception):  # made again from its source (the recording stand-in loads nothing)
         db.manifest
     assert loads == ['the/source']
+    # likewise no step of a draw that ctx.rebuild may keep (a baseline carried over without its directory)
+    # closes over the draw's dense model: they load it when they run
+    assert 'dense' not in reproduce.run_draw.__code__.co_cellvars
 
 
 def test_ledger_gives_a_steps_freed_heap_back(tmp_path):
