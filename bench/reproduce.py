@@ -310,9 +310,11 @@ class Ledger:
         try:
             value = fn()
         except BaseException:
-            with self._lock:  # what this run of the step cost, for its next run to add
-                self.partial[key] = self._so_far()[key]
-                self._write(self._so_far())
+            with self._lock:  # what this run of the step cost, for its next run to add (a kill that Composer's
+                # or torch's signal handlers turn into an exception comes here too)
+                so_far = self._so_far()
+                self.partial[key] = so_far[key]
+                self._write(so_far)
                 self._peaks.pop()
                 self._running.pop()
             raise
