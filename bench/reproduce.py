@@ -368,7 +368,11 @@ class Ledger:
                 time.sleep(self._heartbeat_s)
                 with self._lock:
                     if self._running:
-                        self._write(self._so_far())
+                        try:
+                            self._write(self._so_far())
+                        except (OSError, RuntimeError) as err:  # a full disk, a step's value changing mid-dump:
+                            print(f'[reproduce] ledger heartbeat: {err!r} (next try in {self._heartbeat_s:.0f} s)',
+                                  flush=True)  # the step goes on; the next beat writes again
 
         # a daemon: it dies with the process, which is what it records against
         self._heartbeat = threading.Thread(target=beat, name='ledger-heartbeat', daemon=True)
