@@ -366,14 +366,16 @@ def test_ledger_keeps_the_cost_of_a_step_killed_part_way(tmp_path):
     proc.wait()
     stored = json.loads((tmp_path / 'ledger.json').read_text())
     assert set(stored['steps']) == {'done'} and set(stored['partial']) == {'outer', 'slow'}
-    assert stored['partial']['slow']['segments'] == 1 and 1.2 <= stored['partial']['slow']['wall'] <= 3.0
+    assert stored['partial']['slow']['segments'] == 1 and 1.2 <= stored['partial']['slow']['wall'] <= 30.0
     reproduce = _load_reproduce()
     ledger = reproduce.Ledger(tmp_path / 'ledger.json', key, heartbeat_s=0.1)
+    t0 = time.monotonic()
     assert ledger.step('outer', lambda: ledger.step('slow', lambda: time.sleep(0.3))) is None
+    own = time.monotonic() - t0  # this run's wall, measured here: the sum must add it once, whatever the load
     for name in ('outer', 'slow'):
-        sec = ledger.seconds[name]
-        assert sec['segments'] == 2 and stored['partial'][name]['wall'] + 0.3 <= sec['wall'] <= \
-            stored['partial'][name]['wall'] + 1.0
+        sec = ledger.seconds[name]  # wall values are rounded to 0.1 s
+        assert sec['segments'] == 2 and stored['partial'][name]['wall'] + 0.3 - 0.1 <= sec['wall'] <= \
+            stored['partial'][name]['wall'] + own + 0.1
     assert ledger.seconds['done']['segments'] == 1
     again = json.loads((tmp_path / 'ledger.json').read_text())
     assert 'partial' not in again and again['seconds'] == ledger.seconds
