@@ -355,6 +355,7 @@ def test_ledger_keeps_the_cost_of_a_step_killed_part_way(tmp_path):
              f'led = m.Ledger(__import__("pathlib").Path({str(tmp_path / "ledger.json")!r}), {key!r}, '
              f'heartbeat_s=0.1); led.step("done", lambda: 1); '
              f'led.step("outer", lambda: led.step("slow", lambda: (print("started", flush=True), time.sleep(60))))')
+    spawned = time.monotonic()
     proc = subprocess.Popen([sys.executable, '-c', child], stdout=subprocess.PIPE, text=True)
     for line in proc.stdout:  # after the first step's own line
         if line.strip() == 'started':
@@ -364,9 +365,10 @@ def test_ledger_keeps_the_cost_of_a_step_killed_part_way(tmp_path):
     time.sleep(1.5)
     proc.send_signal(signal.SIGKILL)  # no handler runs: only the heartbeat's records survive
     proc.wait()
+    lived = time.monotonic() - spawned  # the killed step ran less than its process lived, however loaded the host
     stored = json.loads((tmp_path / 'ledger.json').read_text())
     assert set(stored['steps']) == {'done'} and set(stored['partial']) == {'outer', 'slow'}
-    assert stored['partial']['slow']['segments'] == 1 and 1.2 <= stored['partial']['slow']['wall'] <= 30.0
+    assert stored['partial']['slow']['segments'] == 1 and 1.2 <= stored['partial']['slow']['wall'] <= lived
     reproduce = _load_reproduce()
     ledger = reproduce.Ledger(tmp_path / 'ledger.json', key, heartbeat_s=0.1)
     t0 = time.monotonic()
