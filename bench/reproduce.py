@@ -874,17 +874,19 @@ def run_draw(ctx: Context, draw: int, headline: bool = False) -> dict:
             model.config.level_steps, model.config.num_levels = spec.steps, spec.num_levels
             model.config.mlp_level_split = spec.mlp_split if spec.mlp_split > 1 else None
             return model
-        models[f'magnitude{level}'] = _scored(ctx, f'{key}/magnitude{level}', lambda: export(
-            ctx, magnitude(), mdir / f'magnitude{level}', f'uniform level {level}, magnitude, no compensation',
+        # every closure below binds its loop values now: ctx.rebuild may call it after the loop has moved on
+        # (a level-5 baseline carried over without its directory was remade as the level-6 one)
+        models[f'magnitude{level}'] = _scored(ctx, f'{key}/magnitude{level}', lambda level=level, uni=uni: export(
+            ctx, magnitude(uni), mdir / f'magnitude{level}', f'uniform level {level}, magnitude, no compensation',
             levels=uni), {'level': level, 'levels': uni, 'arm': 3})
         zip_levels = allocate_min_error(errors, n_layers, level, max_level=max_level,
                                         mlp_split=spec.mlp_split).to_dict()
-        models[f'ziplm{level}'] = _scored(ctx, f'{key}/ziplm{level}', lambda: stitched(
-            f'ziplm{level}', zip_levels, f'level {level}, min summed OBS error'),
+        models[f'ziplm{level}'] = _scored(ctx, f'{key}/ziplm{level}', lambda level=level, levels=zip_levels: stitched(
+            f'ziplm{level}', levels, f'level {level}, min summed OBS error'),
             {'level': level, 'levels': zip_levels, 'arm': 4})
         drop = layer_drop_config(signals['block_influence'], level, max_level=spec.num_levels,
                                  mlp_split=spec.mlp_split).to_dict()
-        models[f'shortgpt{level}'] = _scored(ctx, f'{key}/shortgpt{level}', lambda: stitched(
+        models[f'shortgpt{level}'] = _scored(ctx, f'{key}/shortgpt{level}', lambda level=level, drop=drop: stitched(
             f'shortgpt{level}', drop, f'level {level}, layer dropping by block influence'),
             {'level': level, 'levels': drop, 'arm': 5})
     return {'database': led.data[f'{key}/database'], 'signals': signals, 'models': models, 'level_spec': spec.to_dict()}
