@@ -388,11 +388,13 @@ def test_ledger_keeps_the_cost_of_a_step_killed_part_way(tmp_path):
         raise KeyboardInterrupt
 
     quiet = reproduce.Ledger(tmp_path / 'other.json', key, heartbeat_s=0)
+    t0 = time.monotonic()
     with pytest.raises(KeyboardInterrupt):
         quiet.step('outer', lambda: quiet.step('interrupted', interrupted))
+    own = time.monotonic() - t0  # bounds the record (rounded to 0.1 s) however loaded the host; twice it is ~2x
     kept = json.loads((tmp_path / 'other.json').read_text())['partial']
     for name in ('outer', 'interrupted'):  # once each (the run's first version counted the cut-short run twice)
-        assert kept[name]['segments'] == 1 and 0.2 <= kept[name]['wall'] <= 0.6
+        assert kept[name]['segments'] == 1 and 0.2 <= kept[name]['wall'] <= own + 0.06
 
     # a search's record is raised to the sum of its generations' seconds where it holds less
     state = tmp_path / 'run' / 'work' / 'seed1' / 'darwinlm5_tas' / 'search_state.json'
