@@ -253,7 +253,10 @@ SMOKE = dataclasses.replace(QUICK, seeds=(0,), layers=2, seq_len=128, calibratio
                             generations=1, kl_generations=2, offspring=2, survivors=(1,), fitness_tokens=(256,),
                             tas_train_tokens=(256,), level6_generations=1, posttrain_steps=1, posttrain_batch=1,
                             posttrain_warmup=0, heldout_sequences=1, icl_tasks=('arc_easy', 'piqa'), icl_limit=4,
-                            icl_models=('uniform5', 'darwinlm5_tas'))
+                            # a baseline and a post-trained model made in loops: carried over without their
+                            # directories, ICL remakes them from closures called after their loops ended
+                            level6_baselines=True, icl_models=('uniform5', 'shortgpt5', 'darwinlm5_tas',
+                                                               'darwinlm5_kl+train'))
 
 
 # ----------------------------------------------------------------------------------------------- ledger
@@ -862,12 +865,12 @@ def run_draw(ctx: Context, draw: int, headline: bool = False) -> dict:
         uni = uni5
         if level == 6:  # uniform 5 is made above, with the headline arms
             uni = uniform(n_layers, 6, mlp_split=spec.mlp_split).to_dict()
-            models['uniform6'] = _scored(ctx, f'{key}/uniform6', lambda: stitched(
+            models['uniform6'] = _scored(ctx, f'{key}/uniform6', lambda uni=uni: stitched(
                 'uniform6', uni, 'uniform level 6, OBS'), {'level': 6, 'levels': uni, 'arm': 2})
             if not b.level6_baselines:
                 continue
 
-        def magnitude(uni=uni):
+        def magnitude(uni):
             dense = load_dense(ctx.dense_dir)
             model = shrink_model(dense, magnitude_kept(dense, spec, uni))
             # the steps its levels refer to, as a stitched model records them (finer MLP levels included)
@@ -972,9 +975,10 @@ def run_seed(ctx: Context, seed: int, draw: int, headline: bool = False) -> dict
             arms.append('darwinlm5_kl_matched')
         arms.append('darwinlm5_tas')
 
-    # ---- 8: the same post-training (N tokens, same data order) for every level-5 winner
+    # ---- 8: the same post-training (N tokens, same data order) for every level-5 winner. The closure binds
+    # `name`: ctx.rebuild calls it after the loop (a carried-over darwinlm5_kl+train was remade from darwinlm5_tas)
     for name in arms:
-        models[f'{name}+train'] = _scored(ctx, f'{key}/{name}+train', lambda: posttrain(
+        models[f'{name}+train'] = _scored(ctx, f'{key}/{name}+train', lambda name=name: posttrain(
             ctx, ctx.model_dir(models[name]), mdir / f'{name}+train', seed, b.posttrain_steps, name),
             {'level': 5, 'levels': models[name]['levels'], 'arm': 8, 'train_tokens': n_tokens})
     if tas and models['darwinlm5_kl_matched'] is models['darwinlm5_kl']:

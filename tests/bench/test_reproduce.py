@@ -116,7 +116,7 @@ def test_reproduce_smoke_and_resume(smollm2_wheel, tmp_path):
         assert (Path(m['path']) / 'config.json').is_file() and (Path(m['path']) / 'model.safetensors').is_file()
     # ICL: accuracy, chance and standard error per task
     icl = doc['icl']
-    assert set(icl['models']) == {'dense', 'uniform5', 'seed0/darwinlm5_tas'}
+    assert set(icl['models']) == {'dense', 'uniform5', 'shortgpt5', 'seed0/darwinlm5_tas', 'seed0/darwinlm5_kl+train'}
     for row in icl['models'].values():
         assert set(row['tasks']) == set(icl['chance'])
         assert all(0 <= t['acc'] <= 1 and t['se'] >= 0 and t['n'] == icl['limit'] for t in row['tasks'].values())
@@ -170,7 +170,11 @@ def test_reproduce_smoke_and_resume(smollm2_wheel, tmp_path):
     doc2 = json.loads((out / 'results.json').read_text())
     assert doc2['seeds']['0']['searches']['gradual6']['levels'] == seed['searches']['gradual6']['levels']
     remade = {str(Path(p).relative_to(out)): r for p, r in doc2['rebuilt'].items()}
-    assert set(remade) == {'models/draw0/uniform5', 'models/seed0/darwinlm5_tas', 'models/seed0/darwinlm5_tas+train'}
+    # ShortGPT 5 and darwinlm5_kl+train are made in loops (levels, arms) whose closures once bound the last
+    # iteration's values: remade as ShortGPT 6 and from darwinlm5_tas, their scores would differ
+    assert set(remade) == {f'models/{m}' for m in ('draw0/uniform5', 'draw0/shortgpt5', 'seed0/darwinlm5_tas',
+                                                   'seed0/darwinlm5_tas+train', 'seed0/darwinlm5_kl',
+                                                   'seed0/darwinlm5_kl+train')}
     for r in remade.values():  # the same recipe on the same machine makes the same model
         assert r['rebuilt_ppl'] == pytest.approx(r['recorded_ppl'], rel=1e-5)
     again_models = {**doc2['draws']['0']['models'], **doc2['seeds']['0']['models']}
@@ -179,7 +183,8 @@ def test_reproduce_smoke_and_resume(smollm2_wheel, tmp_path):
     accs = [{m: {t: r['acc'] for t, r in row['tasks'].items()} for m, row in d['models'].items()}
             for d in (doc2['icl'], icl)]
     assert accs[0] == accs[1]
-    assert not (out / 'models' / 'seed0' / 'darwinlm5_kl+train').exists()  # read by no step left: not remade
+    assert not (out / 'models' / 'draw0' / 'shortgpt6').exists()  # read by no step left: not remade
+    assert not (out / 'models' / 'seed0' / 'darwinlm6+train2N').exists()
 
 
 def test_study_split_gives_every_source_calibration_search_and_heldout_text(tmp_path, llama2_tokenizer):
