@@ -861,6 +861,14 @@ def run_draw(ctx: Context, draw: int, headline: bool = False) -> dict:
     errors = {Unit(int(k.split('/')[0]), k.split('/')[1]): {int(l): e for l, e in v.items()}
               for k, v in signals['errors'].items()}
 
+    def magnitude(levels: dict):
+        dense = load_dense(ctx.dense_dir)
+        model = shrink_model(dense, magnitude_kept(dense, spec, levels))
+        # the steps its levels refer to, as a stitched model records them (finer MLP levels included)
+        model.config.level_steps, model.config.num_levels = spec.steps, spec.num_levels
+        model.config.mlp_level_split = spec.mlp_split if spec.mlp_split > 1 else None
+        return model
+
     for level in (5, 6):
         uni = uni5
         if level == 6:  # uniform 5 is made above, with the headline arms
@@ -870,13 +878,6 @@ def run_draw(ctx: Context, draw: int, headline: bool = False) -> dict:
             if not b.level6_baselines:
                 continue
 
-        def magnitude(uni):
-            dense = load_dense(ctx.dense_dir)
-            model = shrink_model(dense, magnitude_kept(dense, spec, uni))
-            # the steps its levels refer to, as a stitched model records them (finer MLP levels included)
-            model.config.level_steps, model.config.num_levels = spec.steps, spec.num_levels
-            model.config.mlp_level_split = spec.mlp_split if spec.mlp_split > 1 else None
-            return model
         # every closure below binds its loop values now: ctx.rebuild may call it after the loop has moved on
         # (a level-5 baseline carried over without its directory was remade as the level-6 one)
         models[f'magnitude{level}'] = _scored(ctx, f'{key}/magnitude{level}', lambda level=level, uni=uni: export(
@@ -976,7 +977,7 @@ def run_seed(ctx: Context, seed: int, draw: int, headline: bool = False) -> dict
         arms.append('darwinlm5_tas')
 
     # ---- 8: the same post-training (N tokens, same data order) for every level-5 winner. The closure binds
-    # `name`: ctx.rebuild calls it after the loop (a carried-over darwinlm5_kl+train was remade from darwinlm5_tas)
+    # `name`: ctx.rebuild calls it after the loop (unbound, a carried-over darwinlm5_kl+train came from darwinlm5_tas)
     for name in arms:
         models[f'{name}+train'] = _scored(ctx, f'{key}/{name}+train', lambda name=name: posttrain(
             ctx, ctx.model_dir(models[name]), mdir / f'{name}+train', seed, b.posttrain_steps, name),
